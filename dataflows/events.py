@@ -1,0 +1,143 @@
+"""The typed records that flow through convoflow, and their JSON form.
+
+Every input shape is normalised into one `Event`; everything the flow writes is one of the
+record types below, turned into a JSON-ready dict by `as_record()`. Times are epoch seconds
+(UTC floats) inside the flow and ISO-8601 strings with an explicit offset outside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+Shape = Literal["conversation", "chat"]
+TimeSource = Literal["event", "system"]
+
+
+def iso(epoch_seconds: float) -> str:
+    """Format epoch seconds as an ISO-8601 UTC timestamp (`2024-01-01T10:00:03+00:00`)."""
+    return datetime.fromtimestamp(epoch_seconds, timezone.utc).isoformat()
+
+
+@dataclass(frozen=True, slots=True)
+class LineRef:
+    """Where a record came from: the input's name, its 1-based line number and byte offset."""
+
+    source: str
+    line: int
+    offset: int
+
+    @property
+    def event_id(self) -> str:
+        return f"{self.source}:{self.line}"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One accepted conversation or chat event, in either input shape.
+
+    `time` is None only between parsing and sequencing, for an event that carried no
+    timestamp: the clock that drives the run fills it in and `time_source` says so.
+    """
+
+    event_id: str
+    session_id: str
+    sender: str
+    kind: str
+    text: str
+    time: float | None
+    time_source: TimeSource
+    shape: Shape
+    ref: LineRef
+    language: str | None = None
+    username: str | None = None
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "event_id": self.event_id,
+            "session_id": self.session_id,
+            "sender": self.sender,
+            "kind": self.kind,
+            "text": self.text,
+            "timestamp": iso(self.time) if self.time is not None else None,
+            "time_source": self.time_source,
+            "shape": self.shape,
+            "language": self.language,
+            "username": self.username,
+            "source": self.ref.source,
+            "line": self.ref.line,
+        }
+
+    def as_window_message(self) -> dict[str, Any]:
+        """The compact form of this event inside a window record."""
+        return {
+            "event_id": self.event_id,
+            "sender": self.sender,
+            "kind": self.kind,
+            "text": self.text,
+            "timestamp": iso(self.time) if self.time is not None else None,
+            "time_source": self.time_source,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An input line that could not be accepted, with the reason and where it came from."""
+
+    ref: LineRef
+    raw: str
+    reason: str
+    step: str = "parse"
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "source": self.ref.source,
+            "line": self.ref.line,
+            "offset": self.ref.offset,
+            "step": self.step,
+            "reason": self.reason,
+            "raw": self.raw,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class WindowRecord:
+    """One closed event-time window of one session: its messages in time order."""
+
+    session_id: str
+    start: float
+    end: float
+    messages: tuple[Event, ...]
+    counts: dict[str, int] = field(hash=False)
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "window_start": iso(self.start),
+            "window_end": iso(self.end),
+            "messages": [m.as_window_message() for m in self.messages],
+            "counts": self.counts,
+            "first_event_time": iso(self.messages[0].time or self.start),
+            "last_event_time": iso(self.messages[-1].time or self.start),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class LateEvent:
+    """An event whose window had already been emitted when it arrived."""
+
+    event: Event
+    window_start: float
+    window_end: float
+    watermark: float
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "session_id": self.event.session_id,
+            "window_start": iso(self.window_start),
+            "window_end": iso(self.window_end),
+            "watermark": iso(self.watermark),
+            "reason": "window already emitted",
+            "event": self.event.as_record(),
+        }

@@ -1,0 +1,120 @@
+"""Turn one raw input line into an `Event`, or a `DeadLetter` saying exactly what is wrong.
+
+Two shapes are accepted:
+- conversation: `{"session_id", "sender": "customer"|"rm", "message", "timestamp"}`
+- chat: `{"username", "text", "type", "preferredLanguage", "timestamp"}`; its session is
+  `room` or `session_id` when present, otherwise the username.
+A missing (or null) timestamp is not an error: the event is marked `time_source="system"`
+and the run's clock gives it a time later. A timestamp that is present but unreadable is.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dataflows.events import DeadLetter, Event, LineRef
+from dataflows.timestamps import TimestampError, parse_timestamp
+
+MESSAGE_TYPES = frozenset({"USER_MESSAGE", "MESSAGE"})
+RAW_EXCERPT_CHARS = 2000
+
+
+class _ConversationIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    session_id: str = Field(min_length=1)
+    sender: Literal["customer", "rm"]
+    message: str
+    timestamp: Any = None
+
+
+class _ChatIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    username: str = Field(min_length=1)
+    type: str = Field(min_length=1)
+    text: str | None = None
+    preferredLanguage: str | None = None  # noqa: N815 - the wire name
+    room: str | None = Field(default=None, min_length=1)
+    session_id: str | None = Field(default=None, min_length=1)
+    timestamp: Any = None
+
+
+def parse_line(raw: bytes, ref: LineRef) -> Event | DeadLetter:
+    """Parse one JSONL line (without its newline) of either input shape."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _dead(raw.decode("utf-8", "replace"), ref, f"not valid UTF-8 ({exc.reason} at byte {exc.start})")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return _dead(text, ref, f"not JSON: {exc}")
+    if not isinstance(obj, dict):
+        return _dead(text, ref, f"expected a JSON object, got {_json_type(obj)}")
+    try:
+        if "sender" in obj or "message" in obj:
+            return _conversation(_ConversationIn.model_validate(obj), ref)
+        if "username" in obj:
+            return _chat(_ChatIn.model_validate(obj), ref)
+    except ValidationError as exc:
+        return _dead(text, ref, _describe(exc))
+    except TimestampError as exc:
+        return _dead(text, ref, str(exc))
+    return _dead(
+        text,
+        ref,
+        "neither a conversation event (session_id, sender, message) nor a chat event (username, type, text)",
+    )
+
+
+def _conversation(rec: _ConversationIn, ref: LineRef) -> Event:
+    time = None if rec.timestamp is None else parse_timestamp(rec.timestamp)
+    return Event(
+        event_id=ref.event_id,
+        session_id=rec.session_id,
+        sender=rec.sender,
+        kind="message",
+        text=rec.message,
+        time=time,
+        time_source="system" if time is None else "event",
+        shape="conversation",
+        ref=ref,
+    )
+
+
+def _chat(rec: _ChatIn, ref: LineRef) -> Event | DeadLetter:
+    if rec.type in MESSAGE_TYPES and rec.text is None:
+        return _dead(None, ref, f"chat event of type {rec.type} has no 'text'")
+    time = None if rec.timestamp is None else parse_timestamp(rec.timestamp)
+    return Event(
+        event_id=ref.event_id,
+        session_id=rec.room or rec.session_id or rec.username,
+        sender=rec.username,
+        kind=rec.type,
+        text=rec.text or "",
+        time=time,
+        time_source="system" if time is None else "event",
+        shape="chat",
+        ref=ref,
+        language=rec.preferredLanguage,
+        username=rec.username,
+    )
+
+
+def _dead(text: str | None, ref: LineRef, reason: str) -> DeadLetter:
+    return DeadLetter(ref=ref, raw=(text or "")[:RAW_EXCERPT_CHARS], reason=reason)
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in err["loc"]) or "record"
+        parts.append(f"field '{where}': {err['msg']}")
+    return "; ".join(parts)
+
+
+def _json_type(obj: object) -> str:
+    names = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+    return names.get(type(obj), "null")

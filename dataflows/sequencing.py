@@ -1,0 +1,193 @@
+"""Put events read by parallel replay partitions back into file order, with the replay clock.
+
+Why: Bytewax gives no order between items that reach a stateful step from different workers,
+so a window step fed by several readers would judge lateness by thread scheduling. Instead the
+file is cut into fixed-size byte blocks dealt round-robin to partitions (`ReplayLayout`). Each
+partition stamps every event with the latest event time seen earlier in its block, and after
+each batch sends a `Progress` marker (the offset it has reached, the blocks it finished with
+their latest event time, and in a paced replay the current replay time). Markers are
+replicated to every shard and travel behind the events on the same worker-to-worker channel,
+which is FIFO, so a shard knows every line below `min(next_offset)` has arrived.
+
+The `Sequencer` releases a shard's events in file order up to that frontier and gives each the
+replay clock as a single reader would have had it: the latest event time of all earlier lines
+of the file (`clock_for`). Results therefore do not depend on how many partitions, workers or
+processes read the file, nor on the speed factor.
+"""
+
+from __future__ import annotations
+
+import heapq
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from dataflows.events import DeadLetter, Event, LineRef
+from dataflows.parse import parse_line
+
+DONE = sys.maxsize
+
+
+@dataclass(frozen=True)
+class ReplayLayout:
+    """How a replayed file is split: `block_bytes` blocks dealt round-robin to `partitions`."""
+
+    partitions: int = 1
+    block_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if self.partitions < 1 or self.block_bytes < 1:
+            msg = f"a replay layout needs >= 1 partition and block byte, got {self}"
+            raise ValueError(msg)
+
+    def block_of(self, offset: int) -> int:
+        return offset // self.block_bytes
+
+    def block_start(self, block: int) -> int:
+        return block * self.block_bytes
+
+    def blocks_of(self, partition: int) -> Iterator[int]:
+        """Every block this partition reads, in order (without end: callers stop at EOF)."""
+        block = partition
+        while True:
+            yield block
+            block += self.partitions
+
+
+@dataclass(frozen=True, slots=True)
+class Stamped:
+    """An accepted event, with the latest event time earlier in its block (None: none yet)."""
+
+    event: Event
+    block: int
+    clock_before: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A replay partition's promise about what it will still send.
+
+    Every line it emits later starts at or after `next_offset` (`DONE` when finished) and, in a
+    paced replay, is due after replay time `clock`. `finished` lists the blocks completed since
+    its last marker with the latest event time in each.
+    """
+
+    partition: int
+    next_offset: int
+    finished: tuple[tuple[int, float | None], ...] = ()
+    clock: float | None = None
+
+
+class BlockStamper:
+    """Tracks the latest event time within the block being read and stamps events with it."""
+
+    def __init__(self, block: int) -> None:
+        self.block = block
+        self.latest: float | None = None
+
+    def stamp(self, item: Event | DeadLetter) -> Stamped | DeadLetter:
+        if isinstance(item, DeadLetter):
+            return item
+        stamped = Stamped(item, self.block, self.latest)
+        if item.time is not None and (self.latest is None or item.time > self.latest):
+            self.latest = item.time
+        return stamped
+
+    def finish(self) -> tuple[int, float | None]:
+        return (self.block, self.latest)
+
+
+def _max(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a if a >= b else b
+
+
+@dataclass
+class Sequencer:
+    """Releases one shard's events in file order as the partitions' frontier passes them."""
+
+    layout: ReplayLayout
+    frontier: list[int] = field(default_factory=list)
+    ticks: list[float | None] = field(default_factory=list)
+    pending: list[tuple[int, Stamped]] = field(default_factory=list)
+    unfolded: dict[int, float | None] = field(default_factory=dict)
+    folded_blocks: int = 0
+    folded_latest: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.frontier:
+            self.frontier = [self.layout.block_start(p) for p in range(self.layout.partitions)]
+            self.ticks = [None] * self.layout.partitions
+
+    def push(self, items: Iterable[Stamped | Progress]) -> None:
+        for item in items:
+            if isinstance(item, Stamped):
+                heapq.heappush(self.pending, (item.event.ref.offset, item))
+            else:
+                self.frontier[item.partition] = item.next_offset
+                self.ticks[item.partition] = item.clock
+                for block, latest in item.finished:
+                    self.unfolded[block] = latest
+
+    def release(self) -> Iterator[tuple[Stamped, float | None]]:
+        """Pop events below the frontier in file order, each with the clock before it."""
+        horizon = min(self.frontier)
+        while self.pending and self.pending[0][0] < horizon:
+            _, stamped = heapq.heappop(self.pending)
+            yield stamped, _max(self._fold_until(stamped.block), stamped.clock_before)
+
+    def release_all(self) -> Iterator[tuple[Stamped, float | None]]:
+        """At end of input: every partition is done, whatever markers were seen."""
+        self.frontier = [DONE] * self.layout.partitions
+        return self.release()
+
+    def clock_floor(self) -> float | None:
+        """The replay time that every line not yet released is known to be at or after."""
+        horizon = min(self.frontier)
+        complete = min(horizon // self.layout.block_bytes, self._first_missing_block())
+        floor = self._fold_until(complete)
+        live = [t for t, f in zip(self.ticks, self.frontier, strict=True) if f != DONE]
+        if live and all(t is not None for t in live):
+            floor = _max(floor, min(t for t in live if t is not None))
+        return floor
+
+    @property
+    def buffered(self) -> int:
+        return len(self.pending)
+
+    def _first_missing_block(self) -> int:
+        block = self.folded_blocks
+        while block in self.unfolded:
+            block += 1
+        return block
+
+    def _fold_until(self, block: int) -> float | None:
+        """Fold the latest event times of all blocks before `block` (all must be finished)."""
+        while self.folded_blocks < block:
+            try:
+                latest = self.unfolded.pop(self.folded_blocks)
+            except KeyError:
+                msg = (
+                    f"replay block {self.folded_blocks} was not reported finished before an "
+                    f"event of block {block} was released; partition markers are out of order"
+                )
+                raise RuntimeError(msg) from None
+            self.folded_latest = _max(self.folded_latest, latest)
+            self.folded_blocks += 1
+        return self.folded_latest
+
+
+def replay_items(lines: Iterable[str | bytes], source: str = "input.jsonl") -> list[Stamped | DeadLetter | Progress]:
+    """What a one-partition, unpaced replay of `lines` emits: for tests and in-memory inputs."""
+    out: list[Stamped | DeadLetter | Progress] = []
+    stamper = BlockStamper(0)
+    offset = 0
+    for number, line in enumerate(lines, start=1):
+        raw = line.encode() if isinstance(line, str) else line
+        out.append(stamper.stamp(parse_line(raw, LineRef(source, number, offset))))
+        offset += len(raw) + 1
+    out.append(Progress(partition=0, next_offset=DONE, finished=(stamper.finish(),)))
+    return out
