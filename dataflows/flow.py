@@ -153,7 +153,7 @@ def build_flow(
 ) -> Dataflow:
     """Wire the replay pipeline: read → split dead letters → shard → sequence + window → sink.
 
-    `gauges`, when given, receives `(shard, {"open_windows", "buffered"})` for live views.
+    `gauges`, when given, receives `(shard, {"shard", "open_windows", "buffered"})` for live views.
     """
     flow = Dataflow(flow_id)
     items = op.input("read", flow, source)
@@ -165,5 +165,5 @@ def build_flow(
     records = op.map("drop_shard_key", by_kind.falses, lambda kv: kv[1])
     op.output("write", op.merge("outputs", dead, records), sink)
     if gauges is not None:
-        op.output("gauges", op.map("gauge_by_shard", by_kind.trues, lambda kv: (kv[0], kv[1][1])), gauges)
+        op.output("gauges", op.map("gauge_by_shard", by_kind.trues, lambda kv: (kv[0], {"shard": kv[0], **kv[1][1]})), gauges)
     return flow

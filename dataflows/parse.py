@@ -22,6 +22,10 @@ MESSAGE_TYPES = frozenset({"USER_MESSAGE", "MESSAGE"})
 RAW_EXCERPT_CHARS = 2000
 
 
+class _Rejected(ValueError):
+    """A record that validates field by field but is still not acceptable."""
+
+
 class _ConversationIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
     session_id: str = Field(min_length=1)
@@ -60,7 +64,7 @@ def parse_line(raw: bytes, ref: LineRef) -> Event | DeadLetter:
             return _chat(_ChatIn.model_validate(obj), ref)
     except ValidationError as exc:
         return _dead(text, ref, _describe(exc))
-    except TimestampError as exc:
+    except (TimestampError, _Rejected) as exc:
         return _dead(text, ref, str(exc))
     return _dead(
         text,
@@ -84,9 +88,10 @@ def _conversation(rec: _ConversationIn, ref: LineRef) -> Event:
     )
 
 
-def _chat(rec: _ChatIn, ref: LineRef) -> Event | DeadLetter:
+def _chat(rec: _ChatIn, ref: LineRef) -> Event:
     if rec.type in MESSAGE_TYPES and rec.text is None:
-        return _dead(None, ref, f"chat event of type {rec.type} has no 'text'")
+        msg = f"chat event of type {rec.type} has no 'text'"
+        raise _Rejected(msg)
     time = None if rec.timestamp is None else parse_timestamp(rec.timestamp)
     return Event(
         event_id=ref.event_id,
@@ -103,8 +108,8 @@ def _chat(rec: _ChatIn, ref: LineRef) -> Event | DeadLetter:
     )
 
 
-def _dead(text: str | None, ref: LineRef, reason: str) -> DeadLetter:
-    return DeadLetter(ref=ref, raw=(text or "")[:RAW_EXCERPT_CHARS], reason=reason)
+def _dead(text: str, ref: LineRef, reason: str) -> DeadLetter:
+    return DeadLetter(ref=ref, raw=text[:RAW_EXCERPT_CHARS], reason=reason)
 
 
 def _describe(exc: ValidationError) -> str:

@@ -29,9 +29,11 @@ def parse_timestamp(value: object) -> float:
     if isinstance(value, str):
         text = value.strip()
         try:
-            return _from_epoch(float(text), value)
+            number = float(text)
         except ValueError:
             pass
+        else:
+            return _from_epoch(number, value)
         try:
             parsed = datetime.fromisoformat(text)
         except ValueError:

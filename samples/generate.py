@@ -68,65 +68,51 @@ class _Topic:
 
 
 _TOPICS = (
-    _Topic(
-        ("Hi, my card ending {last4} was blocked at the supermarket. What happened?",
-         "My debit card stopped working this morning, can you help?"),
-        ("Can you unblock it today?", "Will I need a new card?", "Why was it blocked in the first place?"),
-        ("I can see a security block after three wrong PIN attempts.",
-         "I have lifted the block; please try a small purchase.",
-         "A replacement card would arrive in 3-5 business days."),
-    ),
-    _Topic(
-        ("Hello, what is the current rate for a 30-year fixed mortgage?",
-         "Hi, is now a good time to refinance my mortgage?"),
-        ("Is that rate locked if I apply this week?", "What would the monthly payment be on {amount} USD?",
-         "Are there any closing costs?"),
-        ("Today's 30-year fixed rate is {rate}% for your profile.",
-         "A rate lock holds for 45 days once the application is in.",
-         "Closing costs are usually 2-3% of the loan amount."),
-    ),
-    _Topic(
-        ("I sent a wire of {amount} USD on {day} and it still hasn't arrived. Where is it?",
-         "Hi, my international transfer is delayed, can you check?"),
-        ("Can you give me the reference number?", "Is there a fee to trace it?", "When will it land?"),
-        ("The wire left us on {day}; the receiving bank is holding it for review.",
-         "I have opened a trace, reference WT-{last4}.",
-         "International wires can take up to 5 business days."),
-    ),
-    _Topic(
-        ("I got a fraud alert about a charge of {amount} USD in {place}. That was not me!",
-         "Hi, I received a text saying there's suspicious activity on my account?"),
-        ("Will I get the money back?", "Should I change my online banking password?",
-         "Is my card still safe to use?"),
-        ("I have frozen the card and flagged the charge as fraud.",
-         "You will get a provisional credit within 2 business days.",
-         "Yes, please change your password as a precaution."),
-    ),
-    _Topic(
-        ("Hello, I'd like to upgrade my account to Premier. What do I need?",
-         "Hi, what are the benefits of the premium checking account?"),
-        ("Is there a monthly fee?", "Do I keep my account number?", "What balance do I need to keep?"),
-        ("Premier waives the fee with a balance above {amount} USD.",
-         "Your account number stays the same.",
-         "I can switch you over today if you like."),
-    ),
-    _Topic(
-        ("I'm travelling to {place} on {day}. Do I need to tell you?",
-         "Hi, can I set a travel notice on my cards?"),
-        ("Will my card work at ATMs there?", "Are there foreign transaction fees?",
-         "Does that cover my credit card too?"),
-        ("I have added a travel notice for {place} starting {day}.",
-         "Your debit card has no foreign transaction fee.",
-         "The notice covers all cards on the account."),
-    ),
-    _Topic(
-        ("Hi, any news on my loan application from last week?",
-         "Hello, what is the status of my personal loan request for {amount} USD?"),
-        ("Do you need any more documents from me?", "When will I hear back?", "Was it approved?"),
-        ("The application is with underwriting right now.",
-         "We still need your last two pay slips.",
-         "You should have a decision by {day}."),
-    ),
+    _Topic(("Hi, my card ending {last4} was blocked at the supermarket. What happened?",
+            "My debit card stopped working this morning, can you help?"),
+           ("Can you unblock it today?", "Will I need a new card?", "Why was it blocked in the first place?"),
+           ("I can see a security block after three wrong PIN attempts.",
+            "I have lifted the block; please try a small purchase.",
+            "A replacement card would arrive in 3-5 business days.")),
+    _Topic(("Hello, what is the current rate for a 30-year fixed mortgage?",
+            "Hi, is now a good time to refinance my mortgage?"),
+           ("Is that rate locked if I apply this week?", "What would the monthly payment be on {amount} USD?",
+            "Are there any closing costs?"),
+           ("Today's 30-year fixed rate is {rate}% for your profile.",
+            "A rate lock holds for 45 days once the application is in.",
+            "Closing costs are usually 2-3% of the loan amount.")),
+    _Topic(("I sent a wire of {amount} USD on {day} and it still hasn't arrived. Where is it?",
+            "Hi, my international transfer is delayed, can you check?"),
+           ("Can you give me the reference number?", "Is there a fee to trace it?", "When will it land?"),
+           ("The wire left us on {day}; the receiving bank is holding it for review.",
+            "I have opened a trace, reference WT-{last4}.",
+            "International wires can take up to 5 business days.")),
+    _Topic(("I got a fraud alert about a charge of {amount} USD in {place}. That was not me!",
+            "Hi, I received a text saying there's suspicious activity on my account?"),
+           ("Will I get the money back?", "Should I change my online banking password?",
+            "Is my card still safe to use?"),
+           ("I have frozen the card and flagged the charge as fraud.",
+            "You will get a provisional credit within 2 business days.",
+            "Yes, please change your password as a precaution.")),
+    _Topic(("Hello, I'd like to upgrade my account to Premier. What do I need?",
+            "Hi, what are the benefits of the premium checking account?"),
+           ("Is there a monthly fee?", "Do I keep my account number?", "What balance do I need to keep?"),
+           ("Premier waives the fee with a balance above {amount} USD.",
+            "Your account number stays the same.",
+            "I can switch you over today if you like.")),
+    _Topic(("I'm travelling to {place} on {day}. Do I need to tell you?",
+            "Hi, can I set a travel notice on my cards?"),
+           ("Will my card work at ATMs there?", "Are there foreign transaction fees?",
+            "Does that cover my credit card too?"),
+           ("I have added a travel notice for {place} starting {day}.",
+            "Your debit card has no foreign transaction fee.",
+            "The notice covers all cards on the account.")),
+    _Topic(("Hi, any news on my loan application from last week?",
+            "Hello, what is the status of my personal loan request for {amount} USD?"),
+           ("Do you need any more documents from me?", "When will I hear back?", "Was it approved?"),
+           ("The application is with underwriting right now.",
+            "We still need your last two pay slips.",
+            "You should have a decision by {day}.")),
 )
 _CUSTOMER_FILLER = ("ok", "one sec, checking my app", "I see.", "Got it.", "Sorry, which form do you mean?")
 _CUSTOMER_THANKS = ("thanks, that helps", "thank you!", "Great, thanks a lot.", "Perfect, thank you.")
@@ -253,31 +239,31 @@ def _events(spec: SampleSpec, rng: random.Random) -> Iterator[_Item]:
     start_ms = int(spec.start.timestamp() * 1000)
     seeds = random.Random(rng.getrandbits(64))
     order = itertools.count()
-    heap: list[tuple[int, int, str, object, Iterator]] = []
+    heap: list[tuple[int, int, _Item, Iterator[_Item]]] = []
 
-    def push(stream: Iterator, kind: str) -> bool:
+    def push(stream: Iterator[_Item]) -> bool:
         item = next(stream, None)
-        if item is None:
-            return False
-        heapq.heappush(heap, (item[0], next(order), kind, item, stream))
-        return True
+        if item is not None:
+            heapq.heappush(heap, (item[0], next(order), item, stream))
+        return item is not None
 
     arrivals = _arrivals(random.Random(seeds.getrandbits(64)), start_ms, spec.sessions)
-    spawning = push(arrivals, "spawn")
+    arrival = next(arrivals, None)
     for slot in range(spec.chat_users):
-        push(_chat_user(random.Random(seeds.getrandbits(64)), _username(slot), start_ms), "chat")
+        push(_chat_user(random.Random(seeds.getrandbits(64)), _username(slot), start_ms))
     active = 0
-    while heap:
-        _, _, kind, item, stream = heapq.heappop(heap)
-        if kind == "spawn":
-            ts, number = item
-            active += push(_conversation(random.Random(seeds.getrandbits(64)), f"s-{number:04d}", ts), "session")
-            spawning = push(arrivals, "spawn")
+    while heap or arrival is not None:
+        if arrival is not None and (not heap or arrival[0] <= heap[0][0]):
+            ts, number = arrival
+            active += push(_conversation(random.Random(seeds.getrandbits(64)), f"s-{number:04d}", ts))
+            arrival = next(arrivals, None)
             continue
-        if kind == "chat" and not spawning and active == 0 and item[2]["type"] == "USER_JOINED":
+        _, _, item, stream = heapq.heappop(heap)
+        _, shape, fields = item
+        if shape == "chat" and arrival is None and active == 0 and fields["type"] == "USER_JOINED":
             continue
         yield item
-        if not push(stream, kind) and kind == "session":
+        if not push(stream) and shape == "conversation":
             active -= 1
 
 
@@ -317,8 +303,9 @@ def _malformed(rng: random.Random, ts_ms: int, sessions: int) -> str:
 def generate_lines(spec: SampleSpec) -> Iterator[str]:
     """Yield the sample's JSONL lines in file order, without trailing newlines.
 
-    Out-of-order events are held back until a line 1-4.5 s newer has been written; late events until one
-    60-180 s newer has. No line is empty.
+    Out-of-order events are held back until a line 1-4 s newer has been written (but never behind one more
+    than 4 s newer, so they stay inside a 5 s tolerance); late events until one 61-180 s newer has.
+    No line is empty.
     """
     rng = random.Random(spec.seed)
     noise = random.Random(rng.getrandbits(64))
@@ -334,10 +321,10 @@ def generate_lines(spec: SampleSpec) -> Iterator[str]:
                 fields["timestamp"] = _iso(ts_ms, noise)
         line = _dumps(fields)
         if 0 <= roll < spec.late_fraction:
-            held.append((ts_ms + noise.randint(60_000, 180_000), None, line))
+            held.append((ts_ms + noise.randint(61_000, 180_000), None, line))
             continue
         if 0 <= roll - spec.late_fraction < spec.out_of_order_fraction:
-            held.append((ts_ms + noise.randint(1_000, 4_000), ts_ms + 4_500, line))
+            held.append((ts_ms + noise.randint(1_000, 4_000), ts_ms + 4_000, line))
             continue
         if held:
             yield from (h[2] for h in held if h[1] is not None and ts_ms > h[1])

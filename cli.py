@@ -1,0 +1,119 @@
+"""convoflow's command line: parse options, wire connectors to the dataflow, print results."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from connectors.jsonl import prepare_out_dir
+from connectors.live_view import LiveView, RunStats
+from connectors.replay import check_readable, first_event_time
+from connectors.runner import OUTPUT_FILES, ReplayRun, RunHandle
+from dataflows.clock import ReplayClock
+from dataflows.errors import ConvoflowError
+from dataflows.flow import FlowConfig
+from dataflows.sequencing import ReplayLayout
+from dataflows.windows import WindowConfig
+from samples.generate import SampleSpec, sessions_for_events, write_sample
+
+if sys.version_info < (3, 10) or sys.version_info >= (3, 13):  # noqa: UP036 - a message beats a wheel error
+    sys.exit(f"convoflow needs Python 3.10-3.12 (Bytewax 0.21.1 has no wheels for {sys.version.split()[0]})")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+OutDir = Annotated[Path, typer.Option("--out-dir", help="Folder for the output files (created if missing).")]
+Processes = Annotated[int, typer.Option("--processes", min=1, help="Local Bytewax processes forming one cluster.")]
+Workers = Annotated[int, typer.Option("--workers", min=1, help="Worker threads in each process.")]
+
+
+@app.command()
+def run(
+    input_path: Annotated[Path, typer.Option("--input", help="JSONL file of conversation or chat events.")],
+    out_dir: OutDir = Path("out"),
+    speed_factor: Annotated[
+        float, typer.Option(min=0.0, help="Replay gaps between timestamps this many times faster; 0 = no waiting.")
+    ] = 1.0,
+    window_size: Annotated[float, typer.Option(help="Tumbling window length in seconds.")] = 30.0,
+    max_out_of_orderness: Annotated[float, typer.Option(help="Watermark delay in seconds.")] = 5.0,
+    processes: Processes = 1,
+    workers: Workers = 1,
+    overwrite: Annotated[bool, typer.Option(help="Replace the outputs of an earlier run in --out-dir.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No live view; print only the summary.")] = False,
+    block_kib: Annotated[
+        int, typer.Option(min=1, help="Size of the file blocks dealt to partitions, in KiB.", hidden=True)
+    ] = 1024,
+) -> None:
+    """Replay a JSONL file through the conversation-window pipeline into --out-dir."""
+    check_readable(input_path)
+    window = _window_config(window_size, max_out_of_orderness)
+    prepare_out_dir(out_dir, OUTPUT_FILES, overwrite=overwrite)
+    origin = first_event_time(input_path)
+    start = time.time()
+    layout = ReplayLayout(partitions=processes * workers, block_bytes=block_kib * 1024)
+    state_dir = Path(tempfile.mkdtemp(prefix="convoflow-"))
+    job = ReplayRun(
+        input_path=input_path.resolve(),
+        out_dir=out_dir.resolve(),
+        flow=FlowConfig(window=window, layout=layout, time_origin=origin if origin is not None else start),
+        clock=ReplayClock(event_origin=origin if origin is not None else start, wall_origin=start, speed=speed_factor),
+        state_dir=state_dir,
+    )
+    console = Console(stderr=True)
+    stats = RunStats(out_dir, state_dir / "gauges.json")
+    handle = RunHandle(job, processes, workers)
+    with LiveView(stats, console, enabled=console.is_terminal and not quiet) as view:
+        handle.wait(poll=view.poll)
+    typer.echo(stats.summary())
+
+
+@app.command()
+def samples(
+    out: Annotated[Path, typer.Option("--out", dir_okay=False, help="File to write.")] = Path(
+        "samples/conversations.jsonl"
+    ),
+    events: Annotated[
+        int | None, typer.Option(min=1, help="About this many events (sets the session count).")
+    ] = None,
+    sessions: Annotated[int, typer.Option(min=1, help="RM–customer conversations.")] = SampleSpec.sessions,
+    seed: Annotated[int, typer.Option(help="Random seed: same seed, same file.")] = SampleSpec.seed,
+) -> None:
+    """Generate realistic sample events (seeded, reproducible) as JSONL."""
+    count = sessions_for_events(events) if events is not None else sessions
+    spec = SampleSpec(sessions=count, chat_users=max(1, count // 4), seed=seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = write_sample(out, spec)
+    typer.echo(f"wrote {lines:,} lines ({count:,} sessions, seed {seed}) to {out}")
+
+
+def _window_config(size: float, out_of_orderness: float) -> WindowConfig:
+    try:
+        return WindowConfig(size=size, out_of_orderness=out_of_orderness)
+    except ValueError as exc:
+        raise ConvoflowError(str(exc)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; user errors become one line on stderr and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        return 130
+    except typer.TyperException as exc:
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        return 2
+    except ConvoflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The terminal view of a running replay: counts, rates and open windows, then a summary."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from connectors.progress import LineCounter, read_gauges
+from dataflows.flow import OutputKind
+
+
+@dataclass
+class RunStats:
+    """Counts read from a run's output files and gauges."""
+
+    out_dir: Path
+    gauges_path: Path | None
+    started: float = field(default_factory=time.monotonic)
+    counters: dict[str, LineCounter] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    open_windows: int = 0
+    rate: float = 0.0
+    _last: tuple[float, int] = (0.0, 0)
+
+    def __post_init__(self) -> None:
+        self.counters = {k.value: LineCounter(self.out_dir / f"{k.value}.jsonl") for k in OutputKind}
+        self._last = (self.started, 0)
+
+    @property
+    def events_read(self) -> int:
+        return self.counts.get(OutputKind.MESSAGES, 0) + self.counts.get(OutputKind.DEAD_LETTER, 0)
+
+    def refresh(self) -> None:
+        self.counts = {kind: counter.count() for kind, counter in self.counters.items()}
+        if self.gauges_path is not None:
+            self.open_windows = read_gauges(self.gauges_path)["open_windows"]
+        now = time.monotonic()
+        last_time, last_read = self._last
+        if now - last_time >= 1.0:
+            self.rate = (self.events_read - last_read) / (now - last_time)
+            self._last = (now, self.events_read)
+
+    def table(self, title: str) -> Table:
+        elapsed = time.monotonic() - self.started
+        table = Table(title=title, show_header=False, min_width=44)
+        table.add_column(style="bold")
+        table.add_column(justify="right")
+        table.add_row("events read", f"{self.events_read:,}")
+        table.add_row("events/s", f"{self.rate:,.0f}" if elapsed < 1 or self.rate else f"{self.events_read / elapsed:,.0f}")
+        table.add_row("open windows", f"{self.open_windows:,}")
+        table.add_row("windows emitted", f"{self.counts.get(OutputKind.WINDOWS, 0):,}")
+        table.add_row("late events", f"{self.counts.get(OutputKind.LATE, 0):,}")
+        table.add_row("dead-lettered", f"{self.counts.get(OutputKind.DEAD_LETTER, 0):,}")
+        table.add_row("elapsed", f"{elapsed:,.1f} s")
+        return table
+
+    def summary(self) -> str:
+        elapsed = time.monotonic() - self.started
+        return (
+            f"{self.events_read:,} events in {elapsed:,.1f} s "
+            f"({self.events_read / max(elapsed, 1e-9):,.0f}/s): "
+            f"{self.counts.get(OutputKind.MESSAGES, 0):,} accepted, "
+            f"{self.counts.get(OutputKind.WINDOWS, 0):,} windows, "
+            f"{self.counts.get(OutputKind.LATE, 0):,} late, "
+            f"{self.counts.get(OutputKind.DEAD_LETTER, 0):,} dead-lettered → {self.out_dir}"
+        )
+
+
+class LiveView:
+    """Redraws `RunStats` a few times a second on a terminal; silent elsewhere."""
+
+    def __init__(self, stats: RunStats, console: Console, *, enabled: bool) -> None:
+        self.stats = stats
+        self.console = console
+        self.live = Live(console=console, refresh_per_second=4, transient=False) if enabled else None
+
+    def __enter__(self) -> LiveView:
+        if self.live is not None:
+            self.live.__enter__()
+        return self
+
+    def poll(self) -> None:
+        self.stats.refresh()
+        if self.live is not None:
+            self.live.update(self.stats.table("convoflow replay"))
+
+    def __exit__(self, *exc: object) -> None:
+        self.stats.refresh()
+        if self.live is not None:
+            self.live.update(self.stats.table("convoflow replay: done"))
+            self.live.__exit__(None, None, None)

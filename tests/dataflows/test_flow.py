@@ -1,0 +1,138 @@
+"""The whole dataflow on `bytewax.testing` inputs."""
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
+
+from dataflows.flow import FlowConfig, OutputKind, build_flow, shard_of
+from dataflows.sequencing import DONE, ReplayLayout, replay_items
+from dataflows.windows import WindowConfig
+from tests.conftest import jsonl
+
+ONE_BLOCK = ReplayLayout(partitions=1, block_bytes=DONE)
+T = "2024-01-01T10:00:{:02d}+00:00"
+
+
+def run(lines: list[str], workers: int = 1, **config: Any) -> dict[str, list[dict[str, Any]]]:
+    out: list[tuple[str, dict[str, Any]]] = []
+    flow = build_flow(TestingSource(replay_items(lines)), TestingSink(out), FlowConfig(layout=ONE_BLOCK, **config))
+    if workers == 1:
+        run_main(flow)
+    else:
+        cluster_main(flow, [], 0, worker_count_per_proc=workers)
+    by_kind: dict[str, list[dict[str, Any]]] = {k.value: [] for k in OutputKind}
+    for kind, record in out:
+        by_kind[kind].append(record)
+    return by_kind
+
+
+def texts(window: dict[str, Any]) -> list[str]:
+    return [m["text"] for m in window["messages"]]
+
+
+def test_every_event_is_a_message_and_lands_in_one_window(conversation: Callable[..., dict]) -> None:
+    out = run(jsonl(conversation(message="a", timestamp=T.format(1)), conversation(sender="rm", message="b", timestamp=T.format(5))))
+    assert [m["text"] for m in out["messages"]] == ["a", "b"]
+    (window,) = out["windows"]
+    assert window["window_start"] == "2024-01-01T10:00:00+00:00"
+    assert window["window_end"] == "2024-01-01T10:00:30+00:00"
+    assert texts(window) == ["a", "b"]
+    assert window["counts"] == {"customer": 1, "rm": 1}
+
+
+def test_window_boundary_splits_at_exactly_size(conversation: Callable[..., dict]) -> None:
+    out = run(jsonl(conversation(message="a", timestamp=T.format(29)), conversation(message="b", timestamp=T.format(30))))
+    assert sorted((w["window_start"][-14:-6], texts(w)) for w in out["windows"]) == [("10:00:00", ["a"]), ("10:00:30", ["b"])]
+
+
+def test_out_of_order_within_tolerance_is_kept_and_merged_in_time_order(conversation: Callable[..., dict]) -> None:
+    lines = jsonl(
+        conversation(message="first", timestamp=T.format(20)),
+        conversation(message="third", timestamp=T.format(33)),
+        conversation(sender="rm", message="second", timestamp=T.format(29)),
+    )
+    out = run(lines)
+    assert out["late"] == []
+    assert [texts(w) for w in out["windows"]] == [["first", "second"], ["third"]]
+
+
+def test_event_after_its_window_was_emitted_goes_to_late_with_that_window(conversation: Callable[..., dict]) -> None:
+    lines = jsonl(
+        conversation(message="a", timestamp=T.format(1)),
+        conversation(session_id="other", message="clock", timestamp=T.format(50)),
+        conversation(message="late", timestamp=T.format(2)),
+    )
+    out = run(lines)
+    (late,) = out["late"]
+    assert late["event"]["text"] == "late"
+    assert (late["window_start"], late["window_end"]) == (T.format(0), T.format(30))
+    assert late["watermark"] == T.format(45)
+    assert [texts(w) for w in out["windows"] if w["session_id"] == "s-1"] == [["a"]]
+    assert "late" in [m["text"] for m in out["messages"]], "late events are still accepted messages"
+
+
+def test_late_event_after_session_state_is_gone_does_not_reemit_the_window(conversation: Callable[..., dict]) -> None:
+    """Bytewax 0.21.1's tumbling windower forgets a key once it has no open window; a late
+    event then reopens the same window id and emits it a second time."""
+    lines = jsonl(
+        conversation(message="a", timestamp=T.format(1)),
+        conversation(session_id="other", message="x", timestamp="2024-01-01T10:05:00+00:00"),
+        conversation(message="late", timestamp=T.format(3)),
+        conversation(session_id="other", message="y", timestamp="2024-01-01T10:10:00+00:00"),
+    )
+    out = run(lines)
+    s1 = [w for w in out["windows"] if w["session_id"] == "s-1"]
+    assert [(w["window_start"], texts(w)) for w in s1] == [(T.format(0), ["a"])]
+    assert [l["event"]["text"] for l in out["late"]] == ["late"]
+
+
+def test_untimed_event_takes_the_replay_clock(conversation: Callable[..., dict], chat: Callable[..., dict]) -> None:
+    lines = jsonl(conversation(message="a", timestamp=T.format(12)), chat(timestamp=...), conversation(message="b", timestamp=T.format(14)))
+    out = run(lines)
+    untimed = next(m for m in out["messages"] if m["shape"] == "chat")
+    assert (untimed["timestamp"], untimed["time_source"]) == (T.format(12), "system")
+
+
+def test_untimed_event_before_any_timed_one_takes_the_clock_origin(chat: Callable[..., dict]) -> None:
+    out = run(jsonl(chat(timestamp=...)), time_origin=1_704_103_207.0)
+    assert out["messages"][0]["timestamp"] == T.format(7)
+
+
+def test_open_windows_are_flushed_at_end_of_input(conversation: Callable[..., dict]) -> None:
+    out = run(jsonl(*(conversation(session_id=f"s-{i}", timestamp=T.format(i)) for i in range(5))))
+    assert sorted(w["session_id"] for w in out["windows"]) == [f"s-{i}" for i in range(5)]
+
+
+def test_dead_letters_carry_line_raw_and_reason(conversation: Callable[..., dict]) -> None:
+    out = run(jsonl(conversation(), "not json", conversation(sender="bot")))
+    assert [(d["line"], d["raw"][:8]) for d in out["dead_letter"]] == [(2, "not json"), (3, '{"sessio')]
+    assert all(d["reason"] for d in out["dead_letter"])
+    assert len(out["messages"]) == 1
+
+
+def test_window_size_and_tolerance_are_configurable(conversation: Callable[..., dict]) -> None:
+    lines = jsonl(conversation(message="a", timestamp=T.format(1)), conversation(message="b", timestamp=T.format(12)), conversation(message="c", timestamp=T.format(3)))
+    out = run(lines, window=WindowConfig(size=10, out_of_orderness=1))
+    assert [texts(w) for w in out["windows"]] == [["a"], ["b"]]
+    assert [l["event"]["text"] for l in out["late"]] == ["c"]
+
+
+def test_shard_of_is_stable() -> None:
+    assert shard_of("s-1", 64) == shard_of("s-1", 64)
+    assert len({shard_of(f"s-{i}", 64) for i in range(500)}) == 64
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_same_outputs_with_several_workers(conversation: Callable[..., dict], workers: int) -> None:
+    lines = jsonl(*(
+        conversation(session_id=f"s-{i % 7}", sender="rm" if i % 3 else "customer", message=f"m{i}",
+                     timestamp=f"2024-01-01T10:{(i * 7 // 60) % 60:02d}:{(i * 7) % 60:02d}+00:00")
+        for i in range(300)
+    ), "broken")
+
+    def canonical(out: dict[str, list[dict[str, Any]]]) -> dict[str, list[str]]:
+        return {k: sorted(map(repr, v)) for k, v in out.items()}
+
+    assert canonical(run(lines, workers=workers)) == canonical(run(lines))
