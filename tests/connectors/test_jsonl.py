@@ -1,0 +1,52 @@
+from pathlib import Path
+
+import orjson
+import pytest
+
+from connectors.jsonl import JsonlSink, prepare_out_dir
+from dataflows.errors import ConvoflowError
+
+
+def test_refuses_a_non_empty_out_dir_unless_overwrite(tmp_path: Path) -> None:
+    (tmp_path / "windows.jsonl").write_text("old\n")
+    with pytest.raises(ConvoflowError, match="not empty"):
+        prepare_out_dir(tmp_path, ["windows.jsonl"], overwrite=False)
+    prepare_out_dir(tmp_path, ["windows.jsonl"], overwrite=True)
+    assert not (tmp_path / "windows.jsonl").exists()
+
+
+def test_out_dir_that_is_a_file_is_an_error(tmp_path: Path) -> None:
+    target = tmp_path / "f"
+    target.write_text("")
+    with pytest.raises(ConvoflowError, match="is not a directory"):
+        prepare_out_dir(target, [], overwrite=True)
+
+
+def test_routes_kinds_to_their_files_whatever_the_order(tmp_path: Path) -> None:
+    sink = JsonlSink(tmp_path, ["windows", "late", "messages"])
+    parts = {name: sink.build_part("out", name, None) for name in sink.list_parts()}
+    ordered = sorted(sink.list_parts())
+    for kind in ["windows", "late", "messages"]:
+        parts[ordered[sink.part_fn(kind)]].write_batch([{"kind": kind}])
+    for part in parts.values():
+        part.close()
+    for kind in ["windows", "late", "messages"]:
+        assert orjson.loads((tmp_path / f"{kind}.jsonl").read_bytes()) == {"kind": kind}
+
+
+def test_unknown_kind_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConvoflowError, match="no JSONL output for records of kind 'alerts'"):
+        JsonlSink(tmp_path, ["windows"]).part_fn("alerts")
+
+
+def test_resume_truncates_what_was_written_after_the_snapshot(tmp_path: Path) -> None:
+    sink = JsonlSink(tmp_path, ["windows"])
+    part = sink.build_part("out", "windows", None)
+    part.write_batch([{"n": 1}])
+    length = part.snapshot()
+    part.write_batch([{"n": 2}])
+    part.close()
+    resumed = sink.build_part("out", "windows", length)
+    resumed.write_batch([{"n": 2}, {"n": 3}])
+    resumed.close()
+    assert [orjson.loads(line) for line in (tmp_path / "windows.jsonl").read_bytes().splitlines()] == [{"n": 1}, {"n": 2}, {"n": 3}]

@@ -1,0 +1,135 @@
+"""The command line: happy paths through real runs, and every bad input as one line + exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from cli import main
+from connectors.runner import ReplayRun, RunHandle
+from dataflows.clock import ReplayClock
+from dataflows.flow import FlowConfig
+from samples.generate import SampleSpec, write_sample
+
+ROOT = Path(__file__).parent.parent
+T0 = 1_704_103_200.0
+
+
+def lines_of(path: Path) -> list[dict]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("samples") / "conversations.jsonl"
+    write_sample(path, SampleSpec(sessions=120, chat_users=30, seed=11))
+    return path
+
+
+def test_run_writes_the_four_outputs(sample: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["run", "--input", str(sample), "--out-dir", str(out), "--speed-factor", "0", "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["dead_letter.jsonl", "late.jsonl", "messages.jsonl", "windows.jsonl"]
+    accepted, dead = lines_of(out / "messages.jsonl"), lines_of(out / "dead_letter.jsonl")
+    assert len(accepted) + len(dead) == len(sample.read_bytes().splitlines())
+    windowed = sum(len(w["messages"]) for w in lines_of(out / "windows.jsonl"))
+    assert windowed + len(lines_of(out / "late.jsonl")) == len(accepted)
+    assert "accepted" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--input", "{missing}"], "does not exist"),
+        (["--input", "{dir}"], "is not a regular file"),
+        (["--input", "{sample}", "--window-size", "0"], "window size must be a positive"),
+        (["--input", "{sample}", "--max-out-of-orderness", "-1"], "out-of-orderness must be >= 0"),
+        (["--input", "{sample}", "--speed-factor", "-1"], "--speed-factor"),
+        (["--input", "{sample}", "--speed-factor", "fast"], "--speed-factor"),
+        (["--input", "{sample}", "--workers", "0"], "--workers"),
+        (["--input", "{sample}", "--colour"], "No such option"),
+        (["--input", "{sample}", "--out-dir", "{busy}"], "is not empty"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    args: list[str], fragment: str, sample: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "windows.jsonl").write_text("{}\n")
+    values = {"missing": tmp_path / "nope.jsonl", "dir": tmp_path, "sample": sample, "busy": busy}
+    argv = ["run", "--out-dir", str(tmp_path / "out"), "--quiet"] + [a.format(**values) for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+
+
+def test_overwrite_replaces_earlier_outputs(sample: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["run", "--input", str(sample), "--out-dir", str(out), "--speed-factor", "0", "--quiet"]
+    assert main(args) == 0
+    first = (out / "windows.jsonl").read_bytes()
+    assert main([*args, "--overwrite"]) == 0
+    assert sorted(first.splitlines()) == sorted((out / "windows.jsonl").read_bytes().splitlines())
+
+
+def test_samples_command_is_reproducible(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert main(["samples", "--out", str(a), "--sessions", "5"]) == 0
+    assert main(["samples", "--out", str(b), "--sessions", "5"]) == 0
+    assert a.read_bytes() == b.read_bytes() and a.stat().st_size > 0
+
+
+def test_cli_script_runs_as_a_program(sample: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), "run", "--input", str(sample), "--out-dir", str(tmp_path / "o"),
+         "--speed-factor", "0"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "windows" in result.stdout
+
+
+@pytest.mark.slow
+def test_processes_and_workers_give_the_same_results(sample: Path, tmp_path: Path) -> None:
+    results = {}
+    for processes, workers in [(1, 1), (1, 2), (2, 1)]:
+        out = tmp_path / f"{processes}x{workers}"
+        argv = ["run", "--input", str(sample), "--out-dir", str(out), "--speed-factor", "0", "--quiet",
+                "--processes", str(processes), "--workers", str(workers), "--block-kib", "16"]
+        assert main(argv) == 0
+        results[(processes, workers)] = {p.name: sorted(p.read_bytes().splitlines()) for p in out.iterdir()}
+    assert len(results[(1, 1)]["windows.jsonl"]) > 500
+    assert results[(1, 2)] == results[(1, 1)]
+    assert results[(2, 1)] == results[(1, 1)]
+
+
+@pytest.mark.slow
+def test_quiet_paced_replay_closes_windows_on_time_without_spinning(tmp_path: Path) -> None:
+    """Two events 44 s apart at speed 10: a 4.4 s pause, during which the first window
+    (end 10:00:30 + 5 s tolerance, due 3.5 s in) must close, and the worker must sleep."""
+    path = tmp_path / "in.jsonl"
+    path.write_text(
+        '{"session_id": "a", "sender": "customer", "message": "hi", "timestamp": %f}\n'
+        '{"session_id": "b", "sender": "customer", "message": "later", "timestamp": %f}\n' % (T0 + 1, T0 + 45)
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    start = time.time()
+    job = ReplayRun(path, out, FlowConfig(time_origin=T0 + 1), ReplayClock(T0 + 1, start, 10.0))
+    cpu_before = time.process_time()
+    handle = RunHandle(job, processes=1, workers=1)
+    time.sleep(4.1)
+    closed_during_pause = (out / "windows.jsonl").read_bytes().count(b"\n")
+    handle.wait()
+    cpu = time.process_time() - cpu_before
+    wall = time.time() - start
+    assert wall >= 4.3
+    assert closed_during_pause == 1, "the quiet input's window must close by the replay clock"
+    assert cpu < 1.0, f"the worker spun: {cpu:.2f} s CPU over {wall:.1f} s"
