@@ -14,7 +14,7 @@ from rich.console import Console
 from connectors.jsonl import prepare_out_dir
 from connectors.live_view import LiveView, RunStats
 from connectors.replay import check_readable, first_event_time
-from connectors.runner import OUTPUT_FILES, ReplayRun, RunHandle
+from connectors.runner import OUTPUT_FILES, ReplayRun, run_replay
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
 from dataflows.flow import FlowConfig
@@ -66,9 +66,8 @@ def run(
     )
     console = Console(stderr=True)
     stats = RunStats(out_dir, state_dir / "gauges.json")
-    handle = RunHandle(job, processes, workers)
     with LiveView(stats, console, enabled=console.is_terminal and not quiet) as view:
-        handle.wait(poll=view.poll)
+        run_replay(job, processes, workers, poll=view.poll)
     typer.echo(stats.summary())
 
 
@@ -85,7 +84,7 @@ def samples(
 ) -> None:
     """Generate realistic sample events (seeded, reproducible) as JSONL."""
     count = sessions_for_events(events) if events is not None else sessions
-    spec = SampleSpec(sessions=count, chat_users=max(1, count // 4), seed=seed)
+    spec = SampleSpec(sessions=count, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = write_sample(out, spec)
     typer.echo(f"wrote {lines:,} lines ({count:,} sessions, seed {seed}) to {out}")

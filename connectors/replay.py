@@ -122,6 +122,10 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
         self.waiting_since: float | None = None
         self.done = False
         self.exhausted = False
+        self.buffer = b""
+        self.buffer_start = 0
+        if self.line:
+            self._load_block()
 
     def next_batch(self) -> list[Item]:
         if self.exhausted:
@@ -173,6 +177,8 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
         while self.peeked is None:
             block_end = layout.block_start(self.block + 1)
             if self.offset >= block_end or self.offset >= self.size:
+                if self.line:
+                    self.counted = (self.offset, self.line - 1)
                 self.finished.append(self.stamper.finish())
                 self.block += layout.partitions
                 self.offset = layout.block_start(self.block)
@@ -183,6 +189,7 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
                 continue
             if self.line == 0:
                 self._align()
+                self._load_block()
                 continue
             self.peeked = self._read_line()
         return self.peeked
@@ -203,21 +210,36 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
         self.counted = (counted_offset, newlines)
         self.line = newlines + 1
 
+    def _load_block(self) -> None:
+        """Read the complete lines of the current block from `offset` on in one call."""
+        self.file.seek(self.offset)
+        data = self.file.read(max(0, self.src.layout.block_start(self.block + 1) - self.offset))
+        self.buffer = data[: data.rfind(b"\n") + 1]
+        self.buffer_start = self.offset
+
     def _read_line(self) -> tuple[Event | DeadLetter, int]:
+        ref = LineRef(self.src.path.name, self.line, self.offset)
+        at = self.offset - self.buffer_start
+        if at < len(self.buffer):
+            newline = self.buffer.index(b"\n", at)
+            return self._parse(self.buffer[at:newline], ref), self.offset + newline - at + 1
+        return self._read_line_past_block(ref)
+
+    def _parse(self, body: bytes, ref: LineRef) -> Event | DeadLetter:
+        if len(body) > self.src.max_line_bytes:
+            return DeadLetter(ref, "", f"line is longer than the {self.src.max_line_bytes}-byte limit")
+        body = body.rstrip(b"\r")
+        if not body.strip():
+            return DeadLetter(ref, "", "empty line")
+        return self.src.parse(body, ref)
+
+    def _read_line_past_block(self, ref: LineRef) -> tuple[Event | DeadLetter, int]:
+        """A line that starts in this block and ends after it (or at a file without final newline)."""
         limit = self.src.max_line_bytes
         self.file.seek(self.offset)
         raw = self.file.readline(limit + 1)
-        ref = LineRef(self.src.path.name, self.line, self.offset)
         if len(raw) > limit and not raw.endswith(b"\n"):
             while raw and not raw.endswith(b"\n"):
                 raw = self.file.readline(_COUNT_CHUNK)
-            end = self.file.tell()
-            self.counted = (end, self.line)
-            reason = f"line is longer than the {limit}-byte limit"
-            return DeadLetter(ref, "", reason), end
-        end = self.offset + len(raw)
-        self.counted = (end, self.line)
-        body = raw.rstrip(b"\r\n")
-        if not body.strip():
-            return DeadLetter(ref, "", "empty line"), end
-        return self.src.parse(body, ref), end
+            return DeadLetter(ref, "", f"line is longer than the {limit}-byte limit"), self.file.tell()
+        return self._parse(raw.rstrip(b"\n"), ref), self.offset + len(raw)

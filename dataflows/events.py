@@ -7,7 +7,7 @@ record types below, turned into a JSON-ready dict by `as_record()`. Times are ep
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -52,6 +52,15 @@ class Event:
     ref: LineRef
     language: str | None = None
     username: str | None = None
+    timestamp: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.time is not None and self.timestamp is None:
+            object.__setattr__(self, "timestamp", iso(self.time))
+
+    def timed(self, time: float) -> Event:
+        """This event with `time` given by the run's clock (for events that had none)."""
+        return replace(self, time=time, timestamp=None)
 
     def as_record(self) -> dict[str, Any]:
         return {
@@ -60,7 +69,7 @@ class Event:
             "sender": self.sender,
             "kind": self.kind,
             "text": self.text,
-            "timestamp": iso(self.time) if self.time is not None else None,
+            "timestamp": self.timestamp,
             "time_source": self.time_source,
             "shape": self.shape,
             "language": self.language,
@@ -76,7 +85,7 @@ class Event:
             "sender": self.sender,
             "kind": self.kind,
             "text": self.text,
-            "timestamp": iso(self.time) if self.time is not None else None,
+            "timestamp": self.timestamp,
             "time_source": self.time_source,
         }
 
@@ -118,8 +127,8 @@ class WindowRecord:
             "window_end": iso(self.end),
             "messages": [m.as_window_message() for m in self.messages],
             "counts": self.counts,
-            "first_event_time": iso(self.messages[0].time or self.start),
-            "last_event_time": iso(self.messages[-1].time or self.start),
+            "first_event_time": self.messages[0].timestamp,
+            "last_event_time": self.messages[-1].timestamp,
         }
 
 

@@ -12,7 +12,6 @@ session, and so every result, is the same whatever the number of workers and pro
 from __future__ import annotations
 
 import copy
-import dataclasses
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -111,7 +110,7 @@ class ShardLogic(StatefulBatchLogic[Stamped | Progress, tuple[str, Record], Shar
             event = stamped.event
             self._emit_windows(book.advance(clock), out)
             if event.time is None:
-                event = dataclasses.replace(event, time=self.config.time_origin if clock is None else clock)
+                event = event.timed(self.config.time_origin if clock is None else clock)
             late = book.add(event)
             out.append((OutputKind.MESSAGES, event.as_record()))
             if late is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import orjson
 import pytest
 
 from cli import main
-from connectors.runner import ReplayRun, RunHandle
+from connectors.runner import ReplayRun, run_replay
 from dataflows.clock import ReplayClock
 from dataflows.flow import FlowConfig
 from samples.generate import SampleSpec, write_sample
@@ -124,10 +125,11 @@ def test_quiet_paced_replay_closes_windows_on_time_without_spinning(tmp_path: Pa
     start = time.time()
     job = ReplayRun(path, out, FlowConfig(time_origin=T0 + 1), ReplayClock(T0 + 1, start, 10.0))
     cpu_before = time.process_time()
-    handle = RunHandle(job, processes=1, workers=1)
+    flow = threading.Thread(target=run_replay, args=(job,))
+    flow.start()
     time.sleep(4.1)
     closed_during_pause = (out / "windows.jsonl").read_bytes().count(b"\n")
-    handle.wait()
+    flow.join()
     cpu = time.process_time() - cpu_before
     wall = time.time() - start
     assert wall >= 4.3
