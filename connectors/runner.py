@@ -18,7 +18,7 @@ from pathlib import Path
 from bytewax.dataflow import Dataflow
 from bytewax.testing import cluster_main, run_main
 
-from connectors.jsonl import JsonlSink
+from connectors.jsonl import JsonlSink, json_line
 from connectors.progress import GaugeSink
 from connectors.replay import ReplaySource
 from dataflows.clock import ReplayClock
@@ -44,7 +44,7 @@ class ReplayRun:
         source = ReplaySource(self.input_path, layout=self.flow.layout, clock=self.clock, batch_size=self.batch_size)
         sink = JsonlSink(self.out_dir, [k.value for k in OutputKind])
         gauges = GaugeSink(self.state_dir / "gauges.json") if self.state_dir else None
-        return build_flow(source, sink, self.flow, gauges=gauges)
+        return build_flow(source, sink, self.flow, encode=json_line, gauges=gauges)
 
 
 def free_addresses(count: int) -> list[str]:

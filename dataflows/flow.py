@@ -24,11 +24,17 @@ from bytewax.inputs import Source
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 
-from dataflows.events import DeadLetter
-from dataflows.sequencing import Progress, ReplayLayout, Sequencer, Stamped
+from dataflows.events import DeadLetter, WindowRecord
+from dataflows.sequencing import Progress, ReplayLayout, Sequencer, Stamped, Wire, from_wire, to_wire
 from dataflows.windows import WindowBook, WindowConfig
 
 Record = dict[str, Any]
+Encoder = Callable[[Record], Any]
+
+
+def as_is(record: Record) -> Record:
+    """The default encoder: records stay dicts (tests, and sinks that want rows)."""
+    return record
 
 
 class OutputKind(StrEnum):
@@ -71,7 +77,7 @@ class ShardState:
     book: WindowBook
 
 
-class ShardLogic(StatefulBatchLogic[Stamped | Progress, tuple[str, Record], ShardState]):
+class ShardLogic(StatefulBatchLogic[Wire, tuple[str, Record], ShardState]):
     """Releases a shard's events in file order, times untimed ones, windows them.
 
     Emits `messages` for every event, `late` for events whose window was already emitted,
@@ -79,14 +85,15 @@ class ShardLogic(StatefulBatchLogic[Stamped | Progress, tuple[str, Record], Shar
     Never discarded: its sequencer must keep hearing every partition's markers.
     """
 
-    def __init__(self, config: FlowConfig, resume: ShardState | None) -> None:
+    def __init__(self, config: FlowConfig, resume: ShardState | None, encode: Encoder) -> None:
         self.config = config
+        self.encode = encode
         self.state = resume or ShardState(Sequencer(config.layout), WindowBook(config.window))
         self.reported_open = -1
 
-    def on_batch(self, values: list[Stamped | Progress]) -> tuple[list[tuple[str, Record]], bool]:
+    def on_batch(self, values: list[Wire]) -> tuple[list[tuple[str, Record]], bool]:
         seq = self.state.sequencer
-        seq.push(values)
+        seq.push(map(from_wire, values))
         out: list[tuple[str, Record]] = []
         self._window(seq.release(), out)
         self._emit_windows(self.state.book.advance(seq.clock_floor()), out)
@@ -112,13 +119,12 @@ class ShardLogic(StatefulBatchLogic[Stamped | Progress, tuple[str, Record], Shar
             if event.time is None:
                 event = event.timed(self.config.time_origin if clock is None else clock)
             late = book.add(event)
-            out.append((OutputKind.MESSAGES, event.as_record()))
+            out.append((OutputKind.MESSAGES, self.encode(event.as_record())))
             if late is not None:
-                out.append((OutputKind.LATE, late.as_record()))
+                out.append((OutputKind.LATE, self.encode(late.as_record())))
 
-    @staticmethod
-    def _emit_windows(windows: Iterable[Any], out: list[tuple[str, Record]]) -> None:
-        out.extend((OutputKind.WINDOWS, w.as_record()) for w in windows)
+    def _emit_windows(self, windows: Iterable[WindowRecord], out: list[tuple[str, Any]]) -> None:
+        out.extend((OutputKind.WINDOWS, self.encode(w.as_record())) for w in windows)
 
     def _gauge(self, out: list[tuple[str, Record]]) -> None:
         count = len(self.state.book.open)
@@ -127,13 +133,14 @@ class ShardLogic(StatefulBatchLogic[Stamped | Progress, tuple[str, Record], Shar
             out.append((GAUGE, {"open_windows": count, "buffered": self.state.sequencer.buffered}))
 
 
-def _router(shards: int) -> Callable[[Stamped | Progress], list[tuple[str, Stamped | Progress]]]:
+def _router(shards: int) -> Callable[[Stamped | Progress], list[tuple[str, Wire]]]:
     every_shard = [shard_of_index(i) for i in range(shards)]
 
-    def route(item: Stamped | Progress) -> list[tuple[str, Stamped | Progress]]:
+    def route(item: Stamped | Progress) -> list[tuple[str, Wire]]:
         if isinstance(item, Stamped):
-            return [(shard_of(item.event.session_id, shards), item)]
-        return [(key, item) for key in every_shard]
+            return [(shard_of(item.event.session_id, shards), to_wire(item))]
+        wire = to_wire(item)
+        return [(key, wire) for key in every_shard]
 
     return route
 
@@ -147,19 +154,22 @@ def build_flow(
     sink: Sink[tuple[str, Record]],
     config: FlowConfig,
     *,
+    encode: Encoder = as_is,
     gauges: Sink[tuple[str, Record]] | None = None,
     flow_id: str = "convoflow",
 ) -> Dataflow:
     """Wire the replay pipeline: read → split dead letters → shard → sequence + window → sink.
 
+    `encode` turns each record into what the sink writes; it runs on the worker that made the
+    record, so encoded bytes, not dicts, cross to the sink's worker.
     `gauges`, when given, receives `(shard, {"shard", "open_windows", "buffered"})` for live views.
     """
     flow = Dataflow(flow_id)
     items = op.input("read", flow, source)
     parsed = op.branch("split_dead_letters", items, lambda item: isinstance(item, DeadLetter))
-    dead = op.map("dead_letter_records", parsed.trues, lambda d: (OutputKind.DEAD_LETTER, d.as_record()))
+    dead = op.map("dead_letter_records", parsed.trues, lambda d: (OutputKind.DEAD_LETTER, encode(d.as_record())))
     routed = op.flat_map("route_to_shards", parsed.falses, _router(config.shards))
-    keyed = op.stateful_batch("sequence_and_window", routed, lambda resume: ShardLogic(config, resume))
+    keyed = op.stateful_batch("sequence_and_window", routed, lambda resume: ShardLogic(config, resume, encode))
     by_kind = op.branch("split_gauges", keyed, lambda kv: kv[1][0] == GAUGE)
     records = op.map("drop_shard_key", by_kind.falses, lambda kv: kv[1])
     op.output("write", op.merge("outputs", dead, records), sink)

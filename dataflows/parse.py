@@ -15,7 +15,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dataflows.events import DeadLetter, Event, LineRef
+from dataflows.events import DeadLetter, Event, LineRef, iso
 from dataflows.timestamps import TimestampError, parse_timestamp
 
 MESSAGE_TYPES = frozenset({"USER_MESSAGE", "MESSAGE"})
@@ -84,7 +84,10 @@ def _conversation(rec: _ConversationIn, ref: LineRef) -> Event:
         time=time,
         time_source="system" if time is None else "event",
         shape="conversation",
-        ref=ref,
+        source=ref.source,
+        line=ref.line,
+        offset=ref.offset,
+        timestamp=None if time is None else iso(time),
     )
 
 
@@ -102,9 +105,12 @@ def _chat(rec: _ChatIn, ref: LineRef) -> Event:
         time=time,
         time_source="system" if time is None else "event",
         shape="chat",
-        ref=ref,
+        source=ref.source,
+        line=ref.line,
+        offset=ref.offset,
         language=rec.preferredLanguage,
         username=rec.username,
+        timestamp=None if time is None else iso(time),
     )
 
 

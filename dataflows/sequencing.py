@@ -21,6 +21,7 @@ import heapq
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from dataflows.events import DeadLetter, Event, LineRef
 from dataflows.parse import parse_line
@@ -54,8 +55,7 @@ class ReplayLayout:
             block += self.partitions
 
 
-@dataclass(frozen=True, slots=True)
-class Stamped:
+class Stamped(NamedTuple):
     """An accepted event, with the latest event time earlier in its block (None: none yet)."""
 
     event: Event
@@ -63,8 +63,7 @@ class Stamped:
     clock_before: float | None
 
 
-@dataclass(frozen=True, slots=True)
-class Progress:
+class Progress(NamedTuple):
     """A replay partition's promise about what it will still send.
 
     Every line it emits later starts at or after `next_offset` (`DONE` when finished) and, in a
@@ -76,6 +75,23 @@ class Progress:
     next_offset: int
     finished: tuple[tuple[int, float | None], ...] = ()
     clock: float | None = None
+
+
+Wire = tuple[Any, ...]
+_PROGRESS = "progress"
+
+
+def to_wire(item: Stamped | Progress) -> Wire:
+    """Plain tuples of builtins: what crosses workers cheaply (see `Event`)."""
+    if isinstance(item, Stamped):
+        return (tuple(item.event), item.block, item.clock_before)
+    return (_PROGRESS, *item)
+
+
+def from_wire(wire: Wire) -> Stamped | Progress:
+    if wire[0] == _PROGRESS:
+        return Progress(*wire[1:])
+    return Stamped(Event._make(wire[0]), wire[1], wire[2])
 
 
 class BlockStamper:
@@ -125,7 +141,7 @@ class Sequencer:
     def push(self, items: Iterable[Stamped | Progress]) -> None:
         for item in items:
             if isinstance(item, Stamped):
-                heapq.heappush(self.pending, (item.event.ref.offset, item))
+                heapq.heappush(self.pending, (item.event.offset, item))
             else:
                 self.frontier[item.partition] = item.next_offset
                 self.ticks[item.partition] = item.clock

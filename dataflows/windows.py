@@ -91,4 +91,4 @@ class WindowBook:
 
 
 def _chronological(event: Event) -> tuple[float, str, int]:
-    return (event.time or 0.0, event.ref.source, event.ref.offset)
+    return (event.time or 0.0, event.source, event.offset)

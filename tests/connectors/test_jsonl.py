@@ -3,7 +3,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from connectors.jsonl import JsonlSink, prepare_out_dir
+from connectors.jsonl import JsonlSink, json_line, prepare_out_dir
 from dataflows.errors import ConvoflowError
 
 
@@ -27,7 +27,7 @@ def test_routes_kinds_to_their_files_whatever_the_order(tmp_path: Path) -> None:
     parts = {name: sink.build_part("out", name, None) for name in sink.list_parts()}
     ordered = sorted(sink.list_parts())
     for kind in ["windows", "late", "messages"]:
-        parts[ordered[sink.part_fn(kind)]].write_batch([{"kind": kind}])
+        parts[ordered[sink.part_fn(kind)]].write_batch([json_line({"kind": kind})])
     for part in parts.values():
         part.close()
     for kind in ["windows", "late", "messages"]:
@@ -42,11 +42,11 @@ def test_unknown_kind_is_a_clear_error(tmp_path: Path) -> None:
 def test_resume_truncates_what_was_written_after_the_snapshot(tmp_path: Path) -> None:
     sink = JsonlSink(tmp_path, ["windows"])
     part = sink.build_part("out", "windows", None)
-    part.write_batch([{"n": 1}])
+    part.write_batch([json_line({"n": 1})])
     length = part.snapshot()
-    part.write_batch([{"n": 2}])
+    part.write_batch([json_line({"n": 2})])
     part.close()
     resumed = sink.build_part("out", "windows", length)
-    resumed.write_batch([{"n": 2}, {"n": 3}])
+    resumed.write_batch([json_line({"n": 2}), json_line({"n": 3})])
     resumed.close()
     assert [orjson.loads(line) for line in (tmp_path / "windows.jsonl").read_bytes().splitlines()] == [{"n": 1}, {"n": 2}, {"n": 3}]

@@ -11,7 +11,7 @@ LAYOUT = ReplayLayout(partitions=2, block_bytes=100)
 
 def stamped(offset: int, t: float | None, clock_before: float | None = None) -> Stamped:
     ref = LineRef("in", offset, offset)
-    event = Event(ref.event_id, "s", "rm", "message", "", t, "event", "conversation", ref)
+    event = Event(ref.event_id, "s", "rm", "message", "", t, "event", "conversation", *ref)
     return Stamped(event, LAYOUT.block_of(offset), clock_before)
 
 
@@ -24,7 +24,7 @@ def partition_streams() -> list[list[Stamped | Progress]]:
         for offset in range(block * 100, block * 100 + 100, 10):
             line_time = float(offset) if offset != 250 else None
             ref = LineRef("in", offset, offset)
-            item = stamper.stamp(Event(ref.event_id, "s", "rm", "message", "", line_time, "event", "conversation", ref))
+            item = stamper.stamp(Event(ref.event_id, "s", "rm", "message", "", line_time, "event", "conversation", *ref))
             streams[p].append(item)
         next_offset = LAYOUT.block_start(block + 2) if block < 2 else DONE
         streams[p].append(Progress(p, next_offset, (stamper.finish(),)))

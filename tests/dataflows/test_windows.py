@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from dataflows.events import Event, LineRef
+from dataflows.events import Event, LineRef, iso
 from dataflows.windows import WindowBook, WindowConfig
 
 T0 = 1_704_103_200.0  # 2024-01-01T10:00:00Z, a multiple of 30 s
@@ -10,7 +10,7 @@ T0 = 1_704_103_200.0  # 2024-01-01T10:00:00Z, a multiple of 30 s
 
 def event(t: float, session: str = "s-1", sender: str = "customer", line: int = 1) -> Event:
     ref = LineRef("in", line, line * 100)
-    return Event(ref.event_id, session, sender, "message", f"m{line}", T0 + t, "event", "conversation", ref)
+    return Event(ref.event_id, session, sender, "message", f"m{line}", T0 + t, "event", "conversation", *ref, timestamp=iso(T0 + t))
 
 
 def test_windows_are_aligned_to_the_epoch() -> None:
