@@ -35,14 +35,19 @@ def prepare_out_dir(out_dir: Path, file_names: Sequence[str], *, overwrite: bool
 
 
 def json_line(record: Record) -> bytes:
-    """A record as one JSON line: the encoder to give the flow for this sink."""
+    """A record as one JSON line."""
     return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def json_lines(records: list[Record]) -> bytes:
+    """A batch of records as JSON lines: the encoder to give the flow for this sink."""
+    return b"".join(map(json_line, records))
 
 
 class JsonlSink(FixedPartitionedSink[bytes, int]):
     """Routes `(kind, line)` to `<out_dir>/<kind>.jsonl`; one partition per kind.
 
-    Lines arrive already encoded by `json_line`, on the worker that produced them.
+    Lines arrive already encoded by `json_lines`, in chunks, from the worker that produced them.
     """
 
     def __init__(self, out_dir: Path, kinds: Sequence[str]) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from bytewax.dataflow import Dataflow
 from bytewax.testing import cluster_main, run_main
 
-from connectors.jsonl import JsonlSink, json_line
+from connectors.jsonl import JsonlSink, json_lines
 from connectors.progress import GaugeSink
 from connectors.replay import ReplaySource
 from dataflows.clock import ReplayClock
@@ -38,13 +38,13 @@ class ReplayRun:
     clock: ReplayClock
     state_dir: Path | None = None
     batch_size: int = 1000
-    epoch_interval: timedelta = timedelta(seconds=1)
+    epoch_interval: timedelta = timedelta(seconds=5)
 
     def build(self) -> Dataflow:
         source = ReplaySource(self.input_path, layout=self.flow.layout, clock=self.clock, batch_size=self.batch_size)
         sink = JsonlSink(self.out_dir, [k.value for k in OutputKind])
         gauges = GaugeSink(self.state_dir / "gauges.json") if self.state_dir else None
-        return build_flow(source, sink, self.flow, encode=json_line, gauges=gauges)
+        return build_flow(source, sink, self.flow, encode=json_lines, gauges=gauges)
 
 
 def free_addresses(count: int) -> list[str]:

@@ -23,8 +23,8 @@ def run(lines: list[str], workers: int = 1, **config: Any) -> dict[str, list[dic
     else:
         cluster_main(flow, [], 0, worker_count_per_proc=workers)
     by_kind: dict[str, list[dict[str, Any]]] = {k.value: [] for k in OutputKind}
-    for kind, record in out:
-        by_kind[kind].append(record)
+    for kind, records in out:
+        by_kind[kind].extend(records)
     return by_kind
 
 
