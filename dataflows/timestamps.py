@@ -29,19 +29,19 @@ def parse_timestamp(value: object) -> float:
     if isinstance(value, str):
         text = value.strip()
         try:
-            number = float(text)
+            parsed = datetime.fromisoformat(text)
         except ValueError:
             pass
         else:
-            return _from_epoch(number, value)
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=timezone.utc)
+            return _in_range(parsed.timestamp(), value)
         try:
-            parsed = datetime.fromisoformat(text)
+            number = float(text)
         except ValueError:
             msg = f"timestamp {value!r} is neither ISO-8601 nor epoch seconds/milliseconds"
             raise TimestampError(msg) from None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=timezone.utc)
-        return _in_range(parsed.timestamp(), value)
+        return _from_epoch(number, value)
     msg = f"timestamp {value!r} has type {type(value).__name__}; expected a string or a number"
     raise TimestampError(msg)
 

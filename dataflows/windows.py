@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 
 from dataflows.events import Event, LateEvent, WindowRecord
@@ -86,8 +85,10 @@ class WindowBook:
 
     def _emit(self, session: str, start: float) -> WindowRecord:
         messages = sorted(self.open.pop((session, start)), key=_chronological)
-        counts = Counter(m.sender for m in messages)
-        return WindowRecord(session, start, start + self.config.size, tuple(messages), dict(counts))
+        counts: dict[str, int] = {}
+        for m in messages:
+            counts[m.sender] = counts.get(m.sender, 0) + 1
+        return WindowRecord(session, start, start + self.config.size, tuple(messages), counts)
 
 
 def _chronological(event: Event) -> tuple[float, str, int]:

@@ -1,0 +1,143 @@
+"""Replay pipeline throughput against Bytewax's own ceiling, and scaling to 2 processes.
+
+    python benchmarks/bench_replay.py [--events 500000]
+
+Generates the sample (seeded; cached under benchmarks/data/) and runs, each in a fresh
+Python process so no case warms another:
+- bare: a plain Bytewax flow that only parses (orjson) and collects the same 30 s tumbling
+  windows per session with Bytewax's EventClock + TumblingWindower (wake-ups off, its fastest
+  setting), writing nothing: the engine's ceiling;
+- pipeline: `convoflow run --speed-factor 0` on 1 process, all four outputs written;
+- pipeline x2: the same on a 2-process local cluster (spawn and imports included).
+Times are wall clock from building the flow to its end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TARGET_RATIO = 0.6
+TARGET_SCALING = 1.6
+
+
+def bare_flow_seconds(path: Path) -> dict[str, float]:
+    """Bytewax alone: parse each line and collect per-session tumbling windows."""
+    import bytewax.operators as op
+    import bytewax.operators.windowing as win
+    import orjson
+    from bytewax.connectors.files import FileSource
+    from bytewax.dataflow import Dataflow
+    from bytewax.testing import TestingSink, run_main
+
+    from dataflows.timestamps import TimestampError, parse_timestamp
+
+    def parse(line: str) -> tuple[str, tuple[datetime, object, object]] | None:
+        try:
+            obj = orjson.loads(line)
+            session = obj.get("session_id") or obj.get("room") or obj["username"]
+            stamp = obj.get("timestamp")
+            seconds = parse_timestamp(stamp) if stamp is not None else 0.0
+        except (orjson.JSONDecodeError, KeyError, AttributeError, TimestampError):
+            return None
+        if not isinstance(session, str):
+            return None
+        return (session, (datetime.fromtimestamp(seconds, timezone.utc), obj.get("sender"), obj.get("message")))
+
+    flow = Dataflow("bare")
+    lines = op.input("read", flow, FileSource(path, batch_size=1000))
+    keyed = op.key_on("key", op.filter_map("parse", lines, parse), lambda e: e[0])
+    clock = win.EventClock(lambda e: e[1][0], wait_for_system_duration=timedelta(seconds=5), to_system_utc=lambda _: None)
+    windower = win.TumblingWindower(length=timedelta(seconds=30), align_to=datetime(1970, 1, 1, tzinfo=timezone.utc))
+    windows = win.collect_window("windows", keyed, clock, windower)
+    emitted: list[int] = []
+    op.output("count", op.map("one", windows.down, lambda _: 1), TestingSink(emitted))
+    start = time.perf_counter()
+    run_main(flow)
+    return {"seconds": time.perf_counter() - start, "windows": len(emitted)}
+
+
+def pipeline_seconds(path: Path, processes: int) -> dict[str, float]:
+    """convoflow's replay pipeline, as `cli.py run --speed-factor 0` runs it."""
+    from connectors.jsonl import prepare_out_dir
+    from connectors.replay import first_event_time
+    from connectors.runner import OUTPUT_FILES, ReplayRun, run_replay
+    from dataflows.clock import ReplayClock
+    from dataflows.flow import FlowConfig
+    from dataflows.sequencing import ReplayLayout
+
+    out = Path(tempfile.mkdtemp(prefix="convoflow-bench-"))
+    prepare_out_dir(out, OUTPUT_FILES, overwrite=True)
+    start = time.perf_counter()
+    origin = first_event_time(path) or 0.0
+    job = ReplayRun(
+        path, out, FlowConfig(layout=ReplayLayout(partitions=processes), time_origin=origin),
+        ReplayClock(origin, time.time(), 0.0),
+    )
+    run_replay(job, processes=processes)
+    seconds = time.perf_counter() - start
+    windows = (out / "windows.jsonl").read_bytes().count(b"\n")
+    return {"seconds": seconds, "windows": windows}
+
+
+def run_case(case: str, path: Path) -> dict[str, float]:
+    result = subprocess.run(
+        [sys.executable, __file__, "--case", case, "--input", str(path)],
+        capture_output=True, text=True, check=False, cwd=ROOT,
+    )
+    if result.returncode != 0:
+        sys.exit(f"benchmark case {case} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def ensure_sample(events: int, data_dir: Path) -> tuple[Path, int]:
+    from samples.generate import SampleSpec, sessions_for_events, write_sample
+
+    path = data_dir / f"replay-{events}.jsonl"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        write_sample(path, SampleSpec(sessions=sessions_for_events(events)))
+    with path.open("rb") as f:
+        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    return path, lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=500_000)
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "benchmarks" / "data")
+    parser.add_argument("--case", choices=["bare", "pipeline", "pipeline2"], help=argparse.SUPPRESS)
+    parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        cases = {"bare": lambda: bare_flow_seconds(args.input), "pipeline": lambda: pipeline_seconds(args.input, 1),
+                 "pipeline2": lambda: pipeline_seconds(args.input, 2)}
+        print(json.dumps(cases[args.case]()))
+        return
+
+    path, lines = ensure_sample(args.events, args.data_dir)
+    print(f"input: {path.name}, {lines:,} lines")
+    results = {case: run_case(case, path) for case in ("bare", "pipeline", "pipeline2")}
+    rate = {case: lines / r["seconds"] for case, r in results.items()}
+    ratio = rate["pipeline"] / rate["bare"]
+    scaling = rate["pipeline2"] / rate["pipeline"]
+    print(f"{'case':<34}{'seconds':>9}{'events/s':>11}{'windows':>10}")
+    labels = {"bare": "bare Bytewax (parse + windows)", "pipeline": "convoflow replay, 1 process",
+              "pipeline2": "convoflow replay, 2 processes"}
+    for case, r in results.items():
+        print(f"{labels[case]:<34}{r['seconds']:>9.2f}{rate[case]:>11,.0f}{int(r['windows']):>10,}")
+    print(f"pipeline / bare: {ratio:.2f} (target >= {TARGET_RATIO}: {'met' if ratio >= TARGET_RATIO else 'MISSED'})")
+    print(f"2 processes / 1: {scaling:.2f} (target >= {TARGET_SCALING}: {'met' if scaling >= TARGET_SCALING else 'MISSED'})")
+
+
+if __name__ == "__main__":
+    main()
