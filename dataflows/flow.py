@@ -78,7 +78,7 @@ class ShardState:
     book: WindowBook
 
 
-class ShardLogic(StatefulBatchLogic[Wire, tuple[str, Record], bytes]):
+class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
     """Releases a shard's events in file order, times untimed ones, windows them.
 
     Emits `messages` for every event, `late` for events whose window was already emitted,

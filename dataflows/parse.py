@@ -15,7 +15,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dataflows.events import DeadLetter, Event, LineRef, iso
+from dataflows.events import DeadLetter, Event, LineRef, Shape, iso
 from dataflows.timestamps import TimestampError, parse_timestamp
 
 MESSAGE_TYPES = frozenset({"USER_MESSAGE", "MESSAGE"})
@@ -74,42 +74,47 @@ def parse_line(raw: bytes, ref: LineRef) -> Event | DeadLetter:
 
 
 def _conversation(rec: _ConversationIn, ref: LineRef) -> Event:
-    time = None if rec.timestamp is None else parse_timestamp(rec.timestamp)
-    return Event(
-        event_id=ref.event_id,
-        session_id=rec.session_id,
-        sender=rec.sender,
-        kind="message",
-        text=rec.message,
-        time=time,
-        time_source="system" if time is None else "event",
-        shape="conversation",
-        source=ref.source,
-        line=ref.line,
-        offset=ref.offset,
-        timestamp=None if time is None else iso(time),
-    )
+    return _event(ref, rec.timestamp, session_id=rec.session_id, sender=rec.sender, kind="message",
+                  text=rec.message, shape="conversation")
 
 
 def _chat(rec: _ChatIn, ref: LineRef) -> Event:
     if rec.type in MESSAGE_TYPES and rec.text is None:
         msg = f"chat event of type {rec.type} has no 'text'"
         raise _Rejected(msg)
-    time = None if rec.timestamp is None else parse_timestamp(rec.timestamp)
+    return _event(ref, rec.timestamp, session_id=rec.room or rec.session_id or rec.username, sender=rec.username,
+                  kind=rec.type, text=rec.text or "", shape="chat", language=rec.preferredLanguage,
+                  username=rec.username)
+
+
+def _event(
+    ref: LineRef,
+    timestamp: object,
+    *,
+    session_id: str,
+    sender: str,
+    kind: str,
+    text: str,
+    shape: Shape,
+    language: str | None = None,
+    username: str | None = None,
+) -> Event:
+    """The normalised event; an absent timestamp leaves it for the run's clock to fill."""
+    time = None if timestamp is None else parse_timestamp(timestamp)
     return Event(
         event_id=ref.event_id,
-        session_id=rec.room or rec.session_id or rec.username,
-        sender=rec.username,
-        kind=rec.type,
-        text=rec.text or "",
+        session_id=session_id,
+        sender=sender,
+        kind=kind,
+        text=text,
         time=time,
         time_source="system" if time is None else "event",
-        shape="chat",
+        shape=shape,
         source=ref.source,
         line=ref.line,
         offset=ref.offset,
-        language=rec.preferredLanguage,
-        username=rec.username,
+        language=language,
+        username=username,
         timestamp=None if time is None else iso(time),
     )
 
