@@ -27,6 +27,7 @@ set -euo pipefail
 
 KAFKA_VERSION="${KAFKA_VERSION:-4.1.1}"   # 4.1.x: KRaft-only line (ZooKeeper removed in 4.0), patch release
 LOG4J_VERSION="2.24.3"                    # log4j2 backend, same major line Kafka 4.x ships in its tarball
+DEP_PLUGIN="org.apache.maven.plugins:maven-dependency-plugin:3.8.1"  # pinned (mvn 3.8 defaults to 2.8)
 CACHE_ROOT="${CONVOFLOW_CACHE:-$HOME/.cache/convoflow}"
 LIBS="$CACHE_ROOT/kafka/$KAFKA_VERSION/libs"
 STATE="${KAFKA_LOCAL_DIR:-$HOME/.cache/convoflow/kafka-run}"
@@ -66,7 +67,7 @@ resolve_jars() {
   </dependencies>
 </project>
 EOF
-  mvn -q -B -f "$work/pom.xml" dependency:copy-dependencies -DincludeScope=runtime \
+  mvn -q -B -f "$work/pom.xml" "$DEP_PLUGIN:copy-dependencies" -DincludeScope=runtime \
       -DoutputDirectory="$LIBS" >"$work/mvn.log" 2>&1 \
     || { tail -n 30 "$work/mvn.log" >&2; die "maven could not resolve Kafka jars (log: $work/mvn.log)"; }
   ls "$LIBS"/kafka_2.13-"$KAFKA_VERSION".jar >/dev/null 2>&1 || die "kafka jar missing in $LIBS"
@@ -141,7 +142,6 @@ transaction.state.log.min.isr=1
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
-log.retention.hours=24
 EOF
   # Quiet logging: INFO from Kafka to logs/server.log, WARN elsewhere; nothing on the console.
   cat >"$STATE/log4j2.properties" <<EOF
@@ -156,8 +156,6 @@ logger.kafka.name=kafka
 logger.kafka.level=INFO
 logger.ak.name=org.apache.kafka
 logger.ak.level=INFO
-logger.sc.name=state.change.logger
-logger.sc.level=WARN
 EOF
   local heap jvm; read -ra heap <<<"$HEAP"
   jvm=(java "${heap[@]}" -XX:+UseG1GC -Djava.awt.headless=true
