@@ -125,3 +125,29 @@ def test_first_event_time_skips_untimed_and_bad_lines(tmp_path: Path) -> None:
 def test_unreadable_inputs_are_named(tmp_path: Path, make: Callable[[Path], Path], fragment: str) -> None:
     with pytest.raises(ConvoflowError, match=fragment):
         check_readable(make(tmp_path))
+
+
+@pytest.mark.parametrize(("partitions", "block_bytes", "workers"), [(3, 4096, 1), (5, 1024, 2), (2, 700, 3)])
+def test_partitioning_does_not_change_results(tmp_path: Path, partitions: int, block_bytes: int, workers: int) -> None:
+    from bytewax.testing import TestingSink, cluster_main
+
+    from dataflows.flow import FlowConfig, build_flow
+    from samples.generate import SampleSpec, write_sample
+
+    path = tmp_path / "sample.jsonl"
+    write_sample(path, SampleSpec(sessions=30, chat_users=6, seed=3))
+    origin = first_event_time(path)
+
+    def outputs(layout: ReplayLayout, workers: int) -> dict[str, list[str]]:
+        out: list[tuple[str, list[dict]]] = []
+        source = ReplaySource(path, layout=layout, clock=ReplayClock(origin, 0.0, 0.0))
+        cluster_main(build_flow(source, TestingSink(out), FlowConfig(layout=layout, time_origin=origin)), [], 0,
+                     worker_count_per_proc=workers)
+        by_kind: dict[str, list[str]] = {}
+        for kind, records in out:
+            by_kind.setdefault(kind, []).extend(orjson.dumps(r).decode() for r in records)
+        return {kind: sorted(lines) for kind, lines in by_kind.items()}
+
+    reference = outputs(ReplayLayout(), 1)
+    assert len(reference["windows"]) > 100 and reference["late"] and reference["dead_letter"]
+    assert outputs(ReplayLayout(partitions, block_bytes), workers) == reference
