@@ -53,21 +53,24 @@ def run(
     check_readable(input_path)
     window = _window_config(window_size, max_out_of_orderness)
     prepare_out_dir(out_dir, OUTPUT_FILES, overwrite=overwrite)
-    origin = first_event_time(input_path)
     start = time.time()
+    origin = first_event_time(input_path)
+    if origin is None:
+        origin = start
     layout = ReplayLayout(partitions=processes * workers, block_bytes=block_kib * 1024)
-    state_dir = Path(tempfile.mkdtemp(prefix="convoflow-"))
-    job = ReplayRun(
-        input_path=input_path.resolve(),
-        out_dir=out_dir.resolve(),
-        flow=FlowConfig(window=window, layout=layout, time_origin=origin if origin is not None else start),
-        clock=ReplayClock(event_origin=origin if origin is not None else start, wall_origin=start, speed=speed_factor),
-        state_dir=state_dir,
-    )
     console = Console(stderr=True)
-    stats = RunStats(out_dir, state_dir / "gauges.json")
-    with LiveView(stats, console, enabled=console.is_terminal and not quiet) as view:
-        run_replay(job, processes, workers, poll=view.poll)
+    with tempfile.TemporaryDirectory(prefix="convoflow-") as state:
+        state_dir = Path(state)
+        job = ReplayRun(
+            input_path=input_path.resolve(),
+            out_dir=out_dir.resolve(),
+            flow=FlowConfig(window=window, layout=layout, time_origin=origin),
+            clock=ReplayClock(event_origin=origin, wall_origin=start, speed=speed_factor),
+            state_dir=state_dir,
+        )
+        stats = RunStats(out_dir, state_dir / "gauges.json")
+        with LiveView(stats, console, enabled=console.is_terminal and not quiet) as view:
+            run_replay(job, processes, workers, poll=view.poll)
     typer.echo(stats.summary())
 
 
@@ -103,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         app(args=argv, standalone_mode=False)
     except typer.Exit as exc:
         return exc.exit_code
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
         return 130
     except typer.TyperException as exc:
         print(f"error: {exc.format_message()}", file=sys.stderr)

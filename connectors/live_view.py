@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from connectors.jsonl import JsonlSink
 from connectors.progress import LineCounter, read_gauges
 from dataflows.flow import OutputKind
 
@@ -28,7 +29,7 @@ class RunStats:
     _last: tuple[float, int] = (0.0, 0)
 
     def __post_init__(self) -> None:
-        self.counters = {k.value: LineCounter(self.out_dir / f"{k.value}.jsonl") for k in OutputKind}
+        self.counters = {k.value: LineCounter(self.out_dir / JsonlSink.file_name(k)) for k in OutputKind}
         self._last = (self.started, 0)
 
     @property
@@ -51,7 +52,7 @@ class RunStats:
         table.add_column(style="bold")
         table.add_column(justify="right")
         table.add_row("events read", f"{self.events_read:,}")
-        table.add_row("events/s", f"{self.rate:,.0f}" if elapsed < 1 or self.rate else f"{self.events_read / elapsed:,.0f}")
+        table.add_row("events/s", f"{self.rate:,.0f}")
         table.add_row("open windows", f"{self.open_windows:,}")
         table.add_row("windows emitted", f"{self.counts.get(OutputKind.WINDOWS, 0):,}")
         table.add_row("late events", f"{self.counts.get(OutputKind.LATE, 0):,}")

@@ -47,13 +47,6 @@ class ReplayLayout:
     def block_start(self, block: int) -> int:
         return block * self.block_bytes
 
-    def blocks_of(self, partition: int) -> Iterator[int]:
-        """Every block this partition reads, in order (without end: callers stop at EOF)."""
-        block = partition
-        while True:
-            yield block
-            block += self.partitions
-
 
 class Stamped(NamedTuple):
     """An accepted event, with the latest event time earlier in its block (None: none yet)."""
