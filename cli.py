@@ -18,6 +18,7 @@ from connectors.runner import OUTPUT_FILES, ReplayRun, run_replay
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
 from dataflows.flow import FlowConfig
+from dataflows.patterns.definitions import load_patterns
 from dataflows.sequencing import ReplayLayout
 from dataflows.windows import WindowConfig
 from samples.generate import SampleSpec, sessions_for_events, write_sample
@@ -26,6 +27,7 @@ if sys.version_info < (3, 10) or sys.version_info >= (3, 13):  # noqa: UP036 - a
     sys.exit(f"convoflow needs Python 3.10-3.12 (Bytewax 0.21.1 has no wheels for {sys.version.split()[0]})")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+DEFAULT_PATTERNS = Path(__file__).parent / "samples" / "patterns.yaml"
 
 OutDir = Annotated[Path, typer.Option("--out-dir", help="Folder for the output files (created if missing).")]
 Processes = Annotated[int, typer.Option("--processes", min=1, help="Local Bytewax processes forming one cluster.")]
@@ -45,6 +47,10 @@ def run(
     workers: Workers = 1,
     overwrite: Annotated[bool, typer.Option(help="Replace the outputs of an earlier run in --out-dir.")] = False,
     quiet: Annotated[bool, typer.Option(help="No live view; print only the summary.")] = False,
+    patterns: Annotated[
+        Path, typer.Option(help="YAML or JSON file of pattern definitions (alerts.jsonl).")
+    ] = DEFAULT_PATTERNS,
+    no_patterns: Annotated[bool, typer.Option("--no-patterns", help="Detect no patterns.")] = False,
     block_kib: Annotated[
         int, typer.Option(min=1, help="Size of the file blocks dealt to partitions, in KiB.", hidden=True)
     ] = 1024,
@@ -52,6 +58,7 @@ def run(
     """Replay a JSONL file through the conversation-window pipeline into --out-dir."""
     check_readable(input_path)
     window = _window_config(window_size, max_out_of_orderness)
+    pattern_defs = () if no_patterns else load_patterns(patterns)
     prepare_out_dir(out_dir, OUTPUT_FILES, overwrite=overwrite)
     start = time.time()
     origin = first_event_time(input_path)
@@ -64,7 +71,7 @@ def run(
         job = ReplayRun(
             input_path=input_path.resolve(),
             out_dir=out_dir.resolve(),
-            flow=FlowConfig(window=window, layout=layout, time_origin=origin),
+            flow=FlowConfig(window=window, layout=layout, time_origin=origin, patterns=pattern_defs),
             clock=ReplayClock(event_origin=origin, wall_origin=start, speed=speed_factor),
             state_dir=state_dir,
         )

@@ -11,7 +11,7 @@ from rich.live import Live
 from rich.table import Table
 
 from connectors.jsonl import JsonlSink
-from connectors.progress import LineCounter, read_gauges
+from connectors.progress import FieldTally, LineCounter, read_gauges
 from dataflows.flow import OutputKind
 
 
@@ -24,6 +24,7 @@ class RunStats:
     started: float = field(default_factory=time.monotonic)
     counters: dict[str, LineCounter] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
+    alerts: FieldTally | None = None
     open_windows: int = 0
     rate: float = 0.0
     _last: tuple[float, int] = (0.0, 0)
@@ -31,6 +32,7 @@ class RunStats:
     def __post_init__(self) -> None:
         self.counters = {k.value: LineCounter(self.out_dir / JsonlSink.file_name(k)) for k in OutputKind}
         self._last = (self.started, 0)
+        self.alerts = FieldTally(self.out_dir / JsonlSink.file_name(OutputKind.ALERTS), "pattern")
 
     @property
     def events_read(self) -> int:
@@ -38,6 +40,8 @@ class RunStats:
 
     def refresh(self) -> None:
         self.counts = {kind: counter.count() for kind, counter in self.counters.items()}
+        if self.alerts is not None:
+            self.alerts.tally()
         if self.gauges_path is not None:
             self.open_windows = read_gauges(self.gauges_path)["open_windows"]
         now = time.monotonic()
@@ -57,6 +61,8 @@ class RunStats:
         table.add_row("windows emitted", f"{self.counts.get(OutputKind.WINDOWS, 0):,}")
         table.add_row("late events", f"{self.counts.get(OutputKind.LATE, 0):,}")
         table.add_row("dead-lettered", f"{self.counts.get(OutputKind.DEAD_LETTER, 0):,}")
+        for pattern, count in sorted(self.alerts.counts.items() if self.alerts else ()):
+            table.add_row(f"alerts: {pattern}", f"{count:,}")
         table.add_row("elapsed", f"{elapsed:,.1f} s")
         return table
 
@@ -68,6 +74,7 @@ class RunStats:
             f"{self.counts.get(OutputKind.MESSAGES, 0):,} accepted, "
             f"{self.counts.get(OutputKind.WINDOWS, 0):,} windows, "
             f"{self.counts.get(OutputKind.LATE, 0):,} late, "
+            f"{self.counts.get(OutputKind.ALERTS, 0):,} alerts, "
             f"{self.counts.get(OutputKind.DEAD_LETTER, 0):,} dead-lettered → {self.out_dir}"
         )
 

@@ -85,3 +85,27 @@ class LineCounter:
         self.lines += chunk.count(b"\n", 0, complete)
         self.offset += complete
         return self.lines
+
+
+class FieldTally:
+    """Counts the values of one field in the lines appended to a JSONL file (e.g. alerts by pattern)."""
+
+    def __init__(self, path: Path, field: str) -> None:
+        self.path = path
+        self.field = field
+        self.offset = 0
+        self.counts: dict[str, int] = {}
+
+    def tally(self) -> dict[str, int]:
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return self.counts
+        complete = chunk.rfind(b"\n") + 1
+        for line in chunk[:complete].splitlines():
+            value = str(orjson.loads(line).get(self.field))
+            self.counts[value] = self.counts.get(value, 0) + 1
+        self.offset += complete
+        return self.counts

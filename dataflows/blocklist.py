@@ -1,21 +1,20 @@
 """Find blocked words and phrases in message text, through the usual evasion tricks.
 
-Matching is whole-word on normalised tokens: a blocked `ass` never fires inside `class` or
+Matching is whole-word on the folded text: a blocked `ass` never fires inside `class` or
 `assistant`, and `darn` does not match `darned` (list inflections as terms of their own).
-A text is split into tokens (runs of letters and digits, with any diacritics and invisible
-characters inside them). Each token is normalised: NFKD (fullwidth and other compatibility
-forms), diacritics and zero-width characters dropped, the Cyrillic/Greek look-alikes in
-`CONFUSABLES` mapped to Latin, NFKC, casefold. A run of three or more single letters joined by
-single separators (`d a r n`, `d.a.r.n`, `d - a - r - n`, `d_a_r_n`) reads as one word; two
-spaces end the run, so `s c a m  l i n k` reads as `scam link`. A phrase matches its words
-with any separators between them (`scam  link`, `SCAM-link`). Terms are normalised the same
-way and indexed by their first word, so finding costs one dict lookup per token however many
-terms are loaded.
+Folding is NFKD (fullwidth and other compatibility forms), diacritics and zero-width
+characters dropped, the Cyrillic/Greek look-alikes in `CONFUSABLES` mapped to Latin, NFKC,
+casefold. Words are then runs of letters and digits; a run of three or more single letters
+joined by single separators (`d a r n`, `d.a.r.n`, `d - a - r - n`, `d_a_r_n`) reads as one
+word, and two spaces end such a run, so `s c a m  l i n k` reads as `scam link`. A phrase
+matches its words with any separators between them (`scam  link`, `SCAM-link`). Terms are
+folded the same way and indexed by their first word: a message costs a cheap word-set test
+that rejects most texts, then one dict lookup per word, however many terms are loaded.
 
 Deliberately not caught: leetspeak (`d4rn`), repeated letters (`daaarn`), words split in two
 (`da rn`), spaced-out words of one or two letters, terms inside longer words, and look-alikes
-outside `CONFUSABLES` (this is not the full Unicode confusables data). The table is applied to
-every token, so a Cyrillic or Greek word spelt only with look-alikes (Russian `рот`) matches
+outside `CONFUSABLES` (this is not the full Unicode confusables data). The table applies to
+every word, so a Cyrillic or Greek word spelt only with look-alikes (Russian `рот`) matches
 the Latin term it resembles (`pot`).
 """
 
@@ -23,7 +22,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Container, Iterable, Sequence
+from itertools import accumulate
 from dataclasses import dataclass, field
 from typing import Final, Literal, NamedTuple, get_args
 
@@ -33,36 +33,38 @@ Action = Literal["mask", "block", "flag"]
 ACTIONS: Final = frozenset(get_args(Action))
 STRICTNESS: Final = {"flag": 0, "mask": 1, "block": 2}
 MASK: Final = "***"
-MIN_SPACED_LETTERS = 3
+MIN_SPACED_LETTERS: Final = 3
 
 CONFUSABLES: Final = {
-    "a": "АаΑα", "b": "ВвΒβ", "c": "Ссϲ", "d": "Ԁԁ", "e": "ЕеΕε", "h": "НнҺһΗ", "i": "ІіΙι", "j": "ЈјͿϳ",
-    "k": "КкΚκ", "l": "Ӏӏ", "m": "МмΜ", "n": "Νη", "o": "ОоΟο", "p": "РрΡρ", "q": "Ԛԛ", "s": "Ѕѕ",
-    "t": "ТтΤτ", "u": "μυ", "v": "ν", "w": "Ԝԝ", "x": "ХхΧχ", "y": "УуҮүΥγ", "z": "Ζ",
+    "a": "АаΑα", "b": "ВвΒβ", "c": "Ссϲ", "d": "Ԁԁ", "e": "ЕеΕε", "h": "НнҺһΗ", "i": "ІіΙι",
+    "j": "ЈјͿϳ", "k": "КкΚκ", "l": "Ӏӏ", "m": "МмΜ", "n": "Νη", "o": "ОоΟο", "p": "РрΡρ",
+    "q": "Ԛԛ", "s": "Ѕѕ", "t": "ТтΤτ", "u": "μυ", "v": "ν", "w": "Ԝԝ", "x": "ХхΧχ", "y": "УуҮүΥγ", "z": "Ζ",
 }
-_DROPPED: Final = (  # combining diacritics, then soft hyphen and zero-width characters
+_DROPPED: Final = (  # combining diacritics, soft hyphen, zero-width characters
     (0x0300, 0x036F), (0x1AB0, 0x1AFF), (0x1DC0, 0x1DFF), (0x20D0, 0x20FF), (0xFE20, 0xFE2F),
     (0x00AD, 0x00AD), (0x180E, 0x180E), (0x200B, 0x200D), (0x2060, 0x2060), (0xFEFF, 0xFEFF),
 )
 _DROPPED_CLASS = "".join(f"{chr(lo)}-{chr(hi)}" for lo, hi in _DROPPED)
-_TOKEN: Final = re.compile(rf"(?:[^\W_]|[{_DROPPED_CLASS}])+")
-_ASCII_TOKEN: Final = re.compile(r"[a-z0-9]+")
-_GAP = r"\s|\s?[^\w\s]\s?|\s?_\s?"
-_GLUE_GAP: Final = re.compile(_GAP)
-_ASCII_SPACED: Final = re.compile(rf"(?<![a-z0-9])[a-z0-9](?:(?:{_GAP})[a-z0-9](?![a-z0-9])){{2}}")
 _FOLD: Final = str.maketrans(
     "".join(CONFUSABLES.values()),
     "".join(latin * len(alike) for latin, alike in CONFUSABLES.items()),
     "".join(chr(c) for lo, hi in _DROPPED for c in range(lo, hi + 1)),
 )
+_FOLDABLE: Final = re.compile(f"[{_DROPPED_CLASS}{''.join(CONFUSABLES.values())}]")
+_FOREIGN: Final = re.compile(f"[^\x00-\x7f{_DROPPED_CLASS}]")
+_WORD: Final = re.compile(r"[^\W_]+")
+_SEPARATORS: Final = re.compile(r"([\W_]+)")
+_CHUNK: Final = re.compile(r"\s+|\S+")
+_GLUE_GAP: Final = re.compile(r"\s|\s?[^\w\s]\s?|\s?_\s?")
+_ASCII_WORDS: Final = bytes(c | 0x20 if chr(c).isalpha() else c if chr(c).isdigit() else 32 for c in range(256))
 
 
-class Token(NamedTuple):
-    """One normalised word and its span `[start, end)` in the original text."""
+class Folded(NamedTuple):
+    """`fold(text)` with, for its character j, the span `starts[j]:ends[j]` of text it came from."""
 
     text: str
-    start: int
-    end: int
+    starts: Sequence[int]
+    ends: Sequence[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,14 +94,20 @@ _Phrase = tuple[tuple[str, ...], tuple[BlockedTerm, ...]]
 
 @dataclass(frozen=True, slots=True)
 class BlockList:
-    """The blocked terms of every rule in force, indexed for matching; build it with `compile`."""
+    """The blocked terms of every rule in force, indexed for matching; build it with `compile`.
+
+    `ascii_keys` holds the ASCII first words as bytes, so most messages are ruled out on
+    bytes without building a string per word; `all_ascii` says whether there are others.
+    """
 
     terms: tuple[BlockedTerm, ...]
     index: dict[str, tuple[_Phrase, ...]] = field(repr=False, compare=False)
+    ascii_keys: frozenset[bytes] = field(repr=False, compare=False)
+    all_ascii: bool = field(repr=False, compare=False)
 
     @classmethod
     def compile(cls, terms: Iterable[BlockedTerm]) -> BlockList:
-        """Index `terms` by their first normalised word, longest phrase first.
+        """Index `terms` by their first folded word, longest phrase first.
 
         A term written twice in one rule (`darn`, `DARN`) is kept once. Raises `ConvoflowError`
         for an unknown action or a term with no letters or digits.
@@ -110,7 +118,8 @@ class BlockList:
             if t.action not in ACTIONS:
                 msg = f"rule {t.rule_id} v{t.version}: action {t.action!r} is not one of {sorted(ACTIONS)}"
                 raise ConvoflowError(msg)
-            words = tuple(tok.text for tok in tokenise(t.term))
+            folded = fold(t.term)
+            words = tuple(w for w in _words(folded)[0] if w)
             if not words:
                 msg = f"rule {t.rule_id} v{t.version}: blocked term {t.term!r} has no letters or digits"
                 raise ConvoflowError(msg)
@@ -118,7 +127,8 @@ class BlockList:
         index: dict[str, list[_Phrase]] = {}
         for words, hits in sorted(phrases.items(), key=lambda p: -len(p[0])):
             index.setdefault(words[0], []).append((words[1:], tuple(hits.values())))
-        return cls(kept, {w: tuple(p) for w, p in index.items()})
+        ascii_keys = frozenset(k.encode() for k in index if k.isascii())
+        return cls(kept, {w: tuple(p) for w, p in index.items()}, ascii_keys, len(ascii_keys) == len(index))
 
     def find(self, text: str) -> list[Match]:
         """Every occurrence of every term in `text`, by start, longest first at one start.
@@ -127,55 +137,114 @@ class BlockList:
         several rules gives one match per rule, so a `block` rule is never hidden behind a
         `flag` one: pick the action with `strictest`.
         """
-        if not self.index:
+        if not self.index or not self._may_match(text):
             return []
-        if text.isascii():
-            lowered = text.lower()
-            if self.index.keys().isdisjoint(_ASCII_TOKEN.findall(lowered)) and not _ASCII_SPACED.search(lowered):
-                return []
-        tokens = tokenise(text)
-        words = [tok.text for tok in tokens]
+        folded = normalise(text)
+        words, starts, ends = _words(folded.text)
         found: list[Match] = []
-        for i, (word, start, _) in enumerate(tokens):
+        for i, word in enumerate(words):
             for rest, hits in self.index.get(word, ()):
                 if rest and tuple(words[i + 1 : i + 1 + len(rest)]) != rest:
                     continue
-                end = tokens[i + len(rest)].end
-                found.extend(Match(h.term, h.rule_id, h.version, h.action, start, end) for h in hits)
+                span = (folded.starts[starts[i]], folded.ends[ends[i + len(rest)] - 1])
+                found.extend(Match(h.term, h.rule_id, h.version, h.action, *span) for h in hits)
         return found
 
-
-def tokenise(text: str) -> list[Token]:
-    """The normalised words of `text` with their original spans, spaced-out letters joined."""
-    if text.isascii():
-        tokens = [Token(m.group(), m.start(), m.end()) for m in _ASCII_TOKEN.finditer(text.lower())]
-    else:
-        tokens = [Token(w, m.start(), m.end()) for m in _TOKEN.finditer(text) if (w := normalise_word(m.group()))]
-    return _join_spaced(tokens, text)
-
-
-def normalise_word(word: str) -> str:
-    """One token in matching form: compatibility forms, diacritics, look-alikes and case folded."""
-    if word.isascii():
-        return word.lower()
-    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKD", word).translate(_FOLD)).casefold()
-
-
-def _join_spaced(tokens: list[Token], text: str) -> list[Token]:
-    out: list[Token] = []
-    run: list[Token] = []
-    for tok in [*tokens, Token("", len(text), len(text))]:
-        if len(tok.text) == 1 and (not run or _GLUE_GAP.fullmatch(text, run[-1].end, tok.start)):
-            run.append(tok)
-            continue
-        if len(run) >= MIN_SPACED_LETTERS:
-            out.append(Token("".join(t.text for t in run), run[0].start, run[-1].end))
+    def _may_match(self, text: str) -> bool:
+        """False only when no word of `fold(text)` can start a term, tested as cheaply as possible."""
+        if text.isascii():
+            flat = text.encode()
         else:
-            out.extend(run)
-        run = [tok] if len(tok.text) == 1 else []
-        if not run and tok.text:
-            out.append(tok)
-    return out
+            decomposed = unicodedata.normalize("NFKD", text)
+            if _FOREIGN.search(decomposed) is None:
+                flat = decomposed.encode("ascii", "ignore")
+            elif self.all_ascii:
+                # no key holds a non-ASCII character, so reading one as a separator loses no key
+                flat = _fold_decomposed(decomposed).encode("ascii", "replace")
+            else:
+                return _has_candidates(self.index.keys(), _WORD.findall(_fold_decomposed(decomposed)))
+        return _has_candidates(self.ascii_keys, flat.translate(_ASCII_WORDS).split())
+
+
+def _has_candidates(keys: Container[str] | Container[bytes], words: Sequence[str] | Sequence[bytes]) -> bool:
+    run = 0
+    for word in words:
+        if word in keys:
+            return True
+        run = run + 1 if len(word) == 1 else 0
+        if run == MIN_SPACED_LETTERS:
+            return True
+    return False
+
+
+def fold(text: str) -> str:
+    """`text` in matching form: compatibility forms, diacritics, look-alikes and case folded."""
+    if text.isascii():
+        return text.lower()
+    return _fold_decomposed(unicodedata.normalize("NFKD", text))
+
+
+def _fold_decomposed(text: str) -> str:
+    if _FOLDABLE.search(text):
+        text = text.translate(_FOLD)
+    return unicodedata.normalize("NFKC", text).casefold()
+
+
+def normalise(text: str) -> Folded:
+    """`fold(text)` with the original span of each of its characters, for mapping matches back.
+
+    Folding never joins across whitespace, so each whitespace-separated chunk is folded alone;
+    within one, characters map one by one, unless folding joined them (a decomposed kana and
+    its voicing mark), in which case every character of the chunk maps to the whole chunk.
+    """
+    if text.isascii():
+        return Folded(text.lower(), range(len(text)), range(1, len(text) + 1))
+    parts: list[str] = []
+    starts: list[int] = []
+    ends: list[int] = []
+    for chunk_match in _CHUNK.finditer(text):
+        chunk, at = chunk_match.group(), chunk_match.start()
+        whole = fold(chunk)
+        parts.append(whole)
+        if chunk.isascii():
+            starts += range(at, at + len(chunk))
+            ends += range(at + 1, at + len(chunk) + 1)
+            continue
+        pieces = [c.lower() if c < "\x80" else fold(c) for c in chunk]
+        if "".join(pieces) != whole:
+            starts += [at] * len(whole)
+            ends += [at + len(chunk)] * len(whole)
+            continue
+        first = len(ends)
+        for i, piece in enumerate(pieces):
+            if piece:
+                starts += [at + i] * len(piece)
+                ends += [at + i + 1] * len(piece)
+            elif len(ends) > first:
+                ends[-1] = at + i + 1  # a dropped mark or zero-width character goes with the letter before it
+    return Folded("".join(parts), starts, ends)
+
+
+def _words(folded: str) -> tuple[list[str], list[int], list[int]]:
+    """The words of a folded text and their spans, each run of spaced-out single letters joined.
+
+    The first and last word are empty when the text starts or ends with a separator.
+    """
+    parts = _SEPARATORS.split(folded)
+    bounds = list(accumulate(map(len, parts), initial=0))
+    words, gaps, starts, ends = parts[0::2], parts[1::2], bounds[0::2], bounds[1::2]
+    if list(map(len, words)).count(1) < MIN_SPACED_LETTERS:
+        return words, starts, ends
+    runs, first = [], 0
+    for k in range(1, len(words) + 1):
+        if k < len(words) and len(words[k - 1]) == len(words[k]) == 1 and _GLUE_GAP.fullmatch(gaps[k - 1]):
+            continue
+        if k - first >= MIN_SPACED_LETTERS:
+            runs.append((first, k))
+        first = k
+    for a, b in reversed(runs):
+        words[a:b], starts[a:b], ends[a:b] = ["".join(words[a:b])], [starts[a]], [ends[b - 1]]
+    return words, starts, ends
 
 
 def mask(text: str, matches: Iterable[Match], replacement: str = MASK) -> str:

@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
@@ -25,6 +25,8 @@ from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 
 from dataflows.events import DeadLetter, WindowRecord
+from dataflows.patterns.definitions import PatternDef, key_of
+from dataflows.patterns.engine import Alert, PatternBook, patterns_keyed_by
 from dataflows.sequencing import Progress, ReplayLayout, Sequencer, Stamped, Wire, from_wire, to_wire
 from dataflows.windows import WindowBook, WindowConfig
 
@@ -45,6 +47,7 @@ class OutputKind(StrEnum):
     WINDOWS = "windows"
     LATE = "late"
     DEAD_LETTER = "dead_letter"
+    ALERTS = "alerts"
 
 
 GAUGE = "gauge"
@@ -58,6 +61,7 @@ class FlowConfig:
     layout: ReplayLayout = ReplayLayout()
     time_origin: float = 0.0
     shards: int = 64
+    patterns: tuple[PatternDef, ...] = ()
 
     def __post_init__(self) -> None:
         if self.shards < 1:
@@ -65,36 +69,52 @@ class FlowConfig:
             raise ValueError(msg)
 
 
-def shard_of(session_id: str, shards: int) -> str:
-    """The shard key of a session: stable across processes (unlike `hash`)."""
-    return shard_of_index(zlib.crc32(session_id.encode()) % shards)
+SESSION_SHARD = "shard"
+USER_SHARD = "user"
+ShardRole = Literal["session", "user"]
+
+
+def shard_of(value: str, shards: int, prefix: str = SESSION_SHARD) -> str:
+    """The shard key of a session (or user): stable across processes (unlike `hash`)."""
+    return shard_of_index(zlib.crc32(value.encode()) % shards, prefix)
+
+
+def shard_of_index(index: int, prefix: str = SESSION_SHARD) -> str:
+    return f"{prefix}-{index:03d}"
 
 
 @dataclass
 class ShardState:
-    """What one shard keeps: its reorder buffer and its open windows."""
+    """What one shard keeps: its reorder buffer, open windows (session shards) and pattern state."""
 
     sequencer: Sequencer
-    book: WindowBook
+    book: WindowBook | None
+    patterns: PatternBook | None
 
 
 class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
-    """Releases a shard's events in file order, times untimed ones, windows them.
+    """Releases a shard's events in file order, times untimed ones, windows them, matches patterns.
 
-    Emits `messages` for every event, `late` for events whose window was already emitted,
-    `windows` as the watermark passes them, and a `gauge` of open windows when it changes.
-    Never discarded: its sequencer must keep hearing every partition's markers. Its snapshot
-    is the pickled state: Bytewax asks for one every epoch even without recovery, and one
-    `pickle.dumps` is far cheaper than a `deepcopy` of many events.
+    A session shard emits `messages` for every event, `late` for events whose window was already
+    emitted, `windows` as the watermark passes them and `alerts` of session-keyed patterns; a user
+    shard sees the same events routed by user and emits only the alerts of user-keyed patterns.
+    Both emit a `gauge` of open windows when it changes. Never discarded: the sequencer must keep
+    hearing every partition's markers. Its snapshot is the pickled state: Bytewax asks for one
+    every epoch even without recovery, and one `pickle.dumps` is far cheaper than a `deepcopy`.
     """
 
-    def __init__(self, config: FlowConfig, resume: bytes | None, encode: Encoder) -> None:
+    def __init__(self, config: FlowConfig, resume: bytes | None, encode: Encoder, role: ShardRole) -> None:
         self.config = config
         self.encode = encode
-        if resume is None:
-            self.state = ShardState(Sequencer(config.layout), WindowBook(config.window))
-        else:
+        if resume is not None:
             self.state = pickle.loads(resume)
+        else:
+            patterns = patterns_keyed_by(config.patterns, role)
+            self.state = ShardState(
+                Sequencer(config.layout),
+                WindowBook(config.window) if role == "session" else None,
+                PatternBook(patterns, config.window.out_of_orderness) if patterns else None,
+            )
         self.reported_open = -1
 
     def on_batch(self, values: list[list[Wire]]) -> tuple[list[tuple[str, Any]], bool]:
@@ -102,31 +122,43 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
         for wires in values:
             seq.push(map(from_wire, wires))
         out = _Outputs()
-        self._window(seq.release(), out)
-        out.windows.extend(self.state.book.advance(seq.clock_floor()))
+        self._process(seq.release(), out)
+        self._advance(seq.clock_floor(), out)
         return self._encoded(out), StatefulBatchLogic.RETAIN
 
     def on_eof(self) -> tuple[list[tuple[str, Any]], bool]:
         seq = self.state.sequencer
         out = _Outputs()
-        self._window(seq.release_all(), out)
-        out.windows.extend(self.state.book.flush())
+        self._process(seq.release_all(), out)
+        if self.state.book is not None:
+            out.windows.extend(self.state.book.flush())
+        if self.state.patterns is not None:
+            out.alerts.extend(self.state.patterns.flush())
         return self._encoded(out), StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> bytes:
         return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
 
-    def _window(self, released: Iterable[tuple[Stamped, float | None]], out: _Outputs) -> None:
-        book = self.state.book
+    def _process(self, released: Iterable[tuple[Stamped, float | None]], out: _Outputs) -> None:
+        book, patterns = self.state.book, self.state.patterns
         for stamped, clock in released:
             event = stamped.event
-            out.windows.extend(book.advance(clock))
+            self._advance(clock, out)
             if event.time is None:
                 event = event.timed(self.config.time_origin if clock is None else clock)
-            late = book.add(event)
-            out.messages.append(event.as_record())
-            if late is not None:
-                out.late.append(late.as_record())
+            if patterns is not None:
+                patterns.add(event)
+            if book is not None:
+                late = book.add(event)
+                out.messages.append(event.as_record())
+                if late is not None:
+                    out.late.append(late.as_record())
+
+    def _advance(self, clock: float | None, out: _Outputs) -> None:
+        if self.state.book is not None:
+            out.windows.extend(self.state.book.advance(clock))
+        if self.state.patterns is not None:
+            out.alerts.extend(self.state.patterns.advance(clock))
 
     def _encoded(self, out: _Outputs) -> list[tuple[str, Any]]:
         encoded: list[tuple[str, Any]] = []
@@ -134,10 +166,11 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
             (OutputKind.MESSAGES, out.messages),
             (OutputKind.WINDOWS, [w.as_record() for w in out.windows]),
             (OutputKind.LATE, out.late),
+            (OutputKind.ALERTS, [a.as_record() for a in out.alerts]),
         ):
             if records:
                 encoded.append((kind, self.encode(records)))
-        count = len(self.state.book.open)
+        count = len(self.state.book.open) if self.state.book is not None else 0
         if count != self.reported_open:
             self.reported_open = count
             encoded.append((GAUGE, {"open_windows": count, "buffered": self.state.sequencer.buffered}))
@@ -151,22 +184,32 @@ class _Outputs:
     messages: list[Record] = field(default_factory=list)
     windows: list[WindowRecord] = field(default_factory=list)
     late: list[Record] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
 
 
-def _router(shards: int, encode: Encoder) -> Callable[[list[Stamped | DeadLetter | Progress]], list[tuple[str, Any]]]:
+def _router(config: FlowConfig, encode: Encoder) -> Callable[[list[Stamped | DeadLetter | Progress]], list[tuple[str, Any]]]:
     """Group a batch from the source by shard, one item per shard, in the source's order.
 
-    Markers go to every shard, after the events that preceded them. Dead letters leave as one
-    encoded batch. Grouping cuts the items Bytewax moves per event, its main per-event cost.
+    Each event goes to its session's shard and, when user-keyed patterns are on, to its user's
+    shard. Markers go to every shard, after the events that preceded them. Dead letters leave as
+    one encoded batch. Grouping cuts the items Bytewax moves per event, its main per-event cost.
     """
+    shards = config.shards
+    by_user = bool(patterns_keyed_by(config.patterns, "user"))
     every_shard = [shard_of_index(i) for i in range(shards)]
+    if by_user:
+        every_shard += [shard_of_index(i, USER_SHARD) for i in range(shards)]
 
     def route(items: list[Stamped | DeadLetter | Progress]) -> list[tuple[str, Any]]:
         groups: dict[str, list[Wire]] = {}
         dead: list[Record] = []
         for item in items:
             if isinstance(item, Stamped):
-                groups.setdefault(shard_of(item.event.session_id, shards), []).append(to_wire(item))
+                wire = to_wire(item)
+                groups.setdefault(shard_of(item.event.session_id, shards), []).append(wire)
+                if by_user:
+                    user = shard_of(key_of(item.event, "user"), shards, USER_SHARD)
+                    groups.setdefault(user, []).append(wire)
             elif isinstance(item, DeadLetter):
                 dead.append(item.as_record())
             else:
@@ -181,10 +224,6 @@ def _router(shards: int, encode: Encoder) -> Callable[[list[Stamped | DeadLetter
     return route
 
 
-def shard_of_index(index: int) -> str:
-    return f"shard-{index:03d}"
-
-
 def build_flow(
     source: Source[Stamped | DeadLetter | Progress],
     sink: Sink[tuple[str, Any]],
@@ -194,7 +233,7 @@ def build_flow(
     gauges: Sink[tuple[str, Record]] | None = None,
     flow_id: str = "convoflow",
 ) -> Dataflow:
-    """Wire the replay pipeline: read → split dead letters → shard → sequence + window → sink.
+    """Wire the replay pipeline: read → split dead letters → shard → sequence, window, match → sink.
 
     The sink receives `(kind, encode(records))`, a batch of records of one kind at a time;
     `encode` runs on the worker that made them, so encoded bytes, not dicts, cross to the
@@ -203,9 +242,17 @@ def build_flow(
     """
     flow = Dataflow(flow_id)
     items = op.input("read", flow, source)
-    routed = op.flat_map_batch("route_to_shards", items, _router(config.shards, encode))
+    routed = op.flat_map_batch("route_to_shards", items, _router(config, encode))
     split = op.branch("split_dead_letters", routed, lambda kv: kv[0] == OutputKind.DEAD_LETTER)
-    keyed = op.stateful_batch("sequence_and_window", split.falses, lambda resume: ShardLogic(config, resume, encode))
+    by_role = op.branch("split_user_shards", split.falses, lambda kv: kv[0].startswith(USER_SHARD))
+    shard_outputs = [
+        op.stateful_batch("sequence_and_window", by_role.falses, lambda r: ShardLogic(config, r, encode, "session"))
+    ]
+    if patterns_keyed_by(config.patterns, "user"):
+        shard_outputs.append(
+            op.stateful_batch("user_patterns", by_role.trues, lambda r: ShardLogic(config, r, encode, "user"))
+        )
+    keyed = op.merge("shard_outputs", *shard_outputs)
     by_kind = op.branch("split_gauges", keyed, lambda kv: kv[1][0] == GAUGE)
     records = op.map("drop_shard_key", by_kind.falses, lambda kv: kv[1])
     op.output("write", op.merge("outputs", split.trues, records), sink)

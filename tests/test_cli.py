@@ -35,7 +35,9 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_run_writes_the_four_outputs(sample: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     assert main(["run", "--input", str(sample), "--out-dir", str(out), "--speed-factor", "0", "--quiet"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["dead_letter.jsonl", "late.jsonl", "messages.jsonl", "windows.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "alerts.jsonl", "dead_letter.jsonl", "late.jsonl", "messages.jsonl", "windows.jsonl"]
+    assert {a["pattern"] for a in lines_of(out / "alerts.jsonl")} >= {"abandonment", "conversation_completion"}
     accepted, dead = lines_of(out / "messages.jsonl"), lines_of(out / "dead_letter.jsonl")
     assert len(accepted) + len(dead) == len(sample.read_bytes().splitlines())
     windowed = sum(len(w["messages"]) for w in lines_of(out / "windows.jsonl"))
@@ -55,6 +57,8 @@ def test_run_writes_the_four_outputs(sample: Path, tmp_path: Path, capsys: pytes
         (["--input", "{sample}", "--workers", "0"], "--workers"),
         (["--input", "{sample}", "--colour"], "No such option"),
         (["--input", "{sample}", "--out-dir", "{busy}"], "is not empty"),
+        (["--input", "{sample}", "--patterns", "{bad_patterns}"], "pattern 'p1'"),
+        (["--input", "{sample}", "--patterns", "{missing}"], "nope.jsonl"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
@@ -63,7 +67,10 @@ def test_bad_input_is_one_line_and_exit_2(
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "windows.jsonl").write_text("{}\n")
-    values = {"missing": tmp_path / "nope.jsonl", "dir": tmp_path, "sample": sample, "busy": busy}
+    bad_patterns = tmp_path / "bad.yaml"
+    bad_patterns.write_text("patterns:\n  - {id: p1, key: user, steps: [{name: a, where: {kind: X}, times: 0}], within_seconds: 5}\n")
+    values = {"missing": tmp_path / "nope.jsonl", "dir": tmp_path, "sample": sample, "busy": busy,
+              "bad_patterns": bad_patterns}
     argv = ["run", "--out-dir", str(tmp_path / "out"), "--quiet"] + [a.format(**values) for a in args]
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -136,3 +136,29 @@ def test_same_outputs_with_several_workers(conversation: Callable[..., dict], wo
         return {k: sorted(map(repr, v)) for k, v in out.items()}
 
     assert canonical(run(lines, workers=workers)) == canonical(run(lines))
+
+
+def test_alerts_from_session_and_user_patterns_with_any_worker_count(chat: Callable[..., dict]) -> None:
+    from pathlib import Path
+
+    from dataflows.patterns.definitions import load_patterns
+
+    patterns = load_patterns(Path(__file__).parent.parent.parent / "samples" / "patterns.yaml")
+    lines = jsonl(
+        chat(username="zoe", type="USER_JOINED", text="", room="r-1", timestamp=1704103200),
+        *(chat(username="eve", text=f"buy {i}", room=f"r-{i % 3}", timestamp=1704103210 + i) for i in range(6)),
+        chat(username="ana", type="USER_JOINED", text="", room="r-2", timestamp=1704103300),
+        chat(username="ana", text="How do I pay?", room="r-2", timestamp=1704103303),
+        chat(username="joe", text="Use the app.", room="r-2", timestamp=1704103309),
+        chat(username="ana", text="merci", room="r-2", timestamp=1704103312),
+    )
+
+    def alerts(workers: int) -> list[tuple[str, str, str]]:
+        out = run(lines, workers=workers, patterns=patterns)
+        return sorted((a["pattern"], a["key"], a["detected_at"]) for a in out["alerts"])
+
+    expected = alerts(1)
+    assert ("spam_burst", "eve", "2024-01-01T10:00:14+00:00") in expected, "a user's burst across rooms"
+    assert ("abandonment", "zoe", "2024-01-01T10:02:00+00:00") in expected
+    assert ("engagement", "r-2", "2024-01-01T10:01:52+00:00") in expected
+    assert alerts(3) == expected

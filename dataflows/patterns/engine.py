@@ -1,0 +1,269 @@
+"""Match declarative patterns over one shard's events, in event-time order, with absences.
+
+A `PatternBook` holds the patterns of one key kind for the keys of one shard. Events come in
+(in file order, timed by the replay clock) and wait in a buffer until the watermark
+(`clock - out_of_orderness`) passes them; they are then matched in event-time order, so any
+arrival order within the bound gives the same alerts. An event behind the watermark cannot be
+placed in that order: it is skipped by the matchers and counted (it is still a message and in
+its window or the late output).
+
+Matching uses relaxed contiguity (Flink CEP's `followedBy`): events that fit no step are passed
+over. A completed match alerts at once, or, with an absence, waits until the watermark passes
+its deadline with nothing matching the absence predicate; at end of input a waiting absence
+fires (the silence is final). State is bounded: partial matches expire with their pattern's
+time bounds, and a key's state is dropped once it has nothing pending and has been quiet for
+the pattern's horizon (so "first event of a key" means first within that horizon).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from dataflows.events import Event, iso
+from dataflows.patterns.definitions import PatternDef, key_of
+
+TEXT_EXCERPT_CHARS = 80
+SWEEP_EVERY_SECONDS = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """One match of one pattern for one key."""
+
+    pattern: str
+    key: str
+    severity: str
+    detected_at: float
+    events: tuple[Event, ...]
+    summary: str
+
+    def as_record(self) -> dict[str, Any]:
+        return {
+            "pattern": self.pattern,
+            "key": self.key,
+            "severity": self.severity,
+            "detected_at": iso(self.detected_at),
+            "session_id": self.events[-1].session_id,
+            "summary": self.summary,
+            "events": [
+                {"event_id": e.event_id, "timestamp": e.timestamp, "sender": e.sender, "kind": e.kind,
+                 "text": e.text[:TEXT_EXCERPT_CHARS]}
+                for e in self.events
+            ],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _Partial:
+    """A match in progress: at step `step`, which has taken `count` events so far."""
+
+    step: int
+    count: int
+    events: tuple[Event, ...]
+    bound: dict[str, Event]
+
+    @property
+    def first_time(self) -> float:
+        return self.events[0].time or 0.0
+
+    @property
+    def last_time(self) -> float:
+        return self.events[-1].time or 0.0
+
+    def take(self, event: Event, step: int, name: str) -> _Partial:
+        count = self.count + 1 if step == self.step else 1
+        return _Partial(step, count, (*self.events, event), {**self.bound, name: event})
+
+
+@dataclass
+class _Waiting:
+    """A completed match waiting for its absence to hold until `deadline`."""
+
+    deadline: float
+    match: _Partial
+    cancelled: bool = False
+
+
+@dataclass
+class _KeyState:
+    last_seen: float
+    partials: list[_Partial] = field(default_factory=list)
+    waiting: list[_Waiting] = field(default_factory=list)
+    muted_until: float = -math.inf
+
+
+@dataclass
+class PatternBook:
+    """The patterns of one key kind over one shard's events."""
+
+    patterns: tuple[PatternDef, ...]
+    out_of_orderness: float
+    watermark: float = -math.inf
+    buffer: list[tuple[float, int, Event]] = field(default_factory=list)
+    keys: dict[tuple[int, str], _KeyState] = field(default_factory=dict)
+    deadlines: list[tuple[float, int, int, str]] = field(default_factory=list)
+    released: tuple[float, int] = (-math.inf, -1)
+    skipped_late: int = 0
+    swept_at: float = -math.inf
+    _sequence: int = 0
+
+    def add(self, event: Event) -> None:
+        """Take a timed event; it is matched once the watermark passes it."""
+        assert event.time is not None, "events are timed before pattern matching"
+        if (event.time, event.offset) < self.released:
+            self.skipped_late += 1
+            return
+        heapq.heappush(self.buffer, (event.time, event.offset, event))
+
+    def advance(self, now: float | None) -> list[Alert]:
+        """Move the watermark to `now - out_of_orderness`; match what it passed, fire due absences."""
+        if now is None or now - self.out_of_orderness <= self.watermark:
+            return []
+        self.watermark = now - self.out_of_orderness
+        alerts: list[Alert] = []
+        while self.buffer and self.buffer[0][0] <= self.watermark:
+            self._release(heapq.heappop(self.buffer), alerts)
+        self._fire(self.watermark, alerts, inclusive=False)
+        if self.watermark - self.swept_at >= SWEEP_EVERY_SECONDS:
+            self._sweep()
+        return alerts
+
+    def flush(self) -> list[Alert]:
+        """End of input: match every buffered event, then fire every waiting absence."""
+        alerts: list[Alert] = []
+        while self.buffer:
+            self._release(heapq.heappop(self.buffer), alerts)
+        self._fire(math.inf, alerts, inclusive=True)
+        self.keys.clear()
+        return alerts
+
+    @property
+    def open_keys(self) -> int:
+        return len(self.keys)
+
+    def _release(self, entry: tuple[float, int, Event], alerts: list[Alert]) -> None:
+        time, offset, event = entry
+        self._fire(time, alerts, inclusive=False)
+        self.released = (time, offset)
+        for index, pattern in enumerate(self.patterns):
+            if pattern.enabled:
+                self._match(index, pattern, event, alerts)
+
+    def _match(self, index: int, pattern: PatternDef, event: Event, alerts: list[Alert]) -> None:
+        time = event.time or 0.0
+        key = key_of(event, pattern.key)
+        state = self.keys.get((index, key))
+        first = state is None
+        if state is None:
+            state = self.keys[(index, key)] = _KeyState(last_seen=time)
+        state.last_seen = time
+        if pattern.absence is not None and state.waiting:
+            for waiting in state.waiting:
+                if time <= waiting.deadline and pattern.absence.not_followed_by.matches(event, bound=waiting.match.bound):
+                    waiting.cancelled = True
+            state.waiting = [w for w in state.waiting if not w.cancelled]
+
+        survivors: list[_Partial] = []
+        completed: list[_Partial] = []
+        for partial in state.partials:
+            if pattern.within_seconds is not None and time - partial.first_time > pattern.within_seconds:
+                continue
+            taken = _take(pattern, partial, event, first)
+            if taken is None:
+                if not _stalled(pattern, partial, time):
+                    survivors.append(partial)
+            elif _complete(pattern, taken):
+                completed.append(taken)
+            else:
+                survivors.append(taken)
+        first_step = pattern.steps[0]
+        if first_step.where.matches(event, first_of_key=first):
+            if pattern.emit == "once_per_burst" and time <= state.muted_until:
+                state.muted_until = time + (pattern.within_seconds or 0.0)
+            else:
+                started = _Partial(0, 0, (), {}).take(event, 0, first_step.name)
+                (completed if _complete(pattern, started) else survivors).append(started)
+        state.partials = survivors
+        if completed:
+            self._completed(index, pattern, key, state, completed[0], alerts)
+
+    def _completed(self, index: int, pattern: PatternDef, key: str, state: _KeyState, match: _Partial,
+                   alerts: list[Alert]) -> None:
+        state.partials = []
+        if pattern.emit == "once_per_burst":
+            state.muted_until = match.last_time + (pattern.within_seconds or 0.0)
+        if pattern.absence is None:
+            alerts.append(_alert(pattern, key, match.last_time, match))
+            return
+        deadline = match.last_time + pattern.absence.seconds
+        state.waiting.append(_Waiting(deadline, match))
+        self._sequence += 1
+        heapq.heappush(self.deadlines, (deadline, self._sequence, index, key))
+
+    def _fire(self, until: float, alerts: list[Alert], *, inclusive: bool) -> None:
+        """Fire waiting absences whose deadline is before `until` (at or before, if inclusive)."""
+        while self.deadlines and (self.deadlines[0][0] <= until if inclusive else self.deadlines[0][0] < until):
+            deadline, _, index, key = heapq.heappop(self.deadlines)
+            state = self.keys.get((index, key))
+            if state is None:
+                continue
+            due = [w for w in state.waiting if w.deadline == deadline and not w.cancelled]
+            state.waiting = [w for w in state.waiting if w not in due]
+            pattern = self.patterns[index]
+            alerts.extend(_alert(pattern, key, deadline, w.match) for w in due)
+
+    def _sweep(self) -> None:
+        """Expire partial matches the watermark has outrun; drop keys left with nothing, quiet for a horizon."""
+        self.swept_at = mark = self.watermark
+        for (index, key), state in list(self.keys.items()):
+            pattern = self.patterns[index]
+            within = pattern.within_seconds
+            state.partials = [
+                p for p in state.partials
+                if not (within is not None and mark - p.first_time > within) and not _stalled(pattern, p, mark)
+            ]
+            idle = not state.partials and not state.waiting and state.muted_until < mark
+            if idle and mark - state.last_seen > pattern.max_horizon_seconds:
+                del self.keys[(index, key)]
+
+
+def _take(pattern: PatternDef, partial: _Partial, event: Event, first: bool) -> _Partial | None:
+    """The partial extended by `event` (into the next step, else the current one), or None."""
+    time = event.time or 0.0
+    step = pattern.steps[partial.step]
+    if partial.count >= step.min_count and partial.step + 1 < len(pattern.steps):
+        nxt = pattern.steps[partial.step + 1]
+        in_time = nxt.within_seconds is None or time - partial.last_time <= nxt.within_seconds
+        if in_time and nxt.where.matches(event, bound=partial.bound, first_of_key=first):
+            return partial.take(event, partial.step + 1, nxt.name)
+    room = step.max_count is None or partial.count < step.max_count
+    if room and step.where.matches(event, bound=partial.bound, first_of_key=first):
+        return partial.take(event, partial.step, step.name)
+    return None
+
+
+def _complete(pattern: PatternDef, partial: _Partial) -> bool:
+    return partial.step == len(pattern.steps) - 1 and partial.count >= pattern.steps[-1].min_count
+
+
+def _stalled(pattern: PatternDef, partial: _Partial, time: float) -> bool:
+    """Whether the partial can never advance: its step is full and the next step's gap has passed."""
+    step = pattern.steps[partial.step]
+    if partial.step + 1 >= len(pattern.steps) or step.max_count is None or partial.count < step.max_count:
+        return False
+    gap = pattern.steps[partial.step + 1].within_seconds
+    return gap is not None and time - partial.last_time > gap
+
+
+def _alert(pattern: PatternDef, key: str, detected_at: float, match: _Partial) -> Alert:
+    return Alert(pattern.id, key, pattern.severity, detected_at, match.events, pattern.summarize(key, match.events))
+
+
+def patterns_keyed_by(patterns: Iterable[PatternDef], key: str) -> tuple[PatternDef, ...]:
+    """The enabled patterns keyed by `key` ("user" or "session")."""
+    return tuple(p for p in patterns if p.enabled and p.key == key)
+

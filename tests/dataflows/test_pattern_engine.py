@@ -1,0 +1,218 @@
+"""The pattern engine on the shipped patterns: matches, near misses, absences, order, bounded state."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dataflows.events import Event, iso
+from dataflows.patterns.definitions import PatternDef, load_patterns, pattern_from_dict
+from dataflows.patterns.engine import Alert, PatternBook
+
+PATTERNS = {p.id: p for p in load_patterns(Path(__file__).parent.parent.parent / "samples" / "patterns.yaml")}
+T0 = 1_704_103_200.0
+
+
+class Feed:
+    """Builds events with increasing offsets and feeds them to a book for one pattern."""
+
+    def __init__(self, *patterns: str, ooo: float = 5.0) -> None:
+        self.book = PatternBook(tuple(PATTERNS[p] for p in patterns), ooo)
+        self.offset = 0
+        self.alerts: list[Alert] = []
+
+    def chat(self, t: float, user: str, kind: str = "USER_MESSAGE", text: str = "hi", room: str | None = "room-1") -> Event:
+        return self._add(t, room or user, user, kind, text, "chat", user)
+
+    def convo(self, t: float, session: str, sender: str, text: str) -> Event:
+        return self._add(t, session, sender, "message", text, "conversation", None)
+
+    def _add(self, t: float, session: str, sender: str, kind: str, text: str, shape: str, username: str | None) -> Event:
+        self.offset += 1
+        event = Event(f"in:{self.offset}", session, sender, kind, text, T0 + t, "event", shape, "in", self.offset,
+                      self.offset, None, username, iso(T0 + t))
+        self.book.add(event)
+        return event
+
+    def at(self, t: float) -> list[Alert]:
+        """Advance the clock to T0 + t and collect what fired."""
+        fired = self.book.advance(T0 + t)
+        self.alerts.extend(fired)
+        return fired
+
+    def end(self) -> list[Alert]:
+        fired = self.book.flush()
+        self.alerts.extend(fired)
+        return fired
+
+
+def ids(alerts: list[Alert]) -> list[tuple[str, str]]:
+    return [(a.pattern, a.key) for a in alerts]
+
+
+# spam_burst
+
+def test_spam_burst_alerts_once_per_burst() -> None:
+    feed = Feed("spam_burst")
+    for i in range(9):
+        feed.chat(i, "eve", text=f"buy {i}")
+    feed.at(100)
+    (alert,) = feed.alerts
+    assert (alert.pattern, alert.key, len(alert.events)) == ("spam_burst", "eve", 5)
+    assert alert.detected_at == T0 + 4
+    assert "eve sent 5 messages" in alert.summary
+
+
+def test_spam_burst_near_misses() -> None:
+    feed = Feed("spam_burst")
+    for i in range(4):
+        feed.chat(i, "ann")  # one message too few
+    for i in range(5):
+        feed.chat(100 + i * 2.6, "bob")  # five messages spread over 10.4 s: one second too late
+    for i in range(5):
+        feed.chat(200 + i, "cat" if i != 2 else "dan")  # another user's message in between
+    feed.end()
+    assert feed.alerts == []
+
+
+def test_spam_burst_again_after_a_quiet_gap() -> None:
+    feed = Feed("spam_burst")
+    for start in (0, 30):
+        for i in range(5):
+            feed.chat(start + i, "eve")
+    feed.end()
+    assert [a.detected_at - T0 for a in feed.alerts] == [4, 34]
+
+
+# engagement
+
+def test_engagement_join_question_answer_thanks() -> None:
+    feed = Feed("engagement")
+    feed.chat(0, "ana", kind="USER_JOINED", text="")
+    feed.chat(3, "ana", text="How do I reset my PIN?")
+    feed.chat(9, "rm-joe", text="Use the app settings.")
+    feed.chat(12, "ana", text="gracias!")
+    feed.end()
+    (alert,) = feed.alerts
+    assert [e.text for e in alert.events] == ["", "How do I reset my PIN?", "Use the app settings.", "gracias!"]
+
+
+@pytest.mark.parametrize("broken", ["no_answer", "wrong_order", "self_answer"])
+def test_engagement_near_misses(broken: str) -> None:
+    feed = Feed("engagement")
+    feed.chat(0, "ana", kind="USER_JOINED", text="")
+    if broken == "wrong_order":
+        feed.chat(1, "ana", text="thanks")
+    feed.chat(3, "ana", text="How do I reset my PIN?")
+    if broken == "self_answer":
+        feed.chat(5, "ana", text="Found it in settings.")
+    elif broken != "no_answer":
+        feed.chat(9, "rm-joe", text="Use the app settings.")
+    if broken != "wrong_order":
+        feed.chat(12, "ana", text="thank you")
+    feed.end()
+    assert feed.alerts == []
+
+
+# abandonment
+
+def test_abandonment_fires_by_timer_when_nothing_arrives() -> None:
+    feed = Feed("abandonment")
+    feed.chat(0, "zoe", kind="USER_JOINED", text="")
+    assert feed.at(124.9) == [], "the deadline (120 s) must be passed by the watermark (clock - 5 s)"
+    (alert,) = feed.at(125.1)
+    assert (alert.key, alert.detected_at) == ("zoe", T0 + 120)
+
+
+def test_abandonment_fires_at_end_of_input() -> None:
+    feed = Feed("abandonment")
+    feed.chat(0, "zoe", kind="USER_JOINED", text="")
+    assert ids(feed.end()) == [("abandonment", "zoe")]
+
+
+def test_abandonment_does_not_fire_when_the_message_is_in_time() -> None:
+    feed = Feed("abandonment")
+    feed.chat(0, "zoe", kind="USER_JOINED", text="")
+    feed.chat(120, "zoe", text="hello?")
+    feed.chat(0.5, "max", kind="USER_JOINED", text="")
+    feed.chat(121, "max", text="too late")
+    feed.end()
+    assert ids(feed.alerts) == [("abandonment", "max")]
+
+
+# conversation completion
+
+def test_completion_asks_anything_else_after_30s_of_silence() -> None:
+    feed = Feed("conversation_completion")
+    feed.convo(0, "s-1", "customer", "Why was my card blocked?")
+    feed.convo(10, "s-1", "rm", "A suspicious payment; it is unblocked now.")
+    assert feed.at(44) == []
+    (alert,) = feed.at(46)
+    assert (alert.key, alert.detected_at) == ("s-1", T0 + 40)
+    assert alert.summary.startswith("ask: anything else?")
+
+
+def test_completion_is_cancelled_by_a_customer_follow_up() -> None:
+    feed = Feed("conversation_completion")
+    feed.convo(0, "s-1", "customer", "Why was my card blocked?")
+    feed.convo(10, "s-1", "rm", "A suspicious payment.")
+    feed.convo(35, "s-1", "customer", "ok, which one")
+    feed.end()
+    assert feed.alerts == []
+
+
+# order, state
+
+def _random_chat_day(rnd: random.Random, n: int) -> list[tuple[float, str, str, str]]:
+    users = ["ana", "bob", "cat", "dan"]
+    events, t = [], 0.0
+    for _ in range(n):
+        t += rnd.choice([0.3, 0.7, 1.1, 2.9, 6.0, 40.0])
+        user = rnd.choice(users)
+        kind = rnd.choice(["USER_MESSAGE"] * 6 + ["USER_JOINED"])
+        text = rnd.choice(["hi", "how do I pay?", "thanks", "sure", "Use the app."])
+        events.append((round(t, 3), user, kind, "" if kind == "USER_JOINED" else text))
+    return events
+
+
+def _alerts_for(events: list[tuple[float, str, str, str]]) -> list[tuple[str, str, float, tuple[str, ...]]]:
+    feed = Feed(*PATTERNS)
+    for t, user, kind, text in events:
+        feed.chat(t, user, kind=kind, text=text)
+        feed.at(max(e[0] for e in events[: events.index((t, user, kind, text)) + 1]))
+    feed.end()
+    return sorted((a.pattern, a.key, a.detected_at, tuple(e.text for e in a.events)) for a in feed.alerts)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_arrival_order_within_the_bound_does_not_change_alerts(rnd: random.Random) -> None:
+    events = _random_chat_day(rnd, 60)
+    shuffled = sorted(events, key=lambda e: e[0] + rnd.uniform(0, 4.9))
+    assert _alerts_for(shuffled) == _alerts_for(events)
+
+
+def test_state_does_not_grow_with_finished_sessions() -> None:
+    feed = Feed(*PATTERNS)
+    sizes = []
+    for s in range(400):
+        t = s * 300.0
+        feed.convo(t, f"s-{s}", "customer", "Why is my transfer late?")
+        feed.convo(t + 5, f"s-{s}", "rm", "It was held for review.")
+        feed.convo(t + 9, f"s-{s}", "customer", "thanks")
+        feed.at(t + 20)
+        sizes.append(feed.book.open_keys + len(feed.book.buffer) + len(feed.book.deadlines))
+    assert max(sizes[200:]) <= max(sizes[:50]) + 2
+
+
+def test_pattern_arriving_as_a_dict_works_like_the_file() -> None:
+    spam: PatternDef = pattern_from_dict(PATTERNS["spam_burst"].model_dump(mode="json"))
+    book = PatternBook((spam,), 5.0)
+    for i in range(5):
+        book.add(Event(f"e{i}", "r", "eve", "USER_MESSAGE", "x", T0 + i, "event", "chat", "in", i, i, None, "eve",
+                       iso(T0 + i)))
+    assert [a.pattern for a in book.flush()] == ["spam_burst"]
