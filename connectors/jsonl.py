@@ -20,7 +20,9 @@ Record = dict[str, Any]
 
 
 def prepare_out_dir(out_dir: Path, file_names: Sequence[str], *, overwrite: bool) -> None:
-    """Create `out_dir`, refusing to mix with an earlier run's files unless `overwrite`."""
+    """Create `out_dir` with every output file empty, refusing to mix with an earlier run's files
+    unless `overwrite`. (Bytewax builds a sink partition only for its first item, so an output
+    that gets none would otherwise not exist.)"""
     if out_dir.exists() and not out_dir.is_dir():
         msg = f"--out-dir {out_dir} exists and is not a directory"
         raise ConvoflowError(msg)
@@ -31,7 +33,7 @@ def prepare_out_dir(out_dir: Path, file_names: Sequence[str], *, overwrite: bool
         msg = f"--out-dir {out_dir} is not empty ({shown}); pass --overwrite to replace its outputs"
         raise ConvoflowError(msg)
     for name in file_names:
-        (out_dir / name).unlink(missing_ok=True)
+        (out_dir / name).write_bytes(b"")
 
 
 def json_line(record: Record) -> bytes:

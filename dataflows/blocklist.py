@@ -1,21 +1,20 @@
 """Find blocked words and phrases in message text, through the usual evasion tricks.
 
-Matching is whole-word on the folded text: a blocked `ass` never fires inside `class` or
-`assistant`, and `darn` does not match `darned` (list inflections as terms of their own).
-Folding is NFKD (fullwidth and other compatibility forms), diacritics and zero-width
-characters dropped, the Cyrillic/Greek look-alikes in `CONFUSABLES` mapped to Latin, NFKC,
-casefold. Words are then runs of letters and digits; a run of three or more single letters
-joined by single separators (`d a r n`, `d.a.r.n`, `d - a - r - n`, `d_a_r_n`) reads as one
-word, and two spaces end such a run, so `s c a m  l i n k` reads as `scam link`. A phrase
-matches its words with any separators between them (`scam  link`, `SCAM-link`). Terms are
-folded the same way and indexed by their first word: a message costs a cheap word-set test
-that rejects most texts, then one dict lookup per word, however many terms are loaded.
+Matching is whole-word on folded text, so a blocked `ass` never fires inside `class` and
+`darn` does not match `darned` (list inflections as terms of their own). Folding: NFKD
+(fullwidth and other compatibility forms), diacritics and zero-width characters dropped, the
+look-alikes in `CONFUSABLES` mapped to Latin, NFKC, casefold. Words are runs of letters and
+digits; three or more single letters joined by single separators (`d a r n`, `d.a.r.n`,
+`d _ a _ r _ n`) read as one word, the whole run (`x d a r n` is `xdarn`), and two spaces end
+a run (`s c a m  l i n k` is `scam link`). A phrase matches with any separators between its
+words (`SCAM-link`). Terms fold the same way and are indexed by first word: a cheap word-set
+test rejects most messages, the rest cost one dict lookup per word, whatever the term count.
+Every occurrence of every term is reported, once per rule; `strictest` picks the action.
 
-Deliberately not caught: leetspeak (`d4rn`), repeated letters (`daaarn`), words split in two
-(`da rn`), spaced-out words of one or two letters, terms inside longer words, and look-alikes
-outside `CONFUSABLES` (this is not the full Unicode confusables data). The table applies to
-every word, so a Cyrillic or Greek word spelt only with look-alikes (Russian `рот`) matches
-the Latin term it resembles (`pot`).
+Not caught, by design: leetspeak (`d4rn`), repeated letters (`daaarn`), split words (`da rn`),
+spaced-out words of one or two letters, and look-alikes outside `CONFUSABLES` (a small table,
+not Unicode's confusables data). The table applies to every word, so a Cyrillic word spelt
+only with look-alikes (Russian `рот`) matches the Latin term it resembles (`pot`).
 """
 
 from __future__ import annotations
@@ -23,8 +22,8 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Container, Iterable, Sequence
-from itertools import accumulate
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Final, Literal, NamedTuple, get_args
 
 from dataflows.errors import ConvoflowError
@@ -51,12 +50,13 @@ _FOLD: Final = str.maketrans(
     "".join(chr(c) for lo, hi in _DROPPED for c in range(lo, hi + 1)),
 )
 _FOLDABLE: Final = re.compile(f"[{_DROPPED_CLASS}{''.join(CONFUSABLES.values())}]")
-_FOREIGN: Final = re.compile(f"[^\x00-\x7f{_DROPPED_CLASS}]")
+_FOREIGN: Final = re.compile(rf"[^\x00-\x7f{_DROPPED_CLASS}]")
 _WORD: Final = re.compile(r"[^\W_]+")
 _SEPARATORS: Final = re.compile(r"([\W_]+)")
-_CHUNK: Final = re.compile(r"\s+|\S+")
+_NON_ASCII: Final = re.compile(r"[^\x00-\x7f]+")
+_SPACE: Final = re.compile(r"\s")
 _GLUE_GAP: Final = re.compile(r"\s|\s?[^\w\s]\s?|\s?_\s?")
-_ASCII_WORDS: Final = bytes(c | 0x20 if chr(c).isalpha() else c if chr(c).isdigit() else 32 for c in range(256))
+_ASCII_WORDS: Final = bytes(ord(chr(c).lower()) if c < 128 and chr(c).isalnum() else 32 for c in range(256))
 
 
 class Folded(NamedTuple):
@@ -118,8 +118,7 @@ class BlockList:
             if t.action not in ACTIONS:
                 msg = f"rule {t.rule_id} v{t.version}: action {t.action!r} is not one of {sorted(ACTIONS)}"
                 raise ConvoflowError(msg)
-            folded = fold(t.term)
-            words = tuple(w for w in _words(folded)[0] if w)
+            words = tuple(w for w in _words(fold(t.term))[0] if w)
             if not words:
                 msg = f"rule {t.rule_id} v{t.version}: blocked term {t.term!r} has no letters or digits"
                 raise ConvoflowError(msg)
@@ -139,6 +138,9 @@ class BlockList:
         """
         if not self.index or not self._may_match(text):
             return []
+        return self._scan(text)
+
+    def _scan(self, text: str) -> list[Match]:
         folded = normalise(text)
         words, starts, ends = _words(folded.text)
         found: list[Match] = []
@@ -193,36 +195,48 @@ def _fold_decomposed(text: str) -> str:
 def normalise(text: str) -> Folded:
     """`fold(text)` with the original span of each of its characters, for mapping matches back.
 
-    Folding never joins across whitespace, so each whitespace-separated chunk is folded alone;
-    within one, characters map one by one, unless folding joined them (a decomposed kana and
-    its voicing mark), in which case every character of the chunk maps to the whole chunk.
+    Folding never joins across whitespace, so ASCII stretches are lowercased in bulk and each
+    whitespace-delimited chunk holding other characters is folded alone. Within a chunk,
+    characters map one by one unless folding joined them (a decomposed kana and its voicing
+    mark); then every character of the chunk maps to the whole chunk.
     """
     if text.isascii():
         return Folded(text.lower(), range(len(text)), range(1, len(text) + 1))
     parts: list[str] = []
     starts: list[int] = []
     ends: list[int] = []
-    for chunk_match in _CHUNK.finditer(text):
-        chunk, at = chunk_match.group(), chunk_match.start()
-        whole = fold(chunk)
-        parts.append(whole)
-        if chunk.isascii():
-            starts += range(at, at + len(chunk))
-            ends += range(at + 1, at + len(chunk) + 1)
-            continue
-        pieces = [c.lower() if c < "\x80" else fold(c) for c in chunk]
-        if "".join(pieces) != whole:
-            starts += [at] * len(whole)
-            ends += [at + len(chunk)] * len(whole)
-            continue
-        first = len(ends)
-        for i, piece in enumerate(pieces):
-            if piece:
-                starts += [at + i] * len(piece)
-                ends += [at + i + 1] * len(piece)
-            elif len(ends) > first:
-                ends[-1] = at + i + 1  # a dropped mark or zero-width character goes with the letter before it
-    return Folded("".join(parts), starts, ends)
+    pos = 0
+    while True:
+        run = _NON_ASCII.search(text, pos)
+        at = len(text) if run is None else run.start()
+        while run is not None and at > pos and not text[at - 1].isspace():
+            at -= 1
+        parts.append(text[pos:at].lower())
+        starts += range(pos, at)
+        ends += range(pos + 1, at + 1)
+        if run is None:
+            return Folded("".join(parts), starts, ends)
+        space = _SPACE.search(text, run.end())
+        end = len(text) if space is None else space.start()
+        _map_chunk(text[at:end], at, parts, starts, ends)
+        pos = end
+
+
+def _map_chunk(chunk: str, at: int, parts: list[str], starts: list[int], ends: list[int]) -> None:
+    whole = fold(chunk)
+    parts.append(whole)
+    pieces = [c.lower() if c < "\x80" else fold(c) for c in chunk]
+    if "".join(pieces) != whole:
+        starts += [at] * len(whole)
+        ends += [at + len(chunk)] * len(whole)
+        return
+    first = len(ends)
+    for i, piece in enumerate(pieces):
+        if piece:
+            starts += [at + i] * len(piece)
+            ends += [at + i + 1] * len(piece)
+        elif len(ends) > first:
+            ends[-1] = at + i + 1  # a dropped mark or zero-width character goes with the letter before it
 
 
 def _words(folded: str) -> tuple[list[str], list[int], list[int]]:
@@ -235,7 +249,8 @@ def _words(folded: str) -> tuple[list[str], list[int], list[int]]:
     words, gaps, starts, ends = parts[0::2], parts[1::2], bounds[0::2], bounds[1::2]
     if list(map(len, words)).count(1) < MIN_SPACED_LETTERS:
         return words, starts, ends
-    runs, first = [], 0
+    runs: list[tuple[int, int]] = []
+    first = 0
     for k in range(1, len(words) + 1):
         if k < len(words) and len(words[k - 1]) == len(words[k]) == 1 and _GLUE_GAP.fullmatch(gaps[k - 1]):
             continue

@@ -109,11 +109,11 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
         if resume is not None:
             self.state = pickle.loads(resume)
         else:
-            patterns = patterns_keyed_by(config.patterns, role)
+            patterns, user_shapes = _patterns_for(config.patterns, role)
             self.state = ShardState(
                 Sequencer(config.layout),
                 WindowBook(config.window) if role == "session" else None,
-                PatternBook(patterns, config.window.out_of_orderness) if patterns else None,
+                PatternBook(patterns, config.window.out_of_orderness, user_shapes) if patterns else None,
             )
         self.reported_open = -1
 
@@ -122,8 +122,9 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
         for wires in values:
             seq.push(map(from_wire, wires))
         out = _Outputs()
-        self._process(seq.release(), out)
-        self._advance(seq.clock_floor(), out)
+        clock = self._process(seq.release(), out)
+        floor = seq.clock_floor()
+        self._advance(clock if floor is None or (clock is not None and clock > floor) else floor, out)
         return self._encoded(out), StatefulBatchLogic.RETAIN
 
     def on_eof(self) -> tuple[list[tuple[str, Any]], bool]:
@@ -139,20 +140,27 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
     def snapshot(self) -> bytes:
         return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
 
-    def _process(self, released: Iterable[tuple[Stamped, float | None]], out: _Outputs) -> None:
+    def _process(self, released: Iterable[tuple[Stamped, float | None]], out: _Outputs) -> float | None:
+        """Window and queue for matching each released event; return the clock after the last one."""
         book, patterns = self.state.book, self.state.patterns
+        latest: float | None = None
         for stamped, clock in released:
             event = stamped.event
-            self._advance(clock, out)
+            if book is not None:
+                out.windows.extend(book.advance(clock))
             if event.time is None:
                 event = event.timed(self.config.time_origin if clock is None else clock)
             if patterns is not None:
-                patterns.add(event)
+                patterns.add(event, clock)
             if book is not None:
                 late = book.add(event)
                 out.messages.append(event.as_record())
                 if late is not None:
                     out.late.append(late.as_record())
+            for time in (clock, event.time):
+                if time is not None and (latest is None or time > latest):
+                    latest = time
+        return latest
 
     def _advance(self, clock: float | None, out: _Outputs) -> None:
         if self.state.book is not None:
@@ -187,12 +195,25 @@ class _Outputs:
     alerts: list[Alert] = field(default_factory=list)
 
 
+def _patterns_for(patterns: tuple[PatternDef, ...], role: ShardRole) -> tuple[tuple[PatternDef, ...], frozenset[str]]:
+    """The patterns a shard matches, and the event shapes its user-keyed patterns apply to.
+
+    A conversation's user (`session/sender`) lives in one session, so its user patterns run in the
+    session shard; a chat user can be in many rooms, so chat events meet in user shards.
+    """
+    session, user = patterns_keyed_by(patterns, "session"), patterns_keyed_by(patterns, "user")
+    if role == "user":
+        return user, frozenset({"chat"})
+    return session + user, frozenset({"conversation"})
+
+
 def _router(config: FlowConfig, encode: Encoder) -> Callable[[list[Stamped | DeadLetter | Progress]], list[tuple[str, Any]]]:
     """Group a batch from the source by shard, one item per shard, in the source's order.
 
     Each event goes to its session's shard and, when user-keyed patterns are on, to its user's
-    shard. Markers go to every shard, after the events that preceded them. Dead letters leave as
-    one encoded batch. Grouping cuts the items Bytewax moves per event, its main per-event cost.
+    shard (chat events only: see `_patterns_for`). Markers go to every shard, after the events that
+    preceded them. Dead letters leave as one encoded batch. Grouping cuts the items Bytewax moves
+    per event, its main per-event cost.
     """
     shards = config.shards
     by_user = bool(patterns_keyed_by(config.patterns, "user"))
@@ -207,7 +228,7 @@ def _router(config: FlowConfig, encode: Encoder) -> Callable[[list[Stamped | Dea
             if isinstance(item, Stamped):
                 wire = to_wire(item)
                 groups.setdefault(shard_of(item.event.session_id, shards), []).append(wire)
-                if by_user:
+                if by_user and item.event.shape == "chat":
                     user = shard_of(key_of(item.event, "user"), shards, USER_SHARD)
                     groups.setdefault(user, []).append(wire)
             elif isinstance(item, DeadLetter):

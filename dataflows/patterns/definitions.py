@@ -11,6 +11,7 @@ models: hashable, picklable, safe to share between workers and to replace from t
 from __future__ import annotations
 
 import difflib
+from functools import lru_cache
 import json
 import re
 import string
@@ -59,6 +60,7 @@ def _phrase(words: str) -> str:
 _THANKS = re.compile("|".join(map(_phrase, sorted(THANKS_WORDS, key=len, reverse=True))), re.IGNORECASE)
 
 
+@lru_cache(maxsize=4096)
 def is_question(text: str) -> bool:
     """Whether `text` ends with a question mark, opens with `¿`, or starts with a word of `QUESTION_WORDS`."""
     text = text.strip()
@@ -66,6 +68,7 @@ def is_question(text: str) -> bool:
     return text.endswith(("?", "？")) or text.startswith("¿") or (first is not None and first[0] in QUESTION_WORDS)
 
 
+@lru_cache(maxsize=4096)
 def is_thanks(text: str) -> bool:
     """Whether `text` contains a word or phrase of `THANKS_WORDS`, in any case."""
     return _THANKS.search(text) is not None
@@ -143,24 +146,40 @@ class Predicate(_Model):
         """
         if self.kind is not None and event.kind not in self.kind:
             return False
-        flags = ((self.message, lambda: event.kind in MESSAGE_KINDS), (self.first_of_key, lambda: first_of_key),
-                 (self.question, lambda: is_question(event.text)), (self.thanks, lambda: is_thanks(event.text)))
-        if any(want is not None and test() != want for want, test in flags):
+        if self.message is not None and (event.kind in MESSAGE_KINDS) != self.message:
+            return False
+        if self.first_of_key is not None and first_of_key != self.first_of_key:
             return False
         if self.role is not None and not any(role_is(r, role_of(event)) for r in self.role):
             return False
+        if self.question is not None and is_question(event.text) != self.question:
+            return False
+        if self.thanks is not None and is_thanks(event.text) != self.thanks:
+            return False
         if self.text_regex is not None and self.text_regex.search(event.text) is None:
             return False
-        bound = bound or {}
-        same, other = bound.get(self.same_sender_as or ""), bound.get(self.other_sender_than or "")
-        if self.same_sender_as is not None and (same is None or same.sender != event.sender):
+        if self.same_sender_as is not None:
+            same = bound.get(self.same_sender_as) if bound else None
+            if same is None or same.sender != event.sender:
+                return False
+        if self.other_sender_than is not None:
+            other = bound.get(self.other_sender_than) if bound else None
+            if other is None or other.sender == event.sender:
+                return False
+        if self.any_of and not any(
+            p.matches(event, role_of=role_of, bound=bound, first_of_key=first_of_key) for p in self.any_of
+        ):
             return False
-        if self.other_sender_than is not None and (other is None or other.sender == event.sender):
-            return False
-        nested = {"role_of": role_of, "bound": bound, "first_of_key": first_of_key}
-        if self.any_of and not any(p.matches(event, **nested) for p in self.any_of):
-            return False
-        return not any(p.matches(event, **nested) for p in self.none_of)
+        return not any(p.matches(event, role_of=role_of, bound=bound, first_of_key=first_of_key) for p in self.none_of)
+
+    def compile(self) -> CompiledPredicate:
+        """The same test as `matches` (with the default `role_of`), as a fast picklable object."""
+        return CompiledPredicate(self)
+
+    @property
+    def uses_first_of_key(self) -> bool:
+        """Whether this predicate, or one nested in it, asks if an event is its key's first."""
+        return self.first_of_key is not None or any(p.uses_first_of_key for p in (*self.any_of, *self.none_of))
 
     def step_refs(self, path: str = "where") -> Iterator[tuple[str, str]]:
         """Yield (field path, step name) for every step this predicate refers to, nested ones included."""
@@ -170,6 +189,56 @@ class Predicate(_Model):
         for group in ("any_of", "none_of"):
             for i, p in enumerate(getattr(self, group)):
                 yield from p.step_refs(f"{path}.{group}[{i}]")
+
+
+class CompiledPredicate:
+    """A `Predicate` flattened into slots: the engine calls it for every event and partial match."""
+
+    __slots__ = ("kinds", "message", "first_of_key", "roles", "question", "thanks", "regex", "same", "other",
+                 "any_of", "none_of")
+
+    def __init__(self, p: Predicate) -> None:
+        resolved: tuple[ResolvedRole, ...] = ("customer", "agent", "user")
+        self.kinds = frozenset(p.kind) if p.kind is not None else None
+        self.message, self.first_of_key, self.question, self.thanks = p.message, p.first_of_key, p.question, p.thanks
+        self.roles = None if p.role is None else frozenset(r for r in resolved if any(role_is(w, r) for w in p.role))
+        self.regex, self.same, self.other = p.text_regex, p.same_sender_as, p.other_sender_than
+        self.any_of = tuple(q.compile() for q in p.any_of)
+        self.none_of = tuple(q.compile() for q in p.none_of)
+
+    def __call__(self, event: Event, bound: Mapping[str, Event] | None = None, first_of_key: bool = False) -> bool:
+        if self.kinds is not None and event.kind not in self.kinds:
+            return False
+        if self.message is not None and (event.kind in MESSAGE_KINDS) != self.message:
+            return False
+        if self.first_of_key is not None and first_of_key != self.first_of_key:
+            return False
+        if self.roles is not None and role_of(event) not in self.roles:
+            return False
+        if self.question is not None and is_question(event.text) != self.question:
+            return False
+        if self.thanks is not None and is_thanks(event.text) != self.thanks:
+            return False
+        if self.regex is not None and self.regex.search(event.text) is None:
+            return False
+        if self.same is not None:
+            same = bound.get(self.same) if bound else None
+            if same is None or same.sender != event.sender:
+                return False
+        if self.other is not None:
+            other = bound.get(self.other) if bound else None
+            if other is None or other.sender == event.sender:
+                return False
+        if self.any_of and not any(q(event, bound, first_of_key) for q in self.any_of):
+            return False
+        return not any(q(event, bound, first_of_key) for q in self.none_of)
+
+    def __getstate__(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __setstate__(self, state: tuple[object, ...]) -> None:
+        for name, value in zip(self.__slots__, state, strict=True):
+            setattr(self, name, value)
 
 
 class Step(_Model):
@@ -280,6 +349,11 @@ class PatternDef(_Model):
             raise PydanticCustomError("summary", "unknown field(s) {unknown}; known: {known}", {
                 "unknown": ", ".join(f"{{{n}}}" for n in unknown), "known": ", ".join(sorted(SUMMARY_FIELDS))})
         return value
+
+    @property
+    def uses_first_of_key(self) -> bool:
+        """Whether matching needs to know a key's first event (so every key seen must be remembered)."""
+        return any(step.where.uses_first_of_key for step in self.steps)
 
     @property
     def max_horizon_seconds(self) -> float:

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dataflows.events import Event, iso
-from dataflows.patterns.definitions import PatternDef, key_of
+from dataflows.patterns.definitions import CompiledPredicate, PatternDef, key_of
 
 TEXT_EXCERPT_CHARS = 80
-SWEEP_EVERY_SECONDS = 60.0
+SWEEP_EVERY_SECONDS = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +102,9 @@ class PatternBook:
 
     patterns: tuple[PatternDef, ...]
     out_of_orderness: float
+    user_shapes: frozenset[str] = frozenset({"conversation", "chat"})
     watermark: float = -math.inf
+    arrival_mark: float = -math.inf
     buffer: list[tuple[float, int, Event]] = field(default_factory=list)
     keys: dict[tuple[int, str], _KeyState] = field(default_factory=dict)
     deadlines: list[tuple[float, int, int, str]] = field(default_factory=list)
@@ -110,11 +112,25 @@ class PatternBook:
     skipped_late: int = 0
     swept_at: float = -math.inf
     _sequence: int = 0
+    _remember_keys: tuple[bool, ...] = ()
+    _steps: tuple[tuple[CompiledPredicate, ...], ...] = ()
+    _absences: tuple[CompiledPredicate | None, ...] = ()
 
-    def add(self, event: Event) -> None:
-        """Take a timed event; it is matched once the watermark passes it."""
+    def __post_init__(self) -> None:
+        self._remember_keys = tuple(p.uses_first_of_key for p in self.patterns)
+        self._steps = tuple(tuple(step.where.compile() for step in p.steps) for p in self.patterns)
+        self._absences = tuple(p.absence.not_followed_by.compile() if p.absence else None for p in self.patterns)
+
+    def add(self, event: Event, clock: float | None) -> None:
+        """Take a timed event that arrived at `clock`; it is matched once the watermark passes it.
+
+        It is late, and skipped, when it is behind the watermark it arrived at: judged by the clock
+        at arrival (a function of the input), the same however events are batched into `advance`.
+        """
         assert event.time is not None, "events are timed before pattern matching"
-        if (event.time, event.offset) < self.released:
+        if clock is not None and clock - self.out_of_orderness > self.arrival_mark:
+            self.arrival_mark = clock - self.out_of_orderness
+        if event.time < self.arrival_mark or (event.time, event.offset) < self.released:
             self.skipped_late += 1
             return
         heapq.heappush(self.buffer, (event.time, event.offset, event))
@@ -149,21 +165,30 @@ class PatternBook:
         time, offset, event = entry
         self._fire(time, alerts, inclusive=False)
         self.released = (time, offset)
+        keys = {"session": event.session_id, "user": key_of(event, "user")}
+        user_scope = event.shape in self.user_shapes
         for index, pattern in enumerate(self.patterns):
-            if pattern.enabled:
-                self._match(index, pattern, event, alerts)
+            if not pattern.enabled or (pattern.key == "user" and not user_scope):
+                continue
+            key = keys[pattern.key]
+            state = self.keys.get((index, key))
+            starts = self._steps[index][0](event, None, state is None)
+            if state is None and not starts and not self._remember_keys[index]:
+                continue
+            self._match(index, pattern, key, state, starts, event, alerts)
 
-    def _match(self, index: int, pattern: PatternDef, event: Event, alerts: list[Alert]) -> None:
+    def _match(self, index: int, pattern: PatternDef, key: str, state: _KeyState | None, starts: bool,
+               event: Event, alerts: list[Alert]) -> None:
         time = event.time or 0.0
-        key = key_of(event, pattern.key)
-        state = self.keys.get((index, key))
         first = state is None
+        steps = self._steps[index]
         if state is None:
             state = self.keys[(index, key)] = _KeyState(last_seen=time)
         state.last_seen = time
-        if pattern.absence is not None and state.waiting:
+        absence = self._absences[index]
+        if absence is not None and state.waiting:
             for waiting in state.waiting:
-                if time <= waiting.deadline and pattern.absence.not_followed_by.matches(event, bound=waiting.match.bound):
+                if time <= waiting.deadline and absence(event, waiting.match.bound):
                     waiting.cancelled = True
             state.waiting = [w for w in state.waiting if not w.cancelled]
 
@@ -172,7 +197,7 @@ class PatternBook:
         for partial in state.partials:
             if pattern.within_seconds is not None and time - partial.first_time > pattern.within_seconds:
                 continue
-            taken = _take(pattern, partial, event, first)
+            taken = _take(pattern, steps, partial, event, first)
             if taken is None:
                 if not _stalled(pattern, partial, time):
                     survivors.append(partial)
@@ -180,12 +205,11 @@ class PatternBook:
                 completed.append(taken)
             else:
                 survivors.append(taken)
-        first_step = pattern.steps[0]
-        if first_step.where.matches(event, first_of_key=first):
+        if starts:
             if pattern.emit == "once_per_burst" and time <= state.muted_until:
                 state.muted_until = time + (pattern.within_seconds or 0.0)
             else:
-                started = _Partial(0, 0, (), {}).take(event, 0, first_step.name)
+                started = _Partial(0, 0, (), {}).take(event, 0, pattern.steps[0].name)
                 (completed if _complete(pattern, started) else survivors).append(started)
         state.partials = survivors
         if completed:
@@ -231,17 +255,19 @@ class PatternBook:
                 del self.keys[(index, key)]
 
 
-def _take(pattern: PatternDef, partial: _Partial, event: Event, first: bool) -> _Partial | None:
+def _take(
+    pattern: PatternDef, steps: tuple[CompiledPredicate, ...], partial: _Partial, event: Event, first: bool
+) -> _Partial | None:
     """The partial extended by `event` (into the next step, else the current one), or None."""
     time = event.time or 0.0
     step = pattern.steps[partial.step]
     if partial.count >= step.min_count and partial.step + 1 < len(pattern.steps):
         nxt = pattern.steps[partial.step + 1]
         in_time = nxt.within_seconds is None or time - partial.last_time <= nxt.within_seconds
-        if in_time and nxt.where.matches(event, bound=partial.bound, first_of_key=first):
+        if in_time and steps[partial.step + 1](event, partial.bound, first):
             return partial.take(event, partial.step + 1, nxt.name)
     room = step.max_count is None or partial.count < step.max_count
-    if room and step.where.matches(event, bound=partial.bound, first_of_key=first):
+    if room and steps[partial.step](event, partial.bound, first):
         return partial.take(event, partial.step, step.name)
     return None
 

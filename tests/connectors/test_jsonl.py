@@ -11,8 +11,8 @@ def test_refuses_a_non_empty_out_dir_unless_overwrite(tmp_path: Path) -> None:
     (tmp_path / "windows.jsonl").write_text("old\n")
     with pytest.raises(ConvoflowError, match="not empty"):
         prepare_out_dir(tmp_path, ["windows.jsonl"], overwrite=False)
-    prepare_out_dir(tmp_path, ["windows.jsonl"], overwrite=True)
-    assert not (tmp_path / "windows.jsonl").exists()
+    prepare_out_dir(tmp_path, ["windows.jsonl", "alerts.jsonl"], overwrite=True)
+    assert (tmp_path / "windows.jsonl").read_bytes() == b"" and (tmp_path / "alerts.jsonl").read_bytes() == b""
 
 
 def test_out_dir_that_is_a_file_is_an_error(tmp_path: Path) -> None:

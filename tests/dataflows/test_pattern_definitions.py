@@ -342,3 +342,20 @@ def test_shipped_summaries_render(pattern_id: str) -> None:
     events = [make_event("", kind="USER_JOINED"), make_event("thanks", sender="bob", time=1_704_103_230.0)]
     text = pattern.summarize("room-1", events)
     assert "room-1" in text and "{" not in text
+
+
+@pytest.mark.parametrize("pattern", load_patterns(SAMPLES), ids=lambda p: p.id)
+def test_compiled_predicates_agree_with_matches(pattern: PatternDef) -> None:
+    texts = ["hi", "How do I pay?", "thanks!", "Use the app.", "merci", ""]
+    kinds = ["USER_MESSAGE", "USER_JOINED", "USER_LEFT", "message"]
+    bound_sender = {"join": "ana", "ask": "ana", "question": "ana"}
+    for step in [*pattern.steps, *([pattern.absence] if pattern.absence else [])]:
+        predicate = step.where if hasattr(step, "where") else step.not_followed_by
+        compiled = pickle.loads(pickle.dumps(predicate.compile()))
+        for kind in kinds:
+            for text in texts:
+                for sender, shape in [("ana", "chat"), ("joe", "chat"), ("customer", "conversation"), ("rm", "conversation")]:
+                    event = make_event(text, kind=kind, sender=sender, shape=shape)
+                    bound = {name: make_event(sender=who) for name, who in bound_sender.items()}
+                    for first in (True, False):
+                        assert compiled(event, bound, first) == predicate.matches(event, bound=bound, first_of_key=first)

@@ -35,7 +35,7 @@ class Feed:
         self.offset += 1
         event = Event(f"in:{self.offset}", session, sender, kind, text, T0 + t, "event", shape, "in", self.offset,
                       self.offset, None, username, iso(T0 + t))
-        self.book.add(event)
+        self.book.add(event, None)
         return event
 
     def at(self, t: float) -> list[Alert]:
@@ -214,5 +214,5 @@ def test_pattern_arriving_as_a_dict_works_like_the_file() -> None:
     book = PatternBook((spam,), 5.0)
     for i in range(5):
         book.add(Event(f"e{i}", "r", "eve", "USER_MESSAGE", "x", T0 + i, "event", "chat", "in", i, i, None, "eve",
-                       iso(T0 + i)))
+                       iso(T0 + i)), None)
     assert [a.pattern for a in book.flush()] == ["spam_burst"]
