@@ -8,7 +8,8 @@ Python process so no case warms another:
   windows per session with Bytewax's EventClock + TumblingWindower (wake-ups off, its fastest
   setting), writing nothing: the engine's ceiling;
 - pipeline: `convoflow run --speed-factor 0` on 1 process, all four outputs written;
-- pipeline x2: the same on a 2-process local cluster (spawn and imports included).
+- pipeline x2: the same on a 2-process local cluster (spawn and imports included);
+- pipeline + patterns: 1 process with the four patterns of samples/patterns.yaml (alerts.jsonl).
 Times are wall clock from building the flow to its end.
 """
 
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 TARGET_RATIO = 0.6
 TARGET_SCALING = 1.6
+TARGET_PATTERNS = 0.8
 
 
 def bare_flow_seconds(path: Path) -> dict[str, float]:
@@ -66,21 +68,23 @@ def bare_flow_seconds(path: Path) -> dict[str, float]:
     return {"seconds": time.perf_counter() - start, "windows": len(emitted)}
 
 
-def pipeline_seconds(path: Path, processes: int) -> dict[str, float]:
-    """convoflow's replay pipeline, as `cli.py run --speed-factor 0` runs it."""
+def pipeline_seconds(path: Path, processes: int, *, patterns: bool = False) -> dict[str, float]:
+    """convoflow's replay pipeline, as `cli.py run --speed-factor 0` runs it (patterns off unless asked)."""
     from connectors.jsonl import prepare_out_dir
     from connectors.replay import first_event_time
     from connectors.runner import OUTPUT_FILES, ReplayRun, run_replay
     from dataflows.clock import ReplayClock
     from dataflows.flow import FlowConfig
+    from dataflows.patterns.definitions import load_patterns
     from dataflows.sequencing import ReplayLayout
 
     out = Path(tempfile.mkdtemp(prefix="convoflow-bench-"))
     prepare_out_dir(out, OUTPUT_FILES, overwrite=True)
     start = time.perf_counter()
     origin = first_event_time(path) or 0.0
+    defs = load_patterns(ROOT / "samples" / "patterns.yaml") if patterns else ()
     job = ReplayRun(
-        path, out, FlowConfig(layout=ReplayLayout(partitions=processes), time_origin=origin),
+        path, out, FlowConfig(layout=ReplayLayout(partitions=processes), time_origin=origin, patterns=defs),
         ReplayClock(origin, time.time(), 0.0),
     )
     run_replay(job, processes=processes)
@@ -115,28 +119,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=500_000)
     parser.add_argument("--data-dir", type=Path, default=ROOT / "benchmarks" / "data")
-    parser.add_argument("--case", choices=["bare", "pipeline", "pipeline2"], help=argparse.SUPPRESS)
+    parser.add_argument("--case", choices=["bare", "pipeline", "pipeline2", "patterns"], help=argparse.SUPPRESS)
     parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
         cases = {"bare": lambda: bare_flow_seconds(args.input), "pipeline": lambda: pipeline_seconds(args.input, 1),
-                 "pipeline2": lambda: pipeline_seconds(args.input, 2)}
+                 "pipeline2": lambda: pipeline_seconds(args.input, 2),
+                 "patterns": lambda: pipeline_seconds(args.input, 1, patterns=True)}
         print(json.dumps(cases[args.case]()))
         return
 
     path, lines = ensure_sample(args.events, args.data_dir)
     print(f"input: {path.name}, {lines:,} lines")
-    results = {case: run_case(case, path) for case in ("bare", "pipeline", "pipeline2")}
+    results = {case: run_case(case, path) for case in ("bare", "pipeline", "pipeline2", "patterns")}
     rate = {case: lines / r["seconds"] for case, r in results.items()}
     ratio = rate["pipeline"] / rate["bare"]
     scaling = rate["pipeline2"] / rate["pipeline"]
+    with_patterns = rate["patterns"] / rate["pipeline"]
     print(f"{'case':<34}{'seconds':>9}{'events/s':>11}{'windows':>10}")
     labels = {"bare": "bare Bytewax (parse + windows)", "pipeline": "convoflow replay, 1 process",
-              "pipeline2": "convoflow replay, 2 processes"}
+              "pipeline2": "convoflow replay, 2 processes", "patterns": "convoflow replay + 4 patterns"}
     for case, r in results.items():
         print(f"{labels[case]:<34}{r['seconds']:>9.2f}{rate[case]:>11,.0f}{int(r['windows']):>10,}")
     print(f"pipeline / bare: {ratio:.2f} (target >= {TARGET_RATIO}: {'met' if ratio >= TARGET_RATIO else 'MISSED'})")
     print(f"2 processes / 1: {scaling:.2f} (target >= {TARGET_SCALING}: {'met' if scaling >= TARGET_SCALING else 'MISSED'})")
+    print(f"with patterns / without: {with_patterns:.2f} "
+          f"(target >= {TARGET_PATTERNS}: {'met' if with_patterns >= TARGET_PATTERNS else 'MISSED'})")
 
 
 if __name__ == "__main__":
