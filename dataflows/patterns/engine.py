@@ -107,6 +107,7 @@ class PatternBook:
     arrival_mark: float = -math.inf
     buffer: list[tuple[float, int, Event]] = field(default_factory=list)
     keys: dict[tuple[int, str], _KeyState] = field(default_factory=dict)
+    seen: dict[tuple[int, str], float] = field(default_factory=dict)
     deadlines: list[tuple[float, int, int, str]] = field(default_factory=list)
     released: tuple[float, int] = (-math.inf, -1)
     skipped_late: int = 0
@@ -155,36 +156,50 @@ class PatternBook:
             self._release(heapq.heappop(self.buffer), alerts)
         self._fire(math.inf, alerts, inclusive=True)
         self.keys.clear()
+        self.seen.clear()
         return alerts
 
     @property
     def open_keys(self) -> int:
-        return len(self.keys)
+        return len(self.keys) + len(self.seen)
 
     def _release(self, entry: tuple[float, int, Event], alerts: list[Alert]) -> None:
         time, offset, event = entry
-        self._fire(time, alerts, inclusive=False)
+        if self.deadlines and self.deadlines[0][0] < time:
+            self._fire(time, alerts, inclusive=False)
         self.released = (time, offset)
-        keys = {"session": event.session_id, "user": key_of(event, "user")}
         user_scope = event.shape in self.user_shapes
+        user_key = None
         for index, pattern in enumerate(self.patterns):
-            if not pattern.enabled or (pattern.key == "user" and not user_scope):
+            if not pattern.enabled:
                 continue
-            key = keys[pattern.key]
-            state = self.keys.get((index, key))
-            starts = self._steps[index][0](event, None, state is None)
-            if state is None and not starts and not self._remember_keys[index]:
+            if pattern.key == "session":
+                key = event.session_id
+            elif not user_scope:
                 continue
-            self._match(index, pattern, key, state, starts, event, alerts)
+            else:
+                key = user_key = user_key or key_of(event, "user")
+            slot = (index, key)
+            state = self.keys.get(slot)
+            if state is not None:
+                self._match(index, pattern, key, state, False, event, alerts)
+                continue
+            first = slot not in self.seen
+            if not self._steps[index][0](event, None, first):
+                if self._remember_keys[index]:
+                    self.seen[slot] = time
+                continue
+            self.seen.pop(slot, None)
+            self._match(index, pattern, key, _KeyState(last_seen=time), first, event, alerts)
 
-    def _match(self, index: int, pattern: PatternDef, key: str, state: _KeyState | None, starts: bool,
-               event: Event, alerts: list[Alert]) -> None:
+    def _match(self, index: int, pattern: PatternDef, key: str, state: _KeyState, first: bool, event: Event,
+               alerts: list[Alert]) -> None:
+        """Feed `event` to the key's partial matches and waiting absences; `first`: the key is new."""
         time = event.time or 0.0
-        first = state is None
         steps = self._steps[index]
-        if state is None:
-            state = self.keys[(index, key)] = _KeyState(last_seen=time)
+        self.keys[(index, key)] = state
         state.last_seen = time
+        starts = steps[0](event, None, first)
         absence = self._absences[index]
         if absence is not None and state.waiting:
             for waiting in state.waiting:
@@ -214,6 +229,10 @@ class PatternBook:
         state.partials = survivors
         if completed:
             self._completed(index, pattern, key, state, completed[0], alerts)
+        if not state.partials and not state.waiting and state.muted_until < time:
+            del self.keys[(index, key)]
+            if self._remember_keys[index]:
+                self.seen[(index, key)] = time
 
     def _completed(self, index: int, pattern: PatternDef, key: str, state: _KeyState, match: _Partial,
                    alerts: list[Alert]) -> None:
@@ -243,6 +262,9 @@ class PatternBook:
     def _sweep(self) -> None:
         """Expire partial matches the watermark has outrun; drop keys left with nothing, quiet for a horizon."""
         self.swept_at = mark = self.watermark
+        for slot, last_seen in list(self.seen.items()):
+            if mark - last_seen > self.patterns[slot[0]].max_horizon_seconds:
+                del self.seen[slot]
         for (index, key), state in list(self.keys.items()):
             pattern = self.patterns[index]
             within = pattern.within_seconds
