@@ -254,10 +254,13 @@ class PatternBook:
             state = self.keys.get((index, key))
             if state is None:
                 continue
-            due = [w for w in state.waiting if w.deadline == deadline and not w.cancelled]
-            state.waiting = [w for w in state.waiting if w not in due]
-            pattern = self.patterns[index]
-            alerts.extend(_alert(pattern, key, deadline, w.match) for w in due)
+            keep: list[_Waiting] = []
+            for waiting in state.waiting:
+                if waiting.deadline != deadline:
+                    keep.append(waiting)
+                elif not waiting.cancelled:
+                    alerts.append(_alert(self.patterns[index], key, deadline, waiting.match))
+            state.waiting = keep
 
     def _sweep(self) -> None:
         """Expire partial matches the watermark has outrun; drop keys left with nothing, quiet for a horizon."""
