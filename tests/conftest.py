@@ -9,6 +9,8 @@ import orjson
 import pytest
 from hypothesis import settings
 
+pytest_plugins = ["tests.kafka_broker"]
+
 # Per-example deadlines measure the machine, not the code: a cold 2-core CI box trips them.
 settings.register_profile("convoflow", deadline=None)
 settings.load_profile("convoflow")
