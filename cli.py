@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from connectors.jsonl import prepare_out_dir
+from connectors.kafka_io import check_reachable, ensure_topics, parse_kafka_options, produce_file
 from connectors.live_view import LiveView, RunStats
 from connectors.replay import check_readable, first_event_time
 from connectors.runner import OUTPUT_FILES, ReplayRun, run_replay
@@ -79,6 +80,33 @@ def run(
         with LiveView(stats, console, enabled=console.is_terminal and not quiet) as view:
             run_replay(job, processes, workers, poll=view.poll)
     typer.echo(stats.summary())
+
+
+@app.command()
+def produce(
+    input_path: Annotated[Path, typer.Argument(metavar="FILE", help="JSONL file to replay into the topic.")],
+    kafka_brokers: Annotated[
+        str, typer.Option(envvar="KAFKA_BOOTSTRAP_SERVERS", help="Bootstrap servers, host:port[,host:port].")
+    ],
+    topic: Annotated[str, typer.Option(help="Topic to write to.")] = "websocket_fanout",
+    speed_factor: Annotated[
+        float, typer.Option(min=0.0, help="Replay gaps between timestamps this many times faster; 0 = no waiting.")
+    ] = 1.0,
+    kafka_config: Annotated[
+        list[str] | None, typer.Option(help="Any librdkafka setting as key=value (repeatable).")
+    ] = None,
+    create_topic: Annotated[
+        int | None, typer.Option(min=1, metavar="PARTITIONS", help="Create the topic if missing, with this many partitions.")
+    ] = None,
+) -> None:
+    """Replay a JSONL file into a Kafka topic with the file's own pacing, keyed by session."""
+    check_readable(input_path)
+    extra = parse_kafka_options(kafka_config or [])
+    check_reachable(kafka_brokers, extra)
+    if create_topic is not None:
+        ensure_topics(kafka_brokers, extra, {topic: create_topic})
+    sent = produce_file(input_path, kafka_brokers, topic, extra=extra, speed_factor=speed_factor)
+    typer.echo(f"produced {sent:,} messages from {input_path} to {topic} at {kafka_brokers}")
 
 
 @app.command()

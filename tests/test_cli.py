@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -142,3 +143,33 @@ def test_quiet_paced_replay_closes_windows_on_time_without_spinning(tmp_path: Pa
     assert wall >= 4.3
     assert closed_during_pause == 1, "the quiet input's window must close by the replay clock"
     assert cpu < 1.0, f"the worker spun: {cpu:.2f} s CPU over {wall:.1f} s"
+
+
+@pytest.mark.kafka
+def test_produce_replays_a_file_into_a_topic(sample: Path, kafka_bootstrap: str, kafka_topic: Callable[..., str],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from confluent_kafka import Consumer
+
+    topic = kafka_topic(partitions=3)
+    assert main(["produce", str(sample), "--kafka-brokers", kafka_bootstrap, "--topic", topic, "--speed-factor", "0"]) == 0
+    lines = len(sample.read_bytes().splitlines())
+    assert f"produced {lines:,} messages" in capsys.readouterr().out
+    consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"g-{topic}", "auto.offset.reset": "earliest"})
+    consumer.subscribe([topic])
+    seen, deadline = 0, time.monotonic() + 30
+    while seen < lines and time.monotonic() < deadline:
+        msg = consumer.poll(1.0)
+        if msg is not None and msg.error() is None:
+            seen += 1
+    consumer.close()
+    assert seen == lines
+
+
+def test_produce_to_an_unreachable_broker_is_a_quick_one_line_error(
+    sample: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    started = time.monotonic()
+    assert main(["produce", str(sample), "--kafka-brokers", "127.0.0.1:1", "--topic", "t"]) == 2
+    assert time.monotonic() - started < 10
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "127.0.0.1:1" in err and err.count("\n") == 1
