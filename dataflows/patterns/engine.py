@@ -21,7 +21,7 @@ import heapq
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from dataflows.events import Event, iso
 from dataflows.patterns.definitions import CompiledPredicate, PatternDef, key_of
@@ -115,11 +115,16 @@ class PatternBook:
     _sequence: int = 0
     _remember_keys: tuple[bool, ...] = ()
     _steps: tuple[tuple[CompiledPredicate, ...], ...] = ()
+    _bounds: tuple[tuple[_StepBounds, ...], ...] = ()
     _absences: tuple[CompiledPredicate | None, ...] = ()
 
     def __post_init__(self) -> None:
         self._remember_keys = tuple(p.uses_first_of_key for p in self.patterns)
         self._steps = tuple(tuple(step.where.compile() for step in p.steps) for p in self.patterns)
+        self._bounds = tuple(
+            tuple(_StepBounds(s.name, s.min_count, s.max_count, s.within_seconds) for s in p.steps)
+            for p in self.patterns
+        )
         self._absences = tuple(p.absence.not_followed_by.compile() if p.absence else None for p in self.patterns)
 
     def add(self, event: Event, clock: float | None) -> None:
@@ -207,25 +212,27 @@ class PatternBook:
                     waiting.cancelled = True
             state.waiting = [w for w in state.waiting if not w.cancelled]
 
+        bounds = self._bounds[index]
+        within = pattern.within_seconds
         survivors: list[_Partial] = []
         completed: list[_Partial] = []
         for partial in state.partials:
-            if pattern.within_seconds is not None and time - partial.first_time > pattern.within_seconds:
+            if within is not None and time - partial.first_time > within:
                 continue
-            taken = _take(pattern, steps, partial, event, first)
+            taken = _take(bounds, steps, partial, event, first)
             if taken is None:
-                if not _stalled(pattern, partial, time):
+                if not _stalled(bounds, partial, time):
                     survivors.append(partial)
-            elif _complete(pattern, taken):
+            elif _complete(bounds, taken):
                 completed.append(taken)
             else:
                 survivors.append(taken)
         if starts:
             if pattern.emit == "once_per_burst" and time <= state.muted_until:
-                state.muted_until = time + (pattern.within_seconds or 0.0)
+                state.muted_until = time + (within or 0.0)
             else:
-                started = _Partial(0, 0, (), {}).take(event, 0, pattern.steps[0].name)
-                (completed if _complete(pattern, started) else survivors).append(started)
+                started = _Partial(0, 0, (), {}).take(event, 0, bounds[0].name)
+                (completed if _complete(bounds, started) else survivors).append(started)
         state.partials = survivors
         if completed:
             self._completed(index, pattern, key, state, completed[0], alerts)
@@ -271,24 +278,35 @@ class PatternBook:
         for (index, key), state in list(self.keys.items()):
             pattern = self.patterns[index]
             within = pattern.within_seconds
+            bounds = self._bounds[index]
             state.partials = [
                 p for p in state.partials
-                if not (within is not None and mark - p.first_time > within) and not _stalled(pattern, p, mark)
+                if not (within is not None and mark - p.first_time > within) and not _stalled(bounds, p, mark)
             ]
             idle = not state.partials and not state.waiting and state.muted_until < mark
             if idle and mark - state.last_seen > pattern.max_horizon_seconds:
                 del self.keys[(index, key)]
 
 
+class _StepBounds(NamedTuple):
+    """A step's name and counts and its gap bound, read once from the definition (hot path)."""
+
+    name: str
+    min_count: int
+    max_count: int | None
+    within: float | None
+
+
 def _take(
-    pattern: PatternDef, steps: tuple[CompiledPredicate, ...], partial: _Partial, event: Event, first: bool
+    bounds: tuple[_StepBounds, ...], steps: tuple[CompiledPredicate, ...], partial: _Partial, event: Event,
+    first: bool,
 ) -> _Partial | None:
     """The partial extended by `event` (into the next step, else the current one), or None."""
     time = event.time or 0.0
-    step = pattern.steps[partial.step]
-    if partial.count >= step.min_count and partial.step + 1 < len(pattern.steps):
-        nxt = pattern.steps[partial.step + 1]
-        in_time = nxt.within_seconds is None or time - partial.last_time <= nxt.within_seconds
+    step = bounds[partial.step]
+    if partial.count >= step.min_count and partial.step + 1 < len(bounds):
+        nxt = bounds[partial.step + 1]
+        in_time = nxt.within is None or time - partial.last_time <= nxt.within
         if in_time and steps[partial.step + 1](event, partial.bound, first):
             return partial.take(event, partial.step + 1, nxt.name)
     room = step.max_count is None or partial.count < step.max_count
@@ -297,16 +315,16 @@ def _take(
     return None
 
 
-def _complete(pattern: PatternDef, partial: _Partial) -> bool:
-    return partial.step == len(pattern.steps) - 1 and partial.count >= pattern.steps[-1].min_count
+def _complete(bounds: tuple[_StepBounds, ...], partial: _Partial) -> bool:
+    return partial.step == len(bounds) - 1 and partial.count >= bounds[-1].min_count
 
 
-def _stalled(pattern: PatternDef, partial: _Partial, time: float) -> bool:
+def _stalled(bounds: tuple[_StepBounds, ...], partial: _Partial, time: float) -> bool:
     """Whether the partial can never advance: its step is full and the next step's gap has passed."""
-    step = pattern.steps[partial.step]
-    if partial.step + 1 >= len(pattern.steps) or step.max_count is None or partial.count < step.max_count:
+    step = bounds[partial.step]
+    if partial.step + 1 >= len(bounds) or step.max_count is None or partial.count < step.max_count:
         return False
-    gap = pattern.steps[partial.step + 1].within_seconds
+    gap = bounds[partial.step + 1].within
     return gap is not None and time - partial.last_time > gap
 
 
