@@ -27,7 +27,7 @@ from bytewax.outputs import Sink
 from dataflows.events import DeadLetter, WindowRecord
 from dataflows.patterns.definitions import PatternDef, key_of
 from dataflows.patterns.engine import Alert, PatternBook, patterns_keyed_by
-from dataflows.sequencing import Progress, ReplayLayout, Sequencer, Stamped, Wire, from_wire, to_wire
+from dataflows.sequencing import Progress, ReplayLayout, Sequencer, Stamped, Wire, from_wire, later, to_wire
 from dataflows.windows import WindowBook, WindowConfig
 
 Record = dict[str, Any]
@@ -123,8 +123,7 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
             seq.push(map(from_wire, wires))
         out = _Outputs()
         clock = self._process(seq.release(), out)
-        floor = seq.clock_floor()
-        self._advance(clock if floor is None or (clock is not None and clock > floor) else floor, out)
+        self._advance(later(clock, seq.clock_floor()), out)
         return self._encoded(out), StatefulBatchLogic.RETAIN
 
     def on_eof(self) -> tuple[list[tuple[str, Any]], bool]:
@@ -157,9 +156,7 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
                 out.messages.append(event.as_record())
                 if late is not None:
                     out.late.append(late.as_record())
-            for time in (clock, event.time):
-                if time is not None and (latest is None or time > latest):
-                    latest = time
+            latest = later(latest, later(clock, event.time))
         return latest
 
     def _advance(self, clock: float | None, out: _Outputs) -> None:

@@ -106,7 +106,8 @@ class BlockStamper:
         return (self.block, self.latest)
 
 
-def _max(a: float | None, b: float | None) -> float | None:
+def later(a: float | None, b: float | None) -> float | None:
+    """The later of two clock readings, either of which may be unknown (None)."""
     if a is None:
         return b
     if b is None:
@@ -146,7 +147,7 @@ class Sequencer:
         horizon = min(self.frontier)
         while self.pending and self.pending[0][0] < horizon:
             _, stamped = heapq.heappop(self.pending)
-            yield stamped, _max(self._fold_until(stamped.block), stamped.clock_before)
+            yield stamped, later(self._fold_until(stamped.block), stamped.clock_before)
 
     def release_all(self) -> Iterator[tuple[Stamped, float | None]]:
         """At end of input: every partition is done, whatever markers were seen."""
@@ -160,7 +161,7 @@ class Sequencer:
         floor = self._fold_until(complete)
         live = [t for t, f in zip(self.ticks, self.frontier, strict=True) if f != DONE]
         if live and all(t is not None for t in live):
-            floor = _max(floor, min(t for t in live if t is not None))
+            floor = later(floor, min(t for t in live if t is not None))
         return floor
 
     @property
@@ -184,7 +185,7 @@ class Sequencer:
                     f"event of block {block} was released; partition markers are out of order"
                 )
                 raise RuntimeError(msg) from None
-            self.folded_latest = _max(self.folded_latest, latest)
+            self.folded_latest = later(self.folded_latest, latest)
             self.folded_blocks += 1
         return self.folded_latest
 
