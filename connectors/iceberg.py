@@ -60,7 +60,7 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
-from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
+from bytewax.outputs import StatefulSinkPartition
 from pyiceberg.catalog import Catalog, load_catalog
 from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.exceptions import CommitFailedException, ValidationException
@@ -74,6 +74,7 @@ from pyiceberg.types import (
     IcebergType, IntegerType, ListType, LongType, MapType, NestedField, StringType, StructType, TimestamptzType,
 )
 
+from connectors.by_kind import KindPartitionedSink
 from dataflows.errors import ConvoflowError
 
 Record = dict[str, Any]
@@ -315,29 +316,21 @@ class IcebergState:
     skip: dict[int, int] = field(default_factory=dict)
 
 
-class IcebergSink(FixedPartitionedSink[list[Record], IcebergState]):
+class IcebergSink(KindPartitionedSink[list[Record], IcebergState]):
     """Routes `(kind, records)` to the kind's table; one partition per kind (see the module doc)."""
+
+    output = "Iceberg"
 
     def __init__(self, catalog: Catalog, *, namespace: str = "convoflow", kinds: Sequence[str] | None = None,
                  writer_id: str = "convoflow", commit_rows: int = 50_000, commit_interval: float = 30.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.catalog, self.namespace, self.writer_id = catalog, namespace, writer_id
-        self.kinds = list(kinds if kinds is not None else TABLES)
+        super().__init__(kinds if kinds is not None else list(TABLES))
         unknown = set(self.kinds) - set(TABLES)
         if unknown:
             msg = f"no Iceberg table for output kinds {sorted(unknown)}; known kinds: {sorted(TABLES)}"
             raise ConvoflowError(msg)
         self.commit_rows, self.commit_interval, self.clock = commit_rows, commit_interval, clock
-
-    def list_parts(self) -> list[str]:
-        return self.kinds
-
-    def part_fn(self, item_key: str) -> int:
-        try:
-            return sorted(self.kinds).index(item_key)
-        except ValueError:
-            msg = f"no Iceberg output for records of kind {item_key!r}; known kinds: {self.kinds}"
-            raise ConvoflowError(msg) from None
 
     def build_part(self, step_id: str, for_part: str, resume_state: IcebergState | None) -> IcebergPartition:
         table = ensure_tables(self.catalog, self.namespace, [for_part])[for_part]

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
-from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
+from bytewax.outputs import StatefulSinkPartition
+
+from connectors.by_kind import KindPartitionedSink
 
 from dataflows.errors import ConvoflowError
 
@@ -46,29 +48,21 @@ def json_lines(records: list[Record]) -> bytes:
     return b"".join(map(json_line, records))
 
 
-class JsonlSink(FixedPartitionedSink[bytes, int]):
+class JsonlSink(KindPartitionedSink[bytes, int]):
     """Routes `(kind, line)` to `<out_dir>/<kind>.jsonl`; one partition per kind.
 
     Lines arrive already encoded by `json_lines`, in chunks, from the worker that produced them.
     """
 
+    output = "JSONL"
+
     def __init__(self, out_dir: Path, kinds: Sequence[str]) -> None:
+        super().__init__(kinds)
         self.out_dir = out_dir
-        self.kinds = list(kinds)
 
     @staticmethod
     def file_name(kind: str) -> str:
         return f"{kind}.jsonl"
-
-    def list_parts(self) -> list[str]:
-        return self.kinds
-
-    def part_fn(self, item_key: str) -> int:
-        try:
-            return sorted(self.kinds).index(item_key)
-        except ValueError:
-            msg = f"no JSONL output for records of kind {item_key!r}; known kinds: {self.kinds}"
-            raise ConvoflowError(msg) from None
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> JsonlPartition:
         return JsonlPartition(self.out_dir / self.file_name(for_part), resume_state)
