@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from connectors.iceberg import ensure_tables, open_catalog
 from connectors.jsonl import prepare_out_dir
 from connectors.kafka_io import check_reachable, ensure_topics, parse_kafka_options, produce_file
 from connectors.live_view import LiveView, RunStats
@@ -29,6 +30,7 @@ if sys.version_info < (3, 10) or sys.version_info >= (3, 13):  # noqa: UP036 - a
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 DEFAULT_PATTERNS = Path(__file__).parent / "samples" / "patterns.yaml"
+DEFAULT_LAKE = "lake"
 
 OutDir = Annotated[Path, typer.Option("--out-dir", help="Folder for the output files (created if missing).")]
 Processes = Annotated[int, typer.Option("--processes", min=1, help="Local Bytewax processes forming one cluster.")]
@@ -52,6 +54,10 @@ def run(
         Path, typer.Option(help="YAML or JSON file of pattern definitions (alerts.jsonl).")
     ] = DEFAULT_PATTERNS,
     no_patterns: Annotated[bool, typer.Option("--no-patterns", help="Detect no patterns.")] = False,
+    lake: Annotated[bool, typer.Option(help="Also write every output to Iceberg tables (see --lake-dir).")] = False,
+    lake_dir: Annotated[
+        Path | None, typer.Option(help="Folder of the embedded Iceberg catalog and warehouse [default: OUT_DIR/lake].")
+    ] = None,
     block_kib: Annotated[
         int, typer.Option(min=1, help="Size of the file blocks dealt to partitions, in KiB.", hidden=True)
     ] = 1024,
@@ -60,7 +66,10 @@ def run(
     check_readable(input_path)
     window = _window_config(window_size, max_out_of_orderness)
     pattern_defs = () if no_patterns else load_patterns(patterns)
-    prepare_out_dir(out_dir, OUTPUT_FILES, overwrite=overwrite)
+    prepare_out_dir(out_dir, OUTPUT_FILES, overwrite=overwrite, dirs=(DEFAULT_LAKE,) if lake and lake_dir is None else ())
+    lake_at = (lake_dir or out_dir / DEFAULT_LAKE).resolve() if lake else None
+    if lake_at is not None:
+        ensure_tables(open_catalog(lake_dir=lake_at))
     start = time.time()
     origin = first_event_time(input_path)
     if origin is None:
@@ -75,11 +84,12 @@ def run(
             flow=FlowConfig(window=window, layout=layout, time_origin=origin, patterns=pattern_defs),
             clock=ReplayClock(event_origin=origin, wall_origin=start, speed=speed_factor),
             state_dir=state_dir,
+            lake_dir=lake_at,
         )
         stats = RunStats(out_dir, state_dir / "gauges.json")
         with LiveView(stats, console, enabled=console.is_terminal and not quiet) as view:
             run_replay(job, processes, workers, poll=view.poll)
-    typer.echo(stats.summary())
+    typer.echo(stats.summary() + (f"; Iceberg tables in {lake_at}" if lake_at else ""))
 
 
 @app.command()

@@ -7,6 +7,7 @@ and writes it again: the files hold every record exactly once.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -21,9 +22,9 @@ from dataflows.errors import ConvoflowError
 Record = dict[str, Any]
 
 
-def prepare_out_dir(out_dir: Path, file_names: Sequence[str], *, overwrite: bool) -> None:
+def prepare_out_dir(out_dir: Path, file_names: Sequence[str], *, overwrite: bool, dirs: Sequence[str] = ()) -> None:
     """Create `out_dir` with every output file empty, refusing to mix with an earlier run's files
-    unless `overwrite`. (Bytewax builds a sink partition only for its first item, so an output
+    unless `overwrite`, which also removes the folders `dirs` (an earlier run's lake). (Bytewax builds a sink partition only for its first item, so an output
     that gets none would otherwise not exist.)"""
     if out_dir.exists() and not out_dir.is_dir():
         msg = f"--out-dir {out_dir} exists and is not a directory"
@@ -34,6 +35,8 @@ def prepare_out_dir(out_dir: Path, file_names: Sequence[str], *, overwrite: bool
         shown = ", ".join(existing[:5]) + (", ..." if len(existing) > 5 else "")
         msg = f"--out-dir {out_dir} is not empty ({shown}); pass --overwrite to replace its outputs"
         raise ConvoflowError(msg)
+    for name in dirs:
+        shutil.rmtree(out_dir / name, ignore_errors=True)
     for name in file_names:
         (out_dir / name).write_bytes(b"")
 

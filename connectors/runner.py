@@ -18,12 +18,13 @@ from pathlib import Path
 from bytewax.dataflow import Dataflow
 from bytewax.testing import cluster_main, run_main
 
+from connectors.iceberg import IcebergSink, open_catalog
 from connectors.jsonl import JsonlSink, json_lines
 from connectors.progress import GaugeSink
 from connectors.replay import ReplaySource
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
-from dataflows.flow import FlowConfig, OutputKind, build_flow
+from dataflows.flow import FlowConfig, FlowOutput, OutputKind, build_flow
 
 OUTPUT_FILES = tuple(JsonlSink.file_name(k) for k in OutputKind)
 
@@ -37,14 +38,19 @@ class ReplayRun:
     flow: FlowConfig
     clock: ReplayClock
     state_dir: Path | None = None
+    lake_dir: Path | None = None
     batch_size: int = 1000
     epoch_interval: timedelta = timedelta(seconds=5)
 
     def build(self) -> Dataflow:
+        """The flow with its real connectors: JSONL files, and Iceberg tables when `lake_dir` is set."""
         source = ReplaySource(self.input_path, layout=self.flow.layout, clock=self.clock, batch_size=self.batch_size)
-        sink = JsonlSink(self.out_dir, [k.value for k in OutputKind])
+        kinds = [k.value for k in OutputKind]
+        outputs = [FlowOutput("jsonl", JsonlSink(self.out_dir, kinds), json_lines)]
+        if self.lake_dir is not None:
+            outputs.append(FlowOutput("lake", IcebergSink(open_catalog(lake_dir=self.lake_dir), kinds=kinds)))
         gauges = GaugeSink(self.state_dir / "gauges.json") if self.state_dir else None
-        return build_flow(source, sink, self.flow, encode=json_lines, gauges=gauges)
+        return build_flow(source, outputs, self.flow, gauges=gauges)
 
 
 def free_addresses(count: int) -> list[str]:

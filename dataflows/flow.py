@@ -1,8 +1,8 @@
 """The conversation-window dataflow: replayed events → file order → session windows → outputs.
 
-Built by `build_flow(source, sink, config)`; the CLI passes real connectors, tests pass
+Built by `build_flow(source, outputs, config)`; the CLI passes real connectors, tests pass
 `bytewax.testing` ones. The source emits what a replay partition emits (`Stamped` events,
-`DeadLetter`s and `Progress` markers, see `dataflows.sequencing`); the sink receives
+`DeadLetter`s and `Progress` markers, see `dataflows.sequencing`); each output's sink receives
 `(kind, record)` pairs, `kind` being one of `OutputKind`, `record` a JSON-ready dict.
 
 Sessions are hashed onto a fixed number of shards (not onto workers), so the assignment of a
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pickle
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
@@ -103,9 +103,8 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
     every epoch even without recovery, and one `pickle.dumps` is far cheaper than a `deepcopy`.
     """
 
-    def __init__(self, config: FlowConfig, resume: bytes | None, encode: Encoder, role: ShardRole) -> None:
+    def __init__(self, config: FlowConfig, resume: bytes | None, role: ShardRole) -> None:
         self.config = config
-        self.encode = encode
         if resume is not None:
             self.state = pickle.loads(resume)
         else:
@@ -124,7 +123,7 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
         out = _Outputs()
         clock = self._process(seq.release(), out)
         self._advance(later(clock, seq.clock_floor()), out)
-        return self._encoded(out), StatefulBatchLogic.RETAIN
+        return self._batches(out), StatefulBatchLogic.RETAIN
 
     def on_eof(self) -> tuple[list[tuple[str, Any]], bool]:
         seq = self.state.sequencer
@@ -134,7 +133,7 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
             out.windows.extend(self.state.book.flush())
         if self.state.patterns is not None:
             out.alerts.extend(self.state.patterns.flush())
-        return self._encoded(out), StatefulBatchLogic.RETAIN
+        return self._batches(out), StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> bytes:
         return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
@@ -165,8 +164,8 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
         if self.state.patterns is not None:
             out.alerts.extend(self.state.patterns.advance(clock))
 
-    def _encoded(self, out: _Outputs) -> list[tuple[str, Any]]:
-        encoded: list[tuple[str, Any]] = []
+    def _batches(self, out: _Outputs) -> list[tuple[str, Any]]:
+        batches: list[tuple[str, Any]] = []
         for kind, records in (
             (OutputKind.MESSAGES, out.messages),
             (OutputKind.WINDOWS, [w.as_record() for w in out.windows]),
@@ -174,12 +173,12 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
             (OutputKind.ALERTS, [a.as_record() for a in out.alerts]),
         ):
             if records:
-                encoded.append((kind, self.encode(records)))
+                batches.append((kind, records))
         count = len(self.state.book.open) if self.state.book is not None else 0
         if count != self.reported_open:
             self.reported_open = count
-            encoded.append((GAUGE, {"open_windows": count, "buffered": self.state.sequencer.buffered}))
-        return encoded
+            batches.append((GAUGE, {"open_windows": count, "buffered": self.state.sequencer.buffered}))
+        return batches
 
 
 @dataclass
@@ -204,12 +203,12 @@ def _patterns_for(patterns: tuple[PatternDef, ...], role: ShardRole) -> tuple[tu
     return session + user, frozenset({"conversation"})
 
 
-def _router(config: FlowConfig, encode: Encoder) -> Callable[[list[Stamped | DeadLetter | Progress]], list[tuple[str, Any]]]:
+def _router(config: FlowConfig) -> Callable[[list[Stamped | DeadLetter | Progress]], list[tuple[str, Any]]]:
     """Group a batch from the source by shard, one item per shard, in the source's order.
 
     Each event goes to its session's shard and, when user-keyed patterns are on, to its user's
     shard (chat events only: see `_patterns_for`). Markers go to every shard, after the events that
-    preceded them. Dead letters leave as one encoded batch. Grouping cuts the items Bytewax moves
+    preceded them. Dead letters leave as one batch. Grouping cuts the items Bytewax moves
     per event, its main per-event cost.
     """
     shards = config.shards
@@ -236,44 +235,62 @@ def _router(config: FlowConfig, encode: Encoder) -> Callable[[list[Stamped | Dea
                     groups.setdefault(key, []).append(wire)
         routed: list[tuple[str, Any]] = list(groups.items())
         if dead:
-            routed.append((OutputKind.DEAD_LETTER, encode(dead)))
+            routed.append((OutputKind.DEAD_LETTER, dead))
         return routed
 
     return route
 
 
+@dataclass(frozen=True)
+class FlowOutput:
+    """One destination of the flow's records: a sink and how it wants each batch of one kind.
+
+    `encode` runs on the worker that made the batch, so encoded payloads (JSON bytes, say), not
+    dicts, cross to the sink's worker.
+    """
+
+    name: str
+    sink: Sink[tuple[str, Any]]
+    encode: Encoder = as_list
+
+
 def build_flow(
     source: Source[Stamped | DeadLetter | Progress],
-    sink: Sink[tuple[str, Any]],
+    outputs: Sequence[FlowOutput],
     config: FlowConfig,
     *,
-    encode: Encoder = as_list,
     gauges: Sink[tuple[str, Record]] | None = None,
     flow_id: str = "convoflow",
 ) -> Dataflow:
-    """Wire the replay pipeline: read → split dead letters → shard → sequence, window, match → sink.
+    """Wire the replay pipeline: read → split dead letters → shard → sequence, window, match → outputs.
 
-    The sink receives `(kind, encode(records))`, a batch of records of one kind at a time;
-    `encode` runs on the worker that made them, so encoded bytes, not dicts, cross to the
-    sink's worker.
-    `gauges`, when given, receives `(shard, {"shard", "open_windows", "buffered"})` for live views.
+    Every output receives `(kind, encode(records))`, one batch of records of one kind at a time
+    (`kind` one of `OutputKind`, records JSON-ready dicts). `gauges`, when given, receives
+    `(shard, {"shard", "open_windows", "buffered"})` for live views.
     """
     flow = Dataflow(flow_id)
     items = op.input("read", flow, source)
-    routed = op.flat_map_batch("route_to_shards", items, _router(config, encode))
+    routed = op.flat_map_batch("route_to_shards", items, _router(config))
     split = op.branch("split_dead_letters", routed, lambda kv: kv[0] == OutputKind.DEAD_LETTER)
     by_role = op.branch("split_user_shards", split.falses, lambda kv: kv[0].startswith(USER_SHARD))
     shard_outputs = [
-        op.stateful_batch("sequence_and_window", by_role.falses, lambda r: ShardLogic(config, r, encode, "session"))
+        op.stateful_batch("sequence_and_window", by_role.falses, lambda r: ShardLogic(config, r, "session"))
     ]
     if patterns_keyed_by(config.patterns, "user"):
-        shard_outputs.append(
-            op.stateful_batch("user_patterns", by_role.trues, lambda r: ShardLogic(config, r, encode, "user"))
-        )
+        shard_outputs.append(op.stateful_batch("user_patterns", by_role.trues, lambda r: ShardLogic(config, r, "user")))
     keyed = op.merge("shard_outputs", *shard_outputs)
     by_kind = op.branch("split_gauges", keyed, lambda kv: kv[1][0] == GAUGE)
-    records = op.map("drop_shard_key", by_kind.falses, lambda kv: kv[1])
-    op.output("write", op.merge("outputs", split.trues, records), sink)
+    records = op.merge("records", split.trues, op.map("drop_shard_key", by_kind.falses, lambda kv: kv[1]))
+    for output in outputs:
+        encoded = op.map(f"encode_for_{output.name}", records, _encoding(output.encode))
+        op.output(f"write_{output.name}", encoded, output.sink)
     if gauges is not None:
         op.output("gauges", op.map("gauge_by_shard", by_kind.trues, lambda kv: (kv[0], {"shard": kv[0], **kv[1][1]})), gauges)
     return flow
+
+
+def _encoding(encode: Encoder) -> Callable[[tuple[str, list[Record]]], tuple[str, Any]]:
+    def apply(kind_records: tuple[str, list[Record]]) -> tuple[str, Any]:
+        return (kind_records[0], encode(kind_records[1]))
+
+    return apply

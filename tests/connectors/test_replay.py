@@ -131,7 +131,7 @@ def test_unreadable_inputs_are_named(tmp_path: Path, make: Callable[[Path], Path
 def test_partitioning_does_not_change_results(tmp_path: Path, partitions: int, block_bytes: int, workers: int) -> None:
     from bytewax.testing import TestingSink, cluster_main
 
-    from dataflows.flow import FlowConfig, build_flow
+    from dataflows.flow import FlowConfig, FlowOutput, build_flow
     from samples.generate import SampleSpec, write_sample
 
     path = tmp_path / "sample.jsonl"
@@ -141,7 +141,8 @@ def test_partitioning_does_not_change_results(tmp_path: Path, partitions: int, b
     def outputs(layout: ReplayLayout, workers: int) -> dict[str, list[str]]:
         out: list[tuple[str, list[dict]]] = []
         source = ReplaySource(path, layout=layout, clock=ReplayClock(origin, 0.0, 0.0))
-        cluster_main(build_flow(source, TestingSink(out), FlowConfig(layout=layout, time_origin=origin)), [], 0,
+        outputs = [FlowOutput("test", TestingSink(out))]
+        cluster_main(build_flow(source, outputs, FlowConfig(layout=layout, time_origin=origin)), [], 0,
                      worker_count_per_proc=workers)
         by_kind: dict[str, list[str]] = {}
         for kind, records in out:

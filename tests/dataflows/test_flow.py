@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 
-from dataflows.flow import FlowConfig, OutputKind, build_flow, shard_of
+from dataflows.flow import FlowConfig, FlowOutput, OutputKind, build_flow, shard_of
 from dataflows.sequencing import DONE, ReplayLayout, replay_items
 from dataflows.windows import WindowConfig
 from tests.conftest import jsonl
@@ -17,7 +17,8 @@ T = "2024-01-01T10:00:{:02d}+00:00"
 
 def run(lines: list[str], workers: int = 1, **config: Any) -> dict[str, list[dict[str, Any]]]:
     out: list[tuple[str, dict[str, Any]]] = []
-    flow = build_flow(TestingSource(replay_items(lines)), TestingSink(out), FlowConfig(layout=ONE_BLOCK, **config))
+    flow = build_flow(TestingSource(replay_items(lines)), [FlowOutput("test", TestingSink(out))],
+                      FlowConfig(layout=ONE_BLOCK, **config))
     if workers == 1:
         run_main(flow)
     else:
