@@ -11,9 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from connectors.iceberg import ensure_tables, open_catalog
 from connectors.jsonl import prepare_out_dir
-from connectors.kafka_io import check_reachable, ensure_topics, parse_kafka_options, produce_file
 from connectors.live_view import LiveView, RunStats
 from connectors.replay import check_readable, first_event_time
 from connectors.runner import OUTPUT_FILES, ReplayRun, run_replay
@@ -69,6 +67,8 @@ def run(
     prepare_out_dir(out_dir, OUTPUT_FILES, overwrite=overwrite, dirs=(DEFAULT_LAKE,) if lake and lake_dir is None else ())
     lake_at = (lake_dir or out_dir / DEFAULT_LAKE).resolve() if lake else None
     if lake_at is not None:
+        from connectors.iceberg import ensure_tables, open_catalog  # heavy: only when asked for
+
         ensure_tables(open_catalog(lake_dir=lake_at))
     start = time.time()
     origin = first_event_time(input_path)
@@ -110,6 +110,8 @@ def produce(
     ] = None,
 ) -> None:
     """Replay a JSONL file into a Kafka topic with the file's own pacing, keyed by session."""
+    from connectors.kafka_io import check_reachable, ensure_topics, parse_kafka_options, produce_file
+
     check_readable(input_path)
     extra = parse_kafka_options(kafka_config or [])
     check_reachable(kafka_brokers, extra)
