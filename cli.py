@@ -18,7 +18,7 @@ from connectors.runner import OUTPUT_FILES, ReplayRun, run_replay
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
 from dataflows.flow import FlowConfig
-from dataflows.patterns.definitions import load_patterns
+from connectors.pattern_files import load_patterns
 from dataflows.sequencing import ReplayLayout
 from dataflows.windows import WindowConfig
 from samples.generate import SampleSpec, sessions_for_events, write_sample

@@ -75,7 +75,7 @@ def pipeline_seconds(path: Path, processes: int, *, patterns: bool = False) -> d
     from connectors.runner import OUTPUT_FILES, ReplayRun, run_replay
     from dataflows.clock import ReplayClock
     from dataflows.flow import FlowConfig
-    from dataflows.patterns.definitions import load_patterns
+    from connectors.pattern_files import load_patterns
     from dataflows.sequencing import ReplayLayout
 
     out = Path(tempfile.mkdtemp(prefix="convoflow-bench-"))

@@ -16,7 +16,6 @@ import json
 import re
 import string
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -400,35 +399,30 @@ def pattern_from_dict(data: Mapping[str, Any], *, source: str = "rules stream", 
         raise PatternError("\n".join(f"{source}: {label}: {p}" for p in _problems(exc))) from None
 
 
-def load_patterns(path: Path) -> tuple[PatternDef, ...]:
-    """Load every pattern, enabled or not, from `.yaml`/`.yml`/`.json`: a list, or one under `patterns:`."""
-    suffix = path.suffix.lower()
-    if suffix not in {".yaml", ".yml", ".json"}:
-        msg = f"{path}: unknown pattern file extension '{path.suffix}' (expected .yaml, .yml or .json)"
-        raise PatternError(msg)
+def patterns_from_text(text: str, fmt: Literal["json", "yaml"], source: str) -> tuple[PatternDef, ...]:
+    """Every pattern, enabled or not, in a JSON or YAML document: a list, or one under `patterns:`.
+
+    `source` names the document in error messages (a file path, say).
+    """
     try:
-        text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError) as exc:
-        msg = f"{path}: cannot read: {exc}"
-        raise PatternError(msg) from None
+        data = json.loads(text) if fmt == "json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        msg = f"{path}: not valid {'JSON' if suffix == '.json' else 'YAML'}: {' '.join(str(exc).split())}"
+        msg = f"{source}: not valid {'JSON' if fmt == 'json' else 'YAML'}: {' '.join(str(exc).split())}"
         raise PatternError(msg) from None
     items = data.get("patterns") if isinstance(data, dict) and set(data) == {"patterns"} else data
     if not isinstance(items, list) or not items:
-        msg = f"{path}: expected a non-empty list of patterns (top level, or under a 'patterns' key)"
+        msg = f"{source}: expected a non-empty list of patterns (top level, or under a 'patterns' key)"
         raise PatternError(msg)
     problems: list[str] = []
     patterns: dict[str, tuple[int, PatternDef]] = {}
     for i, item in enumerate(items):
         try:
-            pattern = pattern_from_dict(item, source=str(path), index=i)
+            pattern = pattern_from_dict(item, source=source, index=i)
         except PatternError as exc:
             problems.append(str(exc))
             continue
         if pattern.id in patterns:
-            problems.append(f"{path}: pattern '{pattern.id}': id: duplicate (also pattern #{patterns[pattern.id][0]})")
+            problems.append(f"{source}: pattern '{pattern.id}': id: duplicate (also pattern #{patterns[pattern.id][0]})")
         patterns.setdefault(pattern.id, (i, pattern))
     if problems:
         raise PatternError("\n".join(problems))

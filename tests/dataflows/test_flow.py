@@ -142,7 +142,7 @@ def test_same_outputs_with_several_workers(conversation: Callable[..., dict], wo
 def test_alerts_from_session_and_user_patterns_with_any_worker_count(chat: Callable[..., dict]) -> None:
     from pathlib import Path
 
-    from dataflows.patterns.definitions import load_patterns
+    from connectors.pattern_files import load_patterns
 
     patterns = load_patterns(Path(__file__).parent.parent.parent / "samples" / "patterns.yaml")
     lines = jsonl(

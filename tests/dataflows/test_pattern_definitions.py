@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 import yaml
 
+from connectors.pattern_files import load_patterns
 from dataflows.events import Event, iso
 from dataflows.patterns.definitions import (
     PatternDef,
@@ -14,7 +15,6 @@ from dataflows.patterns.definitions import (
     is_question,
     is_thanks,
     key_of,
-    load_patterns,
     pattern_from_dict,
     role_of,
 )

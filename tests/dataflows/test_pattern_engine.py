@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dataflows.events import Event, iso
-from dataflows.patterns.definitions import PatternDef, load_patterns, pattern_from_dict
+from connectors.pattern_files import load_patterns
+from dataflows.patterns.definitions import PatternDef, pattern_from_dict
 from dataflows.patterns.engine import Alert, PatternBook
 
 PATTERNS = {p.id: p for p in load_patterns(Path(__file__).parent.parent.parent / "samples" / "patterns.yaml")}
