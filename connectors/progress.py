@@ -66,24 +66,35 @@ def read_gauges(path: Path) -> dict[str, int]:
         return {"open_windows": 0, "buffered": 0}
 
 
-class LineCounter:
-    """Counts the lines of a growing file, reading only what was appended since last time."""
+class FileTail:
+    """The complete lines appended to a growing file since the last call."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.offset = 0
-        self.lines = 0
 
-    def count(self) -> int:
+    def new_lines(self) -> bytes:
+        """Whole lines written since last time (a partly written last line waits for the next call)."""
         try:
             with self.path.open("rb") as f:
                 f.seek(self.offset)
                 chunk = f.read()
         except FileNotFoundError:
-            return self.lines
+            return b""
         complete = chunk.rfind(b"\n") + 1
-        self.lines += chunk.count(b"\n", 0, complete)
         self.offset += complete
+        return chunk[:complete]
+
+
+class LineCounter:
+    """Counts the lines of a growing file, reading only what was appended since last time."""
+
+    def __init__(self, path: Path) -> None:
+        self.tail = FileTail(path)
+        self.lines = 0
+
+    def count(self) -> int:
+        self.lines += self.tail.new_lines().count(b"\n")
         return self.lines
 
 
@@ -91,21 +102,12 @@ class FieldTally:
     """Counts the values of one field in the lines appended to a JSONL file (e.g. alerts by pattern)."""
 
     def __init__(self, path: Path, field: str) -> None:
-        self.path = path
+        self.tail = FileTail(path)
         self.field = field
-        self.offset = 0
         self.counts: dict[str, int] = {}
 
     def tally(self) -> dict[str, int]:
-        try:
-            with self.path.open("rb") as f:
-                f.seek(self.offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return self.counts
-        complete = chunk.rfind(b"\n") + 1
-        for line in chunk[:complete].splitlines():
+        for line in self.tail.new_lines().splitlines():
             value = str(orjson.loads(line).get(self.field))
             self.counts[value] = self.counts.get(value, 0) + 1
-        self.offset += complete
         return self.counts
