@@ -15,7 +15,7 @@ from functools import lru_cache
 import json
 import re
 import string
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -28,7 +28,6 @@ from dataflows.parse import MESSAGE_TYPES
 
 RoleName = Literal["customer", "rm", "user", "agent", "any"]
 ResolvedRole = Literal["customer", "agent", "user"]
-RoleOf = Callable[[Event], ResolvedRole]
 KeyKind = Literal["user", "session"]
 
 MESSAGE_KINDS = MESSAGE_TYPES | {"message"}
@@ -136,43 +135,17 @@ class Predicate(_Model):
             raise PydanticCustomError("regex", "invalid regular expression '{regex}': {error}",
                                       {"regex": value, "error": str(exc)}) from None
 
-    def matches(self, event: Event, *, role_of: RoleOf = role_of, bound: Mapping[str, Event] | None = None,
-                first_of_key: bool = False) -> bool:
-        """Whether `event` satisfies this predicate.
+    def matches(self, event: Event, *, roles: Mapping[str, ResolvedRole] | None = None,
+                bound: Mapping[str, Event] | None = None, first_of_key: bool = False) -> bool:
+        """Whether `event` satisfies this predicate (the engine calls the `compile`d form instead).
 
-        `role_of` resolves the sender's role; `bound` holds the events matched so far, by step name;
-        `first_of_key` says whether this is the first event the engine has seen for the key.
+        `roles` overrides senders' roles (e.g. permissions from the rules stream); `bound` holds the
+        events matched so far, by step name; `first_of_key` says whether this is the key's first event.
         """
-        if self.kind is not None and event.kind not in self.kind:
-            return False
-        if self.message is not None and (event.kind in MESSAGE_KINDS) != self.message:
-            return False
-        if self.first_of_key is not None and first_of_key != self.first_of_key:
-            return False
-        if self.role is not None and not any(role_is(r, role_of(event)) for r in self.role):
-            return False
-        if self.question is not None and is_question(event.text) != self.question:
-            return False
-        if self.thanks is not None and is_thanks(event.text) != self.thanks:
-            return False
-        if self.text_regex is not None and self.text_regex.search(event.text) is None:
-            return False
-        if self.same_sender_as is not None:
-            same = bound.get(self.same_sender_as) if bound else None
-            if same is None or same.sender != event.sender:
-                return False
-        if self.other_sender_than is not None:
-            other = bound.get(self.other_sender_than) if bound else None
-            if other is None or other.sender == event.sender:
-                return False
-        if self.any_of and not any(
-            p.matches(event, role_of=role_of, bound=bound, first_of_key=first_of_key) for p in self.any_of
-        ):
-            return False
-        return not any(p.matches(event, role_of=role_of, bound=bound, first_of_key=first_of_key) for p in self.none_of)
+        return self.compile()(event, bound, first_of_key, roles)
 
     def compile(self) -> CompiledPredicate:
-        """The same test as `matches` (with the default `role_of`), as a fast picklable object."""
+        """This predicate as a fast, picklable callable: the form the engine calls per event."""
         return CompiledPredicate(self)
 
     @property
@@ -205,14 +178,15 @@ class CompiledPredicate:
         self.any_of = tuple(q.compile() for q in p.any_of)
         self.none_of = tuple(q.compile() for q in p.none_of)
 
-    def __call__(self, event: Event, bound: Mapping[str, Event] | None = None, first_of_key: bool = False) -> bool:
+    def __call__(self, event: Event, bound: Mapping[str, Event] | None = None, first_of_key: bool = False,
+                 roles: Mapping[str, ResolvedRole] | None = None) -> bool:
         if self.kinds is not None and event.kind not in self.kinds:
             return False
         if self.message is not None and (event.kind in MESSAGE_KINDS) != self.message:
             return False
         if self.first_of_key is not None and first_of_key != self.first_of_key:
             return False
-        if self.roles is not None and role_of(event) not in self.roles:
+        if self.roles is not None and role_of(event, roles) not in self.roles:
             return False
         if self.question is not None and is_question(event.text) != self.question:
             return False
@@ -228,9 +202,9 @@ class CompiledPredicate:
             other = bound.get(self.other) if bound else None
             if other is None or other.sender == event.sender:
                 return False
-        if self.any_of and not any(q(event, bound, first_of_key) for q in self.any_of):
+        if self.any_of and not any(q(event, bound, first_of_key, roles) for q in self.any_of):
             return False
-        return not any(q(event, bound, first_of_key) for q in self.none_of)
+        return not any(q(event, bound, first_of_key, roles) for q in self.none_of)
 
     def __getstate__(self) -> tuple[object, ...]:
         return tuple(getattr(self, name) for name in self.__slots__)
