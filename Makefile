@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SPEED ?= 20
 
-.PHONY: demo test quick bench samples clean
+.PHONY: demo test quick typecheck bench samples clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 10) <= v <= (3, 12) else f"convoflow needs Python 3.10-3.12 (Bytewax 0.21.1 has no wheels for {v[0]}.{v[1]}); set PYTHON=/path/to/python3.11")'
@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) cli.py run --input samples/conversations.jsonl --speed-factor $(SPEED) --out-dir out/demo --overwrite
 
-test: $(STAMP)
+test: $(STAMP) typecheck
 	$(PY) -m pytest
+
+typecheck: $(STAMP)
+	$(PY) -m mypy
 
 quick: $(STAMP)
 	$(PY) -m pytest -m "not slow and not kafka and not lake and not crash"

@@ -147,7 +147,7 @@ def produce_file(
     key_fields: tuple[str, ...] = SESSION_KEY_FIELDS,
     clock: Callable[[], float] = time.time,
     sleep: Callable[[float], None] = time.sleep,
-    producer_factory: ProducerFactory = Producer,
+    producer_factory: ProducerFactory | None = None,
 ) -> int:
     """Replay the JSONL file `path` into `topic`, paced by its own timestamps; return the count sent.
 
@@ -165,7 +165,7 @@ def produce_file(
     if not speed_factor >= 0:
         msg = f"speed factor must be >= 0, got {speed_factor}"
         raise ConvoflowError(msg)
-    producer = _client(producer_factory, kafka_config(brokers, extra), brokers)
+    producer = _client(producer_factory or Producer, kafka_config(brokers, extra), brokers)
     failures: list[str] = []
 
     def check() -> None:

@@ -281,7 +281,7 @@ def _iso(ts_ms: int, rng: random.Random) -> str:
 
 def _malformed(rng: random.Random, ts_ms: int, sessions: int) -> str:
     """Return one broken but non-empty line of a kind a real feed produces."""
-    good = {"session_id": f"s-{rng.randint(1, max(sessions, 1)):04d}", "sender": "rm",
+    good: dict[str, object] = {"session_id": f"s-{rng.randint(1, max(sessions, 1)):04d}", "sender": "rm",
             "message": rng.choice(_RM_FILLER), "timestamp": _iso(ts_ms, rng)}
     kind = rng.randrange(6)
     if kind == 0:
