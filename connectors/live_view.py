@@ -24,7 +24,7 @@ class RunStats:
     started: float = field(default_factory=time.monotonic)
     counters: dict[str, LineCounter] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
-    alerts: FieldTally | None = None
+    alerts: FieldTally = field(init=False)
     open_windows: int = 0
     rate: float = 0.0
     _last: tuple[float, int] = (0.0, 0)
@@ -40,8 +40,7 @@ class RunStats:
 
     def refresh(self) -> None:
         self.counts = {kind: counter.count() for kind, counter in self.counters.items()}
-        if self.alerts is not None:
-            self.alerts.tally()
+        self.alerts.tally()
         if self.gauges_path is not None:
             self.open_windows = read_gauges(self.gauges_path)["open_windows"]
         now = time.monotonic()
@@ -61,7 +60,7 @@ class RunStats:
         table.add_row("windows emitted", f"{self.counts.get(OutputKind.WINDOWS, 0):,}")
         table.add_row("late events", f"{self.counts.get(OutputKind.LATE, 0):,}")
         table.add_row("dead-lettered", f"{self.counts.get(OutputKind.DEAD_LETTER, 0):,}")
-        for pattern, count in sorted(self.alerts.counts.items() if self.alerts else ()):
+        for pattern, count in sorted(self.alerts.counts.items()):
             table.add_row(f"alerts: {pattern}", f"{count:,}")
         table.add_row("elapsed", f"{elapsed:,.1f} s")
         return table

@@ -186,25 +186,27 @@ class PatternBook:
                 key = user_key = user_key or key_of(event, "user")
             slot = (index, key)
             state = self.keys.get(slot)
-            if state is not None:
-                self._match(index, pattern, key, state, False, event, alerts)
-                continue
-            first = slot not in self.seen
-            if not self._steps[index][0](event, None, first):
-                if self._remember_keys[index]:
-                    self.seen[slot] = time
-                continue
-            self.seen.pop(slot, None)
-            self._match(index, pattern, key, _KeyState(last_seen=time), first, event, alerts)
+            first = state is None and slot not in self.seen
+            starts = self._steps[index][0](event, None, first)
+            if state is None:
+                if not starts:
+                    if self._remember_keys[index]:
+                        self.seen[slot] = time
+                    continue
+                self.seen.pop(slot, None)
+                state = _KeyState(last_seen=time)
+            self._match(index, pattern, key, state, first, starts, event, alerts)
 
-    def _match(self, index: int, pattern: PatternDef, key: str, state: _KeyState, first: bool, event: Event,
-               alerts: list[Alert]) -> None:
-        """Feed `event` to the key's partial matches and waiting absences; `first`: the key is new."""
+    def _match(self, index: int, pattern: PatternDef, key: str, state: _KeyState, first: bool, starts: bool,
+               event: Event, alerts: list[Alert]) -> None:
+        """Feed `event` to the key's partial matches and waiting absences.
+
+        `first`: the key is new; `starts`: the event fits the first step (already tested by the caller).
+        """
         time = event.time or 0.0
         steps = self._steps[index]
         self.keys[(index, key)] = state
         state.last_seen = time
-        starts = steps[0](event, None, first)
         absence = self._absences[index]
         if absence is not None and state.waiting:
             for waiting in state.waiting:
