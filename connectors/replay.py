@@ -121,14 +121,13 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
         self.peeked: tuple[Event | DeadLetter, int] | None = None
         self.waiting_since: float | None = None
         self.done = False
-        self.exhausted = False
         self.buffer = b""
         self.buffer_start = 0
         if self.line:
             self._load_block()
 
     def next_batch(self) -> list[Item]:
-        if self.exhausted:
+        if self.done:
             raise StopIteration
         now = self.src.wall()
         batch: list[Item] = []
@@ -147,7 +146,6 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
             self.line += 1
             self.peeked = None
         batch.append(self._progress(now))
-        self.exhausted = self.done
         return batch
 
     def next_awake(self) -> datetime | None:
