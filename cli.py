@@ -14,7 +14,7 @@ from rich.console import Console
 from connectors.jsonl import prepare_out_dir
 from connectors.live_view import LiveView, RunStats
 from connectors.replay import check_readable, first_event_time
-from connectors.runner import OUTPUT_FILES, ReplayRun, run_replay
+from connectors.runner import OUTPUT_FILES, ReplayRun, run_job
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
 from dataflows.flow import FlowConfig
@@ -86,9 +86,9 @@ def run(
             state_dir=state_dir,
             lake_dir=lake_at,
         )
-        stats = RunStats(out_dir, state_dir / "gauges.json")
+        stats = RunStats(state_dir, str(out_dir))
         with LiveView(stats, console, enabled=console.is_terminal and not quiet) as view:
-            run_replay(job, processes, workers, poll=view.poll)
+            run_job(job, processes, workers, poll=view.poll)
     typer.echo(stats.summary() + (f"; Iceberg tables in {lake_at}" if lake_at else ""))
 
 

@@ -72,7 +72,7 @@ def pipeline_seconds(path: Path, processes: int, *, patterns: bool = False) -> d
     """convoflow's replay pipeline, as `cli.py run --speed-factor 0` runs it (patterns off unless asked)."""
     from connectors.jsonl import prepare_out_dir
     from connectors.replay import first_event_time
-    from connectors.runner import OUTPUT_FILES, ReplayRun, run_replay
+    from connectors.runner import OUTPUT_FILES, ReplayRun, run_job
     from dataflows.clock import ReplayClock
     from dataflows.flow import FlowConfig
     from connectors.pattern_files import load_patterns
@@ -87,7 +87,7 @@ def pipeline_seconds(path: Path, processes: int, *, patterns: bool = False) -> d
         path, out, FlowConfig(layout=ReplayLayout(partitions=processes), time_origin=origin, patterns=defs),
         ReplayClock(origin, time.time(), 0.0),
     )
-    run_replay(job, processes=processes)
+    run_job(job, processes=processes)
     seconds = time.perf_counter() - start
     windows = (out / "windows.jsonl").read_bytes().count(b"\n")
     return {"seconds": seconds, "windows": windows}

@@ -46,7 +46,7 @@ def json_line(record: Record) -> bytes:
     return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
 
 
-def json_lines(records: list[Record]) -> bytes:
+def json_lines(kind: str, records: list[Record]) -> bytes:
     """A batch of records as JSON lines: the encoder to give the flow for this sink."""
     return b"".join(map(json_line, records))
 

@@ -3,7 +3,7 @@
 `produce_file` replays a JSONL file into a topic with the file's own pacing, the way
 `connectors.replay` replays it into a flow: every line is sent as it is (a line that is not
 JSON too, so the pipeline's dead-letter path sees it), keyed by its session so one session's
-events stay in one partition and in order. `envelope` is the record the chat pipeline writes.
+events stay in one partition and in order.
 Admin calls are bounded by a timeout (a delivery by librdkafka's `message.timeout.ms`) and
 fail as a `ConvoflowError` naming the brokers.
 """
@@ -23,7 +23,6 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from connectors.replay import check_readable
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
-from dataflows.events import Event
 from dataflows.timestamps import TimestampError, parse_timestamp
 
 # The pipeline's session of a line (`dataflows.parse`): a chat event's room first, then its session_id,
@@ -197,32 +196,6 @@ def produce_file(
         msg = f"{remaining} messages to Kafka topic {topic!r} on {brokers} were not delivered"
         raise ConvoflowError(msg)
     return count
-
-
-def envelope(event: Event, translated: str | None = None) -> dict[str, Any]:
-    """The chat pipeline's output record for `event`, with its translation if there is one.
-
-    Raises:
-        ConvoflowError: when the event has no time yet (it has not been through the run's clock).
-    """
-    if event.time is None:
-        msg = f"event {event.event_id} has no time yet; give it the run's clock time before wrapping it"
-        raise ConvoflowError(msg)
-    return {
-        "type": "chat_message",
-        "timestamp": int(event.time),
-        "payload": {
-            "id": event.event_id,
-            "username": event.username or event.sender,
-            "text": event.text,
-            "translated": translated,
-            "language": event.language,
-            "session_id": event.session_id,
-            "sender": event.sender,
-            "kind": event.kind,
-            "time_source": event.time_source,
-        },
-    }
 
 
 def _key_and_time(line: bytes, key_fields: tuple[str, ...]) -> tuple[bytes | None, float | None]:

@@ -1,4 +1,4 @@
-"""The terminal view of a running replay: counts, rates and open windows, then a summary."""
+"""The terminal view of a running job: counts, rates and open windows, then a summary."""
 
 from __future__ import annotations
 
@@ -10,39 +10,37 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from connectors.jsonl import JsonlSink
-from connectors.progress import FieldTally, LineCounter, read_gauges
+from connectors.progress import GAUGES_FILE, read_gauges, read_tallies
 from dataflows.flow import OutputKind
 
 
 @dataclass
 class RunStats:
-    """Counts read from a run's output files and gauges."""
+    """Counts of a run read from its tally and gauge files in `state_dir`; `destination` names its outputs."""
 
-    out_dir: Path
-    gauges_path: Path | None
+    state_dir: Path
+    destination: str
     started: float = field(default_factory=time.monotonic)
-    counters: dict[str, LineCounter] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
-    alerts: FieldTally = field(init=False)
     open_windows: int = 0
     rate: float = 0.0
     _last: tuple[float, int] = (0.0, 0)
 
     def __post_init__(self) -> None:
-        self.counters = {k.value: LineCounter(self.out_dir / JsonlSink.file_name(k)) for k in OutputKind}
         self._last = (self.started, 0)
-        self.alerts = FieldTally(self.out_dir / JsonlSink.file_name(OutputKind.ALERTS), "pattern")
+
+    @property
+    def alerts(self) -> dict[str, int]:
+        prefix = f"{OutputKind.ALERTS}:"
+        return {k.removeprefix(prefix): v for k, v in self.counts.items() if k.startswith(prefix)}
 
     @property
     def events_read(self) -> int:
         return self.counts.get(OutputKind.MESSAGES, 0) + self.counts.get(OutputKind.DEAD_LETTER, 0)
 
     def refresh(self) -> None:
-        self.counts = {kind: counter.count() for kind, counter in self.counters.items()}
-        self.alerts.tally()
-        if self.gauges_path is not None:
-            self.open_windows = read_gauges(self.gauges_path)["open_windows"]
+        self.counts = read_tallies(self.state_dir)
+        self.open_windows = read_gauges(self.state_dir / GAUGES_FILE)["open_windows"]
         now = time.monotonic()
         last_time, last_read = self._last
         if now - last_time >= 1.0:
@@ -60,7 +58,7 @@ class RunStats:
         table.add_row("windows emitted", f"{self.counts.get(OutputKind.WINDOWS, 0):,}")
         table.add_row("late events", f"{self.counts.get(OutputKind.LATE, 0):,}")
         table.add_row("dead-lettered", f"{self.counts.get(OutputKind.DEAD_LETTER, 0):,}")
-        for pattern, count in sorted(self.alerts.counts.items()):
+        for pattern, count in sorted(self.alerts.items()):
             table.add_row(f"alerts: {pattern}", f"{count:,}")
         table.add_row("elapsed", f"{elapsed:,.1f} s")
         return table
@@ -74,7 +72,7 @@ class RunStats:
             f"{self.counts.get(OutputKind.WINDOWS, 0):,} windows, "
             f"{self.counts.get(OutputKind.LATE, 0):,} late, "
             f"{self.counts.get(OutputKind.ALERTS, 0):,} alerts, "
-            f"{self.counts.get(OutputKind.DEAD_LETTER, 0):,} dead-lettered → {self.out_dir}"
+            f"{self.counts.get(OutputKind.DEAD_LETTER, 0):,} dead-lettered → {self.destination}"
         )
 
 
@@ -94,10 +92,10 @@ class LiveView:
     def poll(self) -> None:
         self.stats.refresh()
         if self.live is not None:
-            self.live.update(self.stats.table("convoflow replay"))
+            self.live.update(self.stats.table("convoflow"))
 
     def __exit__(self, *exc: object) -> None:
         self.stats.refresh()
         if self.live is not None:
-            self.live.update(self.stats.table("convoflow replay: done"))
+            self.live.update(self.stats.table("convoflow: done"))
             self.live.__exit__(None, None, None)

@@ -1,4 +1,4 @@
-"""What a live view reads while a run goes on: line counts of the outputs and shard gauges.
+"""What a live view reads while a run goes on: counts of every output and shard gauges.
 
 Both work across processes through files, so the view needs no channel into the workers.
 """
@@ -10,8 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+ALERTS = "alerts"
+GAUGES_FILE = "gauges.json"
+
 import orjson
-from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
+from bytewax.outputs import DynamicSink, FixedPartitionedSink, StatefulSinkPartition, StatelessSinkPartition
 
 
 class GaugeSink(FixedPartitionedSink[dict[str, Any], None]):
@@ -46,9 +49,7 @@ class _GaugePartition(StatefulSinkPartition[dict[str, Any], None]):
             "open_windows": sum(g["open_windows"] for g in self.latest.values()),
             "buffered": sum(g["buffered"] for g in self.latest.values()),
         }
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps(totals))
-        os.replace(tmp, self.path)
+        _write_json(self.path, totals)
         self.written_at = time.monotonic()
 
     def snapshot(self) -> None:
@@ -66,48 +67,67 @@ def read_gauges(path: Path) -> dict[str, int]:
         return {"open_windows": 0, "buffered": 0}
 
 
-class FileTail:
-    """The complete lines appended to a growing file since the last call."""
+def tally_of(kind: str, records: list[dict[str, Any]]) -> dict[str, int]:
+    """What a batch adds to the run's counts: records of `kind`, and alerts by pattern (`alerts:<id>`).
 
-    def __init__(self, path: Path) -> None:
+    The encoder of the `TallySink` output, so only these small dicts cross workers.
+    """
+    counts = {str(kind): len(records)}
+    if kind == ALERTS:
+        for record in records:
+            key = f"{ALERTS}:{record.get('pattern')}"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+class TallySink(DynamicSink[tuple[str, dict[str, int]]]):
+    """Sums every output batch's counts; each worker writes its totals to `<folder>/tally-<worker>.json`."""
+
+    def __init__(self, folder: Path, min_interval: float = 0.2) -> None:
+        self.folder = folder
+        self.min_interval = min_interval
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _TallyPartition:
+        return _TallyPartition(self.folder / f"tally-{worker_index}.json", self.min_interval)
+
+
+class _TallyPartition(StatelessSinkPartition[tuple[str, dict[str, int]]]):
+    def __init__(self, path: Path, min_interval: float) -> None:
         self.path = path
-        self.offset = 0
+        self.min_interval = min_interval
+        self.totals: dict[str, int] = {}
+        self.written_at = 0.0
 
-    def new_lines(self) -> bytes:
-        """Whole lines written since last time (a partly written last line waits for the next call)."""
+    def write_batch(self, items: list[tuple[str, dict[str, int]]]) -> None:
+        for _kind, counts in items:
+            for key, count in counts.items():
+                self.totals[key] = self.totals.get(key, 0) + count
+        if time.monotonic() - self.written_at >= self.min_interval:
+            self._write()
+
+    def _write(self) -> None:
+        _write_json(self.path, self.totals)
+        self.written_at = time.monotonic()
+
+    def close(self) -> None:
+        self._write()
+
+
+def read_tallies(folder: Path) -> dict[str, int]:
+    """The run's counts so far: the sum of every worker's tally file."""
+    totals: dict[str, int] = {}
+    for path in folder.glob("tally-*.json"):
         try:
-            with self.path.open("rb") as f:
-                f.seek(self.offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return b""
-        complete = chunk.rfind(b"\n") + 1
-        self.offset += complete
-        return chunk[:complete]
+            counts = orjson.loads(path.read_bytes())
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            continue
+        for key, count in counts.items():
+            totals[key] = totals.get(key, 0) + count
+    return totals
 
 
-class LineCounter:
-    """Counts the lines of a growing file, reading only what was appended since last time."""
-
-    def __init__(self, path: Path) -> None:
-        self.tail = FileTail(path)
-        self.lines = 0
-
-    def count(self) -> int:
-        self.lines += self.tail.new_lines().count(b"\n")
-        return self.lines
-
-
-class FieldTally:
-    """Counts the values of one field in the lines appended to a JSONL file (e.g. alerts by pattern)."""
-
-    def __init__(self, path: Path, field: str) -> None:
-        self.tail = FileTail(path)
-        self.field = field
-        self.counts: dict[str, int] = {}
-
-    def tally(self) -> dict[str, int]:
-        for line in self.tail.new_lines().splitlines():
-            value = str(orjson.loads(line).get(self.field))
-            self.counts[value] = self.counts.get(value, 0) + 1
-        return self.counts
+def _write_json(path: Path, value: dict[str, int]) -> None:
+    """Replace `path` atomically, so a reader never sees half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(orjson.dumps(value))
+    os.replace(tmp, path)

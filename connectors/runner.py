@@ -1,8 +1,9 @@
-"""Run the replay pipeline on real files: in this process, or as a local Bytewax cluster.
+"""Run the pipeline with real connectors: in this process, or as a local Bytewax cluster.
 
-`ReplayRun` holds everything a process needs to build the same flow, so it can be handed to
-spawned processes. With several processes each one runs `cluster_main` with the same
-addresses and its own process id; all share the replay clock's anchors, so they replay in step.
+A job (`ReplayRun` for a file, `KafkaRun` for a topic) holds everything a process needs to build
+the same flow, so it can be handed to spawned processes. With several processes each one runs
+`cluster_main` with the same addresses and its own process id; replay jobs share the replay
+clock's anchors, so they replay in step.
 """
 
 from __future__ import annotations
@@ -10,20 +11,24 @@ from __future__ import annotations
 import multiprocessing
 import socket
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bytewax.dataflow import Dataflow
 from bytewax.testing import cluster_main, run_main
 
 from connectors.jsonl import JsonlSink, json_lines
-from connectors.progress import GaugeSink
+from connectors.progress import GAUGES_FILE, GaugeSink, TallySink, tally_of
 from connectors.replay import ReplaySource
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
 from dataflows.flow import FlowConfig, FlowOutput, OutputKind, build_flow
+
+if TYPE_CHECKING:
+    from connectors.kafka_outputs import OutputTopics
 
 OUTPUT_FILES = tuple(JsonlSink.file_name(k) for k in OutputKind)
 
@@ -44,15 +49,67 @@ class ReplayRun:
     def build(self) -> Dataflow:
         """The flow with its real connectors: JSONL files, and Iceberg tables when `lake_dir` is set."""
         source = ReplaySource(self.input_path, layout=self.flow.layout, clock=self.clock, batch_size=self.batch_size)
-        kinds = [k.value for k in OutputKind]
-        outputs = [FlowOutput("jsonl", JsonlSink(self.out_dir, kinds), json_lines)]
-        if self.lake_dir is not None:
-            # Imported here: pyiceberg and pyarrow add ~0.8 s to every worker process's start.
-            from connectors.iceberg import IcebergSink, open_catalog
+        outputs = _file_outputs(self.out_dir, self.lake_dir) + _tally(self.state_dir)
+        return build_flow(source, outputs, self.flow, gauges=_gauges(self.state_dir))
 
-            outputs.append(FlowOutput("lake", IcebergSink(open_catalog(lake_dir=self.lake_dir), kinds=kinds)))
-        gauges = GaugeSink(self.state_dir / "gauges.json") if self.state_dir else None
-        return build_flow(source, outputs, self.flow, gauges=gauges)
+
+@dataclass(frozen=True)
+class KafkaRun:
+    """One live job: a Kafka topic in, Kafka topics out (and JSONL files or Iceberg tables if asked).
+
+    `parts` are the input topic's partitions as listed at start-up (see `LiveKafkaSource`);
+    `tail=False` stops at the end each partition had when the run reached it.
+    """
+
+    brokers: str
+    input_topic: str
+    parts: tuple[str, ...]
+    topics: OutputTopics
+    flow: FlowConfig
+    kafka_config: Mapping[str, str] = field(default_factory=dict)
+    from_beginning: bool = True
+    tail: bool = True
+    out_dir: Path | None = None
+    state_dir: Path | None = None
+    lake_dir: Path | None = None
+    batch_size: int = 1000
+    epoch_interval: timedelta = timedelta(seconds=5)
+
+    def build(self) -> Dataflow:
+        """The flow reading `input_topic` live and writing every output kind to its topic."""
+        from connectors.kafka_outputs import kafka_output
+        from connectors.kafka_source import LiveKafkaSource
+
+        source = LiveKafkaSource(
+            self.brokers.split(","), self.input_topic, self.parts, from_beginning=self.from_beginning,
+            tail=self.tail, config=dict(self.kafka_config), batch_size=self.batch_size,
+        )
+        outputs = [kafka_output(self.brokers, self.topics, self.kafka_config)]
+        outputs += _file_outputs(self.out_dir, self.lake_dir) + _tally(self.state_dir)
+        return build_flow(source, outputs, self.flow, gauges=_gauges(self.state_dir))
+
+
+FlowJob = ReplayRun | KafkaRun
+
+
+def _file_outputs(out_dir: Path | None, lake_dir: Path | None) -> list[FlowOutput]:
+    kinds = [k.value for k in OutputKind]
+    outputs = [] if out_dir is None else [FlowOutput("jsonl", JsonlSink(out_dir, kinds), json_lines)]
+    if lake_dir is not None:
+        # Imported here: pyiceberg and pyarrow add ~0.8 s to every worker process's start.
+        from connectors.iceberg import IcebergSink, open_catalog
+
+        outputs.append(FlowOutput("lake", IcebergSink(open_catalog(lake_dir=lake_dir), kinds=kinds)))
+    return outputs
+
+
+def _gauges(state_dir: Path | None) -> GaugeSink | None:
+    return GaugeSink(state_dir / GAUGES_FILE) if state_dir else None
+
+
+def _tally(state_dir: Path | None) -> list[FlowOutput]:
+    """The output that counts records for a live view, when the job has a state folder."""
+    return [] if state_dir is None else [FlowOutput("tally", TallySink(state_dir), tally_of)]
 
 
 def free_addresses(count: int) -> list[str]:
@@ -67,7 +124,7 @@ def free_addresses(count: int) -> list[str]:
             s.close()
 
 
-def _run_process(run: ReplayRun, addresses: list[str], process_id: int, workers: int) -> None:
+def _run_process(run: FlowJob, addresses: list[str], process_id: int, workers: int) -> None:
     flow = run.build()
     if not addresses and workers == 1:
         # cluster_main's waiting thread contends for the GIL: measured 25% slower for one worker.
@@ -99,8 +156,8 @@ class _Poller:
         self.thread.join()
 
 
-def run_replay(
-    run: ReplayRun,
+def run_job(
+    run: FlowJob,
     processes: int = 1,
     workers: int = 1,
     *,

@@ -101,12 +101,15 @@ class DeadLetter:
     raw: str
     reason: str
     step: str = "parse"
+    origin: tuple[tuple[str, Any], ...] = ()
+    """Fields that say where it came from beyond `ref`, e.g. a Kafka topic, partition and offset."""
 
     def as_record(self) -> dict[str, Any]:
         return {
             "source": self.ref.source,
             "line": self.ref.line,
             "offset": self.ref.offset,
+            **dict(self.origin),
             "step": self.step,
             "reason": self.reason,
             "raw": self.raw,

@@ -1,9 +1,11 @@
 """The conversation-window dataflow: replayed events → file order → session windows → outputs.
 
 Built by `build_flow(source, outputs, config)`; the CLI passes real connectors, tests pass
-`bytewax.testing` ones. The source emits what a replay partition emits (`Stamped` events,
-`DeadLetter`s and `Progress` markers, see `dataflows.sequencing`); each output's sink receives
-`(kind, record)` pairs, `kind` being one of `OutputKind`, `record` a JSON-ready dict.
+`bytewax.testing` ones. The source emits `Stamped` events, `DeadLetter`s and markers: a replay
+partition's `Progress` (see `dataflows.sequencing`) or, with `FlowConfig.live`, a live (Kafka)
+partition's `LiveMark` (see `dataflows.live`). Each output receives `(kind, payload)` pairs,
+`kind` being one of `OutputKind` and `payload` what the output's encoder made of a batch of
+JSON-ready dicts.
 
 Sessions are hashed onto a fixed number of shards (not onto workers), so the assignment of a
 session, and so every result, is the same whatever the number of workers and processes.
@@ -16,7 +18,7 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
@@ -27,15 +29,18 @@ from bytewax.outputs import Sink
 from dataflows.events import DeadLetter, WindowRecord
 from dataflows.patterns.definitions import PatternDef, key_of
 from dataflows.patterns.engine import Alert, PatternBook, patterns_keyed_by
-from dataflows.sequencing import Progress, ReplayLayout, Sequencer, Stamped, Wire, from_wire, later, to_wire
+from dataflows.live import LiveMerger
+from dataflows.sequencing import LiveMark, Marker, Progress, ReplayLayout, Sequencer, Stamped, Wire, from_wire, later, to_wire
 from dataflows.windows import WindowBook, WindowConfig
 
 Record = dict[str, Any]
-Encoder = Callable[[list[Record]], Any]
-"""Turns a batch of records of one kind into the payload a sink writes."""
+SourceItem = Stamped | DeadLetter | Marker
+"""What a flow's source emits (see the module docstring)."""
+Encoder = Callable[[str, list[Record]], Any]
+"""Turns a batch of records of one kind (`kind`, `records`) into the payload a sink writes."""
 
 
-def as_list(records: list[Record]) -> list[Record]:
+def as_list(kind: str, records: list[Record]) -> list[Record]:
     """The default encoder: a batch stays a list of dicts (tests, and sinks that want rows)."""
     return records
 
@@ -55,13 +60,18 @@ GAUGE = "gauge"
 
 @dataclass(frozen=True)
 class FlowConfig:
-    """Everything the flow's logic needs; `time_origin` times untimed events seen before any timed one."""
+    """Everything the flow's logic needs.
+
+    `layout.partitions` is the number of source partitions (replay partitions, or Kafka
+    partitions when `live`); `time_origin` times untimed replayed events seen before any timed one.
+    """
 
     window: WindowConfig = WindowConfig()
     layout: ReplayLayout = ReplayLayout()
     time_origin: float = 0.0
     shards: int = 64
     patterns: tuple[PatternDef, ...] = ()
+    live: bool = False
 
     def __post_init__(self) -> None:
         if self.shards < 1:
@@ -87,7 +97,7 @@ def shard_of_index(index: int, prefix: str = SESSION_SHARD) -> str:
 class ShardState:
     """What one shard keeps: its reorder buffer, open windows (session shards) and pattern state."""
 
-    sequencer: Sequencer
+    sequencer: Sequencer | LiveMerger
     book: WindowBook | None
     patterns: PatternBook | None
 
@@ -110,7 +120,7 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
         else:
             patterns, user_shapes = _patterns_for(config.patterns, role)
             self.state = ShardState(
-                Sequencer(config.layout),
+                LiveMerger(config.layout.partitions) if config.live else Sequencer(config.layout),
                 WindowBook(config.window) if role == "session" else None,
                 PatternBook(patterns, config.window.out_of_orderness, user_shapes) if patterns else None,
             )
@@ -203,7 +213,7 @@ def _patterns_for(patterns: tuple[PatternDef, ...], role: ShardRole) -> tuple[tu
     return session + user, frozenset({"conversation"})
 
 
-def _router(config: FlowConfig) -> Callable[[list[Stamped | DeadLetter | Progress]], list[tuple[str, Any]]]:
+def _router(config: FlowConfig) -> Callable[[list[SourceItem]], list[tuple[str, Any]]]:
     """Group a batch from the source by shard, one item per shard, in the source's order.
 
     Each event goes to its session's shard and, when user-keyed patterns are on, to its user's
@@ -217,7 +227,7 @@ def _router(config: FlowConfig) -> Callable[[list[Stamped | DeadLetter | Progres
     if by_user:
         every_shard += [shard_of_index(i, USER_SHARD) for i in range(shards)]
 
-    def route(items: list[Stamped | DeadLetter | Progress]) -> list[tuple[str, Any]]:
+    def route(items: list[SourceItem]) -> list[tuple[str, Any]]:
         groups: dict[str, list[Wire]] = {}
         dead: list[Record] = []
         for item in items:
@@ -246,16 +256,18 @@ class FlowOutput:
     """One destination of the flow's records: a sink and how it wants each batch of one kind.
 
     `encode` runs on the worker that made the batch, so encoded payloads (JSON bytes, say), not
-    dicts, cross to the sink's worker.
+    dicts, cross to the sink's worker. The sink receives `(kind, payload)`, or with `per_item`
+    each element of the payload on its own (for library sinks such as Bytewax's `KafkaSink`).
     """
 
     name: str
-    sink: Sink[tuple[str, Any]]
+    sink: Sink[Any]
     encode: Encoder = as_list
+    per_item: bool = False
 
 
 def build_flow(
-    source: Source[Stamped | DeadLetter | Progress],
+    source: Source[Stamped | DeadLetter | Progress] | Source[Stamped | DeadLetter | LiveMark],
     outputs: Sequence[FlowOutput],
     config: FlowConfig,
     *,
@@ -269,7 +281,7 @@ def build_flow(
     `(shard, {"shard", "open_windows", "buffered"})` for live views.
     """
     flow = Dataflow(flow_id)
-    items = op.input("read", flow, source)
+    items = op.input("read", flow, cast(Source[SourceItem], source))
     routed = op.flat_map_batch("route_to_shards", items, _router(config))
     split = op.branch("split_dead_letters", routed, lambda kv: kv[0] == OutputKind.DEAD_LETTER)
     by_role = op.branch("split_user_shards", split.falses, lambda kv: kv[0].startswith(USER_SHARD))
@@ -283,6 +295,8 @@ def build_flow(
     records = op.merge("records", split.trues, op.map("drop_shard_key", by_kind.falses, lambda kv: kv[1]))
     for output in outputs:
         encoded = op.map(f"encode_for_{output.name}", records, _encoding(output.encode))
+        if output.per_item:
+            encoded = op.flat_map(f"items_for_{output.name}", encoded, lambda kind_payload: kind_payload[1])
         op.output(f"write_{output.name}", encoded, output.sink)
     if gauges is not None:
         op.output("gauges", op.map("gauge_by_shard", by_kind.trues, lambda kv: (kv[0], {"shard": kv[0], **kv[1][1]})), gauges)
@@ -291,6 +305,6 @@ def build_flow(
 
 def _encoding(encode: Encoder) -> Callable[[tuple[str, list[Record]]], tuple[str, Any]]:
     def apply(kind_records: tuple[str, list[Record]]) -> tuple[str, Any]:
-        return (kind_records[0], encode(kind_records[1]))
+        return (kind_records[0], encode(*kind_records))
 
     return apply

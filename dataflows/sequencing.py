@@ -70,21 +70,39 @@ class Progress(NamedTuple):
     clock: float | None = None
 
 
+class LiveMark(NamedTuple):
+    """A live (Kafka) partition's clock: the latest event time it has read, advanced by the wall
+    time since (the system-clock fallback), or None while it has read nothing. `idle` excludes a
+    partition that has had no data for a while, or has ended, from the flow's clock.
+    """
+
+    partition: int
+    clock: float | None
+    idle: bool = False
+
+
+Marker = Progress | LiveMark
 Wire = tuple[Any, ...]
 _PROGRESS = "progress"
+_LIVE_MARK = "mark"
 
 
-def to_wire(item: Stamped | Progress) -> Wire:
+def to_wire(item: Stamped | Marker) -> Wire:
     """Plain tuples of builtins: what crosses workers cheaply (see `Event`)."""
     if isinstance(item, Stamped):
         return (tuple(item.event), item.block, item.clock_before)
+    if isinstance(item, LiveMark):
+        return (_LIVE_MARK, *item)
     return (_PROGRESS, *item)
 
 
-def from_wire(wire: Wire) -> Stamped | Progress:
-    if wire[0] == _PROGRESS:
+def from_wire(wire: Wire) -> Stamped | Marker:
+    tag = wire[0]
+    if tag == _PROGRESS:
         return Progress(*wire[1:])
-    return Stamped(Event._make(wire[0]), wire[1], wire[2])
+    if tag == _LIVE_MARK:
+        return LiveMark(*wire[1:])
+    return Stamped(Event._make(tag), wire[1], wire[2])
 
 
 class BlockStamper:

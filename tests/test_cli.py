@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from cli import main
-from connectors.runner import ReplayRun, run_replay
+from connectors.runner import ReplayRun, run_job
 from dataflows.clock import ReplayClock
 from dataflows.flow import FlowConfig
 from samples.generate import SampleSpec, write_sample
@@ -133,7 +133,7 @@ def test_quiet_paced_replay_closes_windows_on_time_without_spinning(tmp_path: Pa
     start = time.time()
     job = ReplayRun(path, out, FlowConfig(time_origin=T0 + 1), ReplayClock(T0 + 1, start, 10.0))
     cpu_before = time.process_time()
-    flow = threading.Thread(target=run_replay, args=(job,))
+    flow = threading.Thread(target=run_job, args=(job,))
     flow.start()
     time.sleep(4.1)
     closed_during_pause = (out / "windows.jsonl").read_bytes().count(b"\n")

@@ -1,4 +1,4 @@
-"""Kafka I/O: settings, envelope and file pacing without a broker; produce, topics and checks with one."""
+"""Kafka I/O: settings and file pacing without a broker; produce, topics and checks with one."""
 
 from __future__ import annotations
 
@@ -19,14 +19,12 @@ from hypothesis import strategies as st
 from connectors.kafka_io import (
     check_reachable,
     ensure_topics,
-    envelope,
     kafka_config,
     parse_kafka_options,
     produce_file,
     redact,
 )
 from dataflows.errors import ConvoflowError
-from dataflows.events import Event
 from tests.conftest import jsonl
 
 T0 = 1_704_103_200.0
@@ -115,16 +113,6 @@ def at(seconds: float, session: str = "s-1", **fields: Any) -> str:
                          "timestamp": T0 + seconds, **fields}).decode()
 
 
-def make_event(**overrides: Any) -> Event:
-    base: dict[str, Any] = {
-        "event_id": "in.jsonl:3", "session_id": "room-1", "sender": "alice", "kind": "USER_MESSAGE",
-        "text": "hola", "time": T0 + 0.75, "time_source": "event", "shape": "chat", "source": "in.jsonl",
-        "line": 3, "offset": 120, "language": "es", "username": "alice", "timestamp": None,
-    }
-    base.update(overrides)
-    return Event(**base)
-
-
 # --- settings -------------------------------------------------------------------------------
 
 
@@ -170,33 +158,6 @@ def test_an_unknown_setting_is_a_clear_error_without_a_network_call() -> None:
 def test_ensure_topics_refuses_zero_partitions() -> None:
     with pytest.raises(ConvoflowError, match="topic 'a' needs at least one partition, got 0"):
         ensure_topics(BROKERS, None, {"a": 0})
-
-
-# --- envelope -------------------------------------------------------------------------------
-
-
-def test_envelope_of_a_chat_event() -> None:
-    assert envelope(make_event(), translated="hello") == {
-        "type": "chat_message",
-        "timestamp": int(T0),
-        "payload": {
-            "id": "in.jsonl:3", "username": "alice", "text": "hola", "translated": "hello", "language": "es",
-            "session_id": "room-1", "sender": "alice", "kind": "USER_MESSAGE", "time_source": "event",
-        },
-    }
-
-
-def test_envelope_of_a_conversation_event_names_the_sender() -> None:
-    event = make_event(username=None, sender="rm", language=None, shape="conversation", kind="message",
-                       time_source="system")
-    record = envelope(event)
-    assert record["payload"]["username"] == "rm"
-    assert record["payload"]["translated"] is None and record["payload"]["time_source"] == "system"
-
-
-def test_envelope_needs_a_timed_event() -> None:
-    with pytest.raises(ConvoflowError, match="event in.jsonl:3 has no time yet"):
-        envelope(make_event(time=None))
 
 
 # --- produce_file with a fake producer --------------------------------------------------------

@@ -1,17 +1,19 @@
 from pathlib import Path
 
-from connectors.progress import FieldTally, GaugeSink, LineCounter, read_gauges
+from connectors.progress import GaugeSink, TallySink, read_gauges, read_tallies, tally_of
 
 
-def test_counters_read_only_complete_appended_lines(tmp_path: Path) -> None:
-    path = tmp_path / "alerts.jsonl"
-    lines, tally = LineCounter(path), FieldTally(path, "pattern")
-    assert (lines.count(), tally.tally()) == (0, {}), "a missing file counts as empty"
-    path.write_bytes(b'{"pattern": "x"}\n{"pattern": "y"}\n{"pattern": "x"')
-    assert (lines.count(), tally.tally()) == (2, {"x": 1, "y": 1}), "the half-written line waits"
-    with path.open("ab") as f:
-        f.write(b"}\n")
-    assert (lines.count(), tally.tally()) == (3, {"x": 2, "y": 1})
+def test_tallies_sum_every_workers_counts_with_alerts_by_pattern(tmp_path: Path) -> None:
+    assert read_tallies(tmp_path) == {}, "no tally file yet counts as nothing"
+    sink = TallySink(tmp_path, min_interval=0.0)
+    first, second = sink.build("tally", 0, 2), sink.build("tally", 1, 2)
+    first.write_batch([("messages", tally_of("messages", [{}, {}])),
+                       ("alerts", tally_of("alerts", [{"pattern": "x"}, {"pattern": "y"}, {"pattern": "x"}]))])
+    second.write_batch([("messages", tally_of("messages", [{}]))])
+    (tmp_path / "tally-9.json").write_bytes(b'{"messa')
+    assert read_tallies(tmp_path) == {"messages": 3, "alerts": 3, "alerts:x": 2, "alerts:y": 1}, "a half-written file is skipped"
+    first.close()
+    second.close()
 
 
 def test_gauges_sum_the_latest_value_of_every_shard(tmp_path: Path) -> None:

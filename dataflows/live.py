@@ -1,0 +1,119 @@
+"""The clock of a live input (Kafka): per-partition watermarks with a system-clock fallback.
+
+A replayed file has one order, so its clock is a function of file position (see
+`dataflows.sequencing`). A live topic has none across partitions: each partition is read at its
+own pace, and one may be far ahead of another while a backlog is read. So, as Flink does with
+Kafka sources, every input partition keeps its own clock and the flow's clock is the minimum:
+
+- `LiveStamper` (one per input partition, on the worker that reads it): the partition's clock is
+  the latest event time it has read plus the wall time elapsed since it read it, so event time
+  keeps moving when traffic stops and windows still close (the system-clock fallback). An event
+  without a timestamp gets that clock (or the wall clock before any timed event). After each
+  batch the partition sends a `LiveMark`; a partition that has read nothing for `idle_after`
+  seconds since it started is marked idle and no longer holds the others back.
+- `LiveMerger` (one per shard): marks are replicated to every shard and travel behind the events
+  on the same FIFO channel. Events are released in arrival order, each with the flow's clock at
+  that point: the minimum over the partitions that are not idle, None while any of them has not
+  reported yet. The clock never goes back.
+
+An event is late only if it is behind the clock of every partition, so a partition read faster
+than another never makes the other's events late; within one partition (a session's events stay
+on one partition when keyed by session) lateness is bounded out-of-orderness as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from dataflows.events import DeadLetter, Event
+from dataflows.sequencing import LiveMark, Progress, Stamped, later
+
+IDLE_AFTER_S = 5.0
+
+
+@dataclass
+class LiveStamper:
+    """One live partition's clock; `now` is always the caller's wall-clock reading (epoch s)."""
+
+    partition: int
+    started: float
+    idle_after: float = IDLE_AFTER_S
+    latest: float | None = None
+    latest_at: float = 0.0
+
+    def clock(self, now: float) -> float | None:
+        if self.latest is None:
+            return None
+        return self.latest + max(0.0, now - self.latest_at)
+
+    def stamp(self, item: Event | DeadLetter, now: float) -> Stamped | DeadLetter:
+        """The event with the partition's clock before it; an untimed event is timed by that clock."""
+        if isinstance(item, DeadLetter):
+            return item
+        clock = self.clock(now)
+        if item.time is None:
+            return Stamped(item.timed(now if clock is None else clock), self.partition, clock)
+        if self.latest is None or item.time > self.latest:
+            self.latest, self.latest_at = item.time, now
+        return Stamped(item, self.partition, clock)
+
+    def mark(self, now: float, *, done: bool = False) -> LiveMark:
+        idle = done or (self.latest is None and now - self.started >= self.idle_after)
+        return LiveMark(self.partition, self.clock(now), idle)
+
+    def resume(self, latest: float | None, now: float) -> None:
+        """Continue from a snapshot: the latest event time read before, as if read just now."""
+        self.latest, self.latest_at = latest, now
+
+
+@dataclass
+class LiveMerger:
+    """Releases a shard's live events in arrival order, each with the flow's clock at that point.
+
+    Has the `Sequencer`'s interface, so a shard works the same on replayed and live input.
+    """
+
+    partitions: int
+    clocks: list[float | None] = field(default_factory=list)
+    idle: list[bool] = field(default_factory=list)
+    queue: list[Stamped | LiveMark] = field(default_factory=list)
+    current: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.clocks:
+            self.clocks = [None] * self.partitions
+            self.idle = [False] * self.partitions
+
+    def push(self, items: Iterable[Stamped | LiveMark | Progress]) -> None:
+        for item in items:
+            if isinstance(item, Progress):
+                msg = "a replay Progress marker reached a live shard; the flow's source and config disagree"
+                raise TypeError(msg)
+            self.queue.append(item)
+
+    def release(self) -> Iterator[tuple[Stamped, float | None]]:
+        queue, self.queue = self.queue, []
+        for item in queue:
+            if isinstance(item, LiveMark):
+                self._update(item)
+            else:
+                yield item, self.current
+
+    def release_all(self) -> Iterator[tuple[Stamped, float | None]]:
+        return self.release()
+
+    def clock_floor(self) -> float | None:
+        return self.current
+
+    @property
+    def buffered(self) -> int:
+        return len(self.queue)
+
+    def _update(self, mark: LiveMark) -> None:
+        self.clocks[mark.partition] = later(self.clocks[mark.partition], mark.clock)
+        self.idle[mark.partition] = mark.idle
+        active = [c for c, idle in zip(self.clocks, self.idle, strict=True) if not idle]
+        if not active or any(c is None for c in active):
+            return
+        self.current = later(self.current, min(c for c in active if c is not None))
