@@ -6,7 +6,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, cast
 
 import typer
 from rich.console import Console
@@ -14,7 +15,8 @@ from rich.console import Console
 from connectors.jsonl import prepare_out_dir
 from connectors.live_view import LiveView, RunStats
 from connectors.replay import check_readable, first_event_time
-from connectors.runner import OUTPUT_FILES, ReplayRun, run_job
+from connectors.kafka_outputs import OutputTopics
+from connectors.runner import OUTPUT_FILES, FlowJob, KafkaRun, ReplayRun, run_job
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
 from dataflows.flow import FlowConfig
@@ -29,16 +31,30 @@ if sys.version_info < (3, 10) or sys.version_info >= (3, 13):  # noqa: UP036 - a
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 DEFAULT_PATTERNS = Path(__file__).parent / "samples" / "patterns.yaml"
 DEFAULT_LAKE = "lake"
+DEFAULT_PARTITIONS = 3
 
 OutDir = Annotated[Path, typer.Option("--out-dir", help="Folder for the output files (created if missing).")]
 Processes = Annotated[int, typer.Option("--processes", min=1, help="Local Bytewax processes forming one cluster.")]
 Workers = Annotated[int, typer.Option("--workers", min=1, help="Worker threads in each process.")]
 
 
+KafkaBrokers = Annotated[str, typer.Option(help="Kafka bootstrap servers, host:port[,host:port].")]
+KafkaConfig = Annotated[list[str] | None, typer.Option(help="Any librdkafka setting as key=value (repeatable).")]
+KafkaConfigFile = Annotated[
+    Path | None,
+    typer.Option(exists=True, dir_okay=False, help="A properties file of librdkafka settings (key=value lines)."),
+]
+
+
 @app.command()
 def run(
-    input_path: Annotated[Path, typer.Option("--input", help="JSONL file of conversation or chat events.")],
-    out_dir: OutDir = Path("out"),
+    input_path: Annotated[
+        Path | None, typer.Option("--input", help="JSONL file of events to replay (or read a topic: --kafka-brokers).")
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out-dir", help="Folder for JSONL outputs [default: out for a file; none when reading Kafka]."),
+    ] = None,
     speed_factor: Annotated[
         float, typer.Option(min=0.0, help="Replay gaps between timestamps this many times faster; 0 = no waiting.")
     ] = 1.0,
@@ -49,47 +65,135 @@ def run(
     overwrite: Annotated[bool, typer.Option(help="Replace the outputs of an earlier run in --out-dir.")] = False,
     quiet: Annotated[bool, typer.Option(help="No live view; print only the summary.")] = False,
     patterns: Annotated[
-        Path, typer.Option(help="YAML or JSON file of pattern definitions (alerts.jsonl).")
+        Path, typer.Option(help="YAML or JSON file of pattern definitions (alerts output).")
     ] = DEFAULT_PATTERNS,
     no_patterns: Annotated[bool, typer.Option("--no-patterns", help="Detect no patterns.")] = False,
     lake: Annotated[bool, typer.Option(help="Also write every output to Iceberg tables (see --lake-dir).")] = False,
     lake_dir: Annotated[
         Path | None, typer.Option(help="Folder of the embedded Iceberg catalog and warehouse [default: OUT_DIR/lake].")
     ] = None,
+    kafka_brokers: Annotated[
+        str | None, typer.Option(help="Read --input-topic live from these Kafka brokers and write to topics.")
+    ] = None,
+    input_topic: Annotated[str, typer.Option(rich_help_panel="Kafka", help="Topic of input events.")] = "websocket_fanout",
+    output_topic: Annotated[
+        str, typer.Option(rich_help_panel="Kafka", help="Topic of accepted messages (chat envelope).")
+    ] = OutputTopics.messages,
+    windows_topic: Annotated[str, typer.Option(rich_help_panel="Kafka", help="Topic of closed windows.")] = OutputTopics.windows,
+    alerts_topic: Annotated[str, typer.Option(rich_help_panel="Kafka", help="Topic of pattern alerts.")] = OutputTopics.alerts,
+    late_topic: Annotated[str, typer.Option(rich_help_panel="Kafka", help="Topic of late events.")] = OutputTopics.late,
+    dead_letter_topic: Annotated[
+        str, typer.Option(rich_help_panel="Kafka", help="Topic of rejected input.")
+    ] = OutputTopics.dead_letter,
+    create_topics: Annotated[
+        bool, typer.Option(rich_help_panel="Kafka", help="Create missing topics (with the input topic's partition count).")
+    ] = False,
+    kafka_config: KafkaConfig = None,
+    kafka_config_file: KafkaConfigFile = None,
+    from_beginning: Annotated[
+        bool,
+        typer.Option(
+            "--from-beginning/--from-latest", rich_help_panel="Kafka",
+            help="Where to start reading the input topic; without recovery every run starts there.",
+        ),
+    ] = True,
+    stop_at_end: Annotated[
+        bool, typer.Option(rich_help_panel="Kafka", help="Stop at the input topic's current end instead of waiting.")
+    ] = False,
     block_kib: Annotated[
         int, typer.Option(min=1, help="Size of the file blocks dealt to partitions, in KiB.", hidden=True)
     ] = 1024,
 ) -> None:
-    """Replay a JSONL file through the conversation-window pipeline into --out-dir."""
-    check_readable(input_path)
+    """Run the pipeline on a JSONL file (--input) or live on a Kafka topic (--kafka-brokers)."""
+    if (input_path is None) == (kafka_brokers is None):
+        msg = "give either --input FILE to replay a file or --kafka-brokers HOST:PORT to read a topic"
+        raise ConvoflowError(msg)
     window = _window_config(window_size, max_out_of_orderness)
     pattern_defs = () if no_patterns else load_patterns(patterns)
-    prepare_out_dir(out_dir, OUTPUT_FILES, overwrite=overwrite, dirs=(DEFAULT_LAKE,) if lake and lake_dir is None else ())
-    lake_at = (lake_dir or out_dir / DEFAULT_LAKE).resolve() if lake else None
+    if input_path is not None:
+        check_readable(input_path)
+        out_dir = out_dir or Path("out")
+    live = None
+    if kafka_brokers is not None:
+        topics = OutputTopics(output_topic, windows_topic, alerts_topic, late_topic, dead_letter_topic)
+        live = _kafka_input(kafka_brokers, input_topic, topics, create_topics, _kafka_settings(kafka_config, kafka_config_file))
+    if out_dir is not None:
+        prepare_out_dir(out_dir, OUTPUT_FILES, overwrite=overwrite, dirs=(DEFAULT_LAKE,) if lake and lake_dir is None else ())
+    if lake and out_dir is None and lake_dir is None:
+        msg = "--lake needs --out-dir or --lake-dir to know where the tables go"
+        raise ConvoflowError(msg)
+    lake_at = (lake_dir or cast(Path, out_dir) / DEFAULT_LAKE).resolve() if lake else None
     if lake_at is not None:
         from connectors.iceberg import ensure_tables, open_catalog  # heavy: only when asked for
 
         ensure_tables(open_catalog(lake_dir=lake_at))
-    start = time.time()
-    origin = first_event_time(input_path)
-    if origin is None:
-        origin = start
-    layout = ReplayLayout(partitions=processes * workers, block_bytes=block_kib * 1024)
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="convoflow-") as state:
         state_dir = Path(state)
-        job = ReplayRun(
-            input_path=input_path.resolve(),
-            out_dir=out_dir.resolve(),
-            flow=FlowConfig(window=window, layout=layout, time_origin=origin, patterns=pattern_defs),
-            clock=ReplayClock(event_origin=origin, wall_origin=start, speed=speed_factor),
-            state_dir=state_dir,
-            lake_dir=lake_at,
-        )
-        stats = RunStats(state_dir, str(out_dir))
+        job: FlowJob
+        if live is None:
+            assert input_path is not None and out_dir is not None
+            start = time.time()
+            first = first_event_time(input_path)
+            origin = start if first is None else first
+            layout = ReplayLayout(partitions=processes * workers, block_bytes=block_kib * 1024)
+            job = ReplayRun(
+                input_path=input_path.resolve(),
+                out_dir=out_dir.resolve(),
+                flow=FlowConfig(window=window, layout=layout, time_origin=origin, patterns=pattern_defs),
+                clock=ReplayClock(event_origin=origin, wall_origin=start, speed=speed_factor),
+                state_dir=state_dir,
+                lake_dir=lake_at,
+            )
+            destination = str(out_dir)
+        else:
+            flow = FlowConfig(window=window, layout=ReplayLayout(partitions=len(live.parts)), patterns=pattern_defs, live=True)
+            job = KafkaRun(
+                brokers=live.brokers, input_topic=input_topic, parts=live.parts, topics=live.topics, flow=flow,
+                kafka_config=live.settings, from_beginning=from_beginning, tail=not stop_at_end,
+                out_dir=out_dir.resolve() if out_dir else None, state_dir=state_dir, lake_dir=lake_at,
+            )
+            destination = f"Kafka topics {', '.join(live.topics.all())}" + (f" and {out_dir}" if out_dir else "")
+        stats = RunStats(state_dir, destination)
         with LiveView(stats, console, enabled=console.is_terminal and not quiet) as view:
             run_job(job, processes, workers, poll=view.poll)
     typer.echo(stats.summary() + (f"; Iceberg tables in {lake_at}" if lake_at else ""))
+
+
+@dataclass(frozen=True)
+class _LiveInput:
+    """A checked Kafka input: brokers answered, topics exist, the input's partitions listed."""
+
+    brokers: str
+    topics: OutputTopics
+    parts: tuple[str, ...]
+    settings: dict[str, str]
+
+
+def _kafka_settings(pairs: list[str] | None, file: Path | None) -> dict[str, str]:
+    from connectors.kafka_io import parse_kafka_options, read_kafka_config_file
+
+    return {**(read_kafka_config_file(file) if file else {}), **parse_kafka_options(pairs or [])}
+
+
+def _kafka_input(brokers: str, input_topic: str, topics: OutputTopics, create: bool, settings: dict[str, str]) -> _LiveInput:
+    """Check the brokers answer and every topic exists (or create the missing ones if asked)."""
+    from connectors.kafka_io import check_reachable, ensure_topics, kafka_config, partition_counts
+
+    kafka_config(brokers, settings)
+    check_reachable(brokers, settings)
+    names = [input_topic, *topics.all()]
+    counts = partition_counts(brokers, settings, names)
+    missing = [name for name, count in counts.items() if count is None]
+    if missing and not create:
+        msg = f"Kafka topics {', '.join(missing)} do not exist on {brokers}; create them or pass --create-topics"
+        raise ConvoflowError(msg)
+    if missing:
+        ensure_topics(brokers, settings, {name: counts[input_topic] or DEFAULT_PARTITIONS for name in missing})
+        counts = partition_counts(brokers, settings, [input_topic])
+    partitions = counts[input_topic] or DEFAULT_PARTITIONS
+    parts = tuple(f"{index}-{input_topic}" for index in range(partitions))
+    return _LiveInput(brokers, topics, parts, settings)
 
 
 @app.command()

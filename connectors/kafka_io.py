@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,6 +64,32 @@ def parse_kafka_options(pairs: list[str] | tuple[str, ...]) -> dict[str, str]:
             msg = f"--kafka-config {pair!r} is not key=value"
             raise ConvoflowError(msg)
         settings[key.strip()] = value
+    return settings
+
+
+def read_kafka_config_file(path: Path) -> dict[str, str]:
+    """librdkafka settings from a properties file: `key=value` lines, `#` comments, blank lines.
+
+    The format of Kafka's own client `.properties` files, so an existing one can be reused.
+
+    Raises:
+        ConvoflowError: naming the file and line of a setting that is not key=value.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        msg = f"cannot read Kafka config file {path}: {exc}"
+        raise ConvoflowError(msg) from None
+    settings: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith(("#", "!")):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            msg = f"{path}:{number}: expected key=value, got {line!r}"
+            raise ConvoflowError(msg)
+        settings[key.strip()] = value.strip()
     return settings
 
 
@@ -134,6 +160,19 @@ def ensure_topics(
             raise ConvoflowError(msg) from None
         created.append(name)
     return created
+
+
+def partition_counts(
+    brokers: str, extra: Mapping[str, str] | None, topics: Iterable[str], *, timeout_s: float = 10.0
+) -> dict[str, int | None]:
+    """The partition count of each of `topics`, None for a topic that does not exist.
+
+    Raises:
+        ConvoflowError: when the brokers do not answer.
+    """
+    admin, errors = _admin(brokers, extra)
+    existing = _metadata(admin, errors, brokers, timeout_s).topics
+    return {name: len(existing[name].partitions) if name in existing else None for name in topics}
 
 
 def produce_file(

@@ -165,7 +165,7 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
                 out.messages.append(event.as_record())
                 if late is not None:
                     out.late.append(late.as_record())
-            latest = later(latest, later(clock, event.time))
+            latest = later(latest, self.state.sequencer.clock_after(clock, event.time))
         return latest
 
     def _advance(self, clock: float | None, out: _Outputs) -> None:

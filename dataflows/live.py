@@ -103,6 +103,10 @@ class LiveMerger:
     def release_all(self) -> Iterator[tuple[Stamped, float | None]]:
         return self.release()
 
+    def clock_after(self, clock: float | None, event_time: float | None) -> float | None:
+        """Unlike a replay's, the flow's clock does not move with one event: only marks move it."""
+        return clock
+
     def clock_floor(self) -> float | None:
         return self.current
 

@@ -172,6 +172,10 @@ class Sequencer:
         self.frontier = [DONE] * self.layout.partitions
         return self.release()
 
+    def clock_after(self, clock: float | None, event_time: float | None) -> float | None:
+        """The replay clock once an event released at `clock` has been read: its time counts too."""
+        return later(clock, event_time)
+
     def clock_floor(self) -> float | None:
         """The replay time that every line not yet released is known to be at or after."""
         horizon = min(self.frontier)

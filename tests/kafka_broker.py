@@ -19,10 +19,11 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
-from confluent_kafka import KafkaException
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from connectors.kafka_io import check_reachable
@@ -89,6 +90,23 @@ def kafka_topic(kafka_bootstrap: str, request: pytest.FixtureRequest) -> Iterato
                 future.result(timeout=15)
             except (KafkaException, TimeoutError) as exc:
                 warnings.warn(f"could not delete test topic {name} on {kafka_bootstrap}: {exc!r}", stacklevel=1)
+
+
+def consume_all(brokers: str, topic: str, partitions: int, expected: int, timeout_s: float = 30.0) -> list[Any]:
+    """Every message of `topic` from the beginning, once `expected` have arrived (or the time is up)."""
+    consumer = Consumer({"bootstrap.servers": brokers, "group.id": f"test-{uuid.uuid4().hex}",
+                         "enable.auto.commit": False})
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    messages: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(messages) < expected and time.monotonic() < deadline:
+            for msg in consumer.consume(num_messages=100, timeout=0.5):
+                assert msg.error() is None, msg.error()
+                messages.append(msg)
+    finally:
+        consumer.close()
+    return messages
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import KafkaError
 from confluent_kafka.admin import AdminClient
 from hypothesis import given
 from hypothesis import strategies as st
@@ -26,6 +26,7 @@ from connectors.kafka_io import (
 )
 from dataflows.errors import ConvoflowError
 from tests.conftest import jsonl
+from tests.kafka_broker import consume_all
 
 T0 = 1_704_103_200.0
 BROKERS = "127.0.0.1:9092"
@@ -255,23 +256,6 @@ def test_each_line_goes_when_due_and_never_before(tmp_path_factory: pytest.TempP
 
 
 # --- against a real broker --------------------------------------------------------------------
-
-
-def consume_all(brokers: str, topic: str, partitions: int, expected: int, timeout_s: float = 30.0) -> list[Any]:
-    """Every message of `topic` from the beginning, once `expected` have arrived."""
-    consumer = Consumer({"bootstrap.servers": brokers, "group.id": f"test-{uuid.uuid4().hex}",
-                         "enable.auto.commit": False})
-    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
-    messages: list[Any] = []
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(messages) < expected and time.monotonic() < deadline:
-            for msg in consumer.consume(num_messages=100, timeout=0.5):
-                assert msg.error() is None, msg.error()
-                messages.append(msg)
-    finally:
-        consumer.close()
-    return messages
 
 
 @pytest.mark.kafka

@@ -1,0 +1,169 @@
+"""The command line against a real Kafka broker: live runs, output topics, dead letters, bad brokers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from confluent_kafka import Producer
+
+from cli import main
+from samples.generate import SampleSpec, write_sample
+from tests.kafka_broker import consume_all
+
+ROOT = Path(__file__).parent.parent
+KINDS = ("messages", "windows", "alerts", "late", "dead_letter")
+OUT_OF_ORDERNESS = "30"
+
+
+def lines_of(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def topic_flags(base: str) -> list[str]:
+    """Output topic flags naming fresh topics after `base`, created by the run itself."""
+    return ["--output-topic", f"{base}.messages", "--windows-topic", f"{base}.windows",
+            "--alerts-topic", f"{base}.alerts", "--late-topic", f"{base}.late",
+            "--dead-letter-topic", f"{base}.dead_letter", "--create-topics"]
+
+
+def window_key(w: dict[str, Any]) -> tuple[Any, ...]:
+    return (w["session_id"], w["window_start"], w["window_end"],
+            tuple((m["sender"], m["text"], m["timestamp"]) for m in w["messages"]))
+
+
+def epoch(iso: str) -> int:
+    return int(datetime.fromisoformat(iso).timestamp())
+
+
+@pytest.fixture(scope="module")
+def timed_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sample with bad lines and disorder but every event timed and none late: both runs must agree."""
+    path = tmp_path_factory.mktemp("kafka") / "timed.jsonl"
+    write_sample(path, SampleSpec(sessions=30, chat_users=8, seed=3, late_fraction=0.0, no_timestamp_fraction=0.0))
+    return path
+
+
+@pytest.mark.kafka
+def test_a_kafka_run_gives_what_the_file_replay_gives(
+    timed_sample: Path, tmp_path: Path, kafka_bootstrap: str, kafka_topic: Callable[..., str]
+) -> None:
+    topic = kafka_topic(partitions=3)
+    assert main(["produce", str(timed_sample), "--kafka-brokers", kafka_bootstrap, "--topic", topic,
+                 "--speed-factor", "0"]) == 0
+    replayed = tmp_path / "replayed"
+    assert main(["run", "--input", str(timed_sample), "--out-dir", str(replayed), "--speed-factor", "0",
+                 "--max-out-of-orderness", OUT_OF_ORDERNESS, "--quiet"]) == 0
+    expected = {kind: lines_of(replayed / f"{kind}.jsonl") for kind in KINDS}
+    assert expected["late"] == [] and expected["dead_letter"] and expected["alerts"]
+
+    assert main(["run", "--kafka-brokers", kafka_bootstrap, "--input-topic", topic, *topic_flags(topic),
+                 "--workers", "2", "--stop-at-end", "--max-out-of-orderness", OUT_OF_ORDERNESS, "--quiet"]) == 0
+    got = {kind: consume_all(kafka_bootstrap, f"{topic}.{kind}", 3, len(expected[kind]), timeout_s=20)
+           for kind in KINDS}
+    assert {kind: len(got[kind]) for kind in KINDS} == {kind: len(expected[kind]) for kind in KINDS}
+
+    envelopes = [(m.key(), m.partition(), orjson.loads(m.value())) for m in got["messages"]]
+    assert {e["type"] for _, _, e in envelopes} == {"chat_message"}
+    assert all(key == e["payload"]["session_id"].encode() for key, _, e in envelopes)
+    assert all(e["payload"]["id"].startswith(f"{topic}/") and e["payload"]["translated"] is None for _, _, e in envelopes)
+    partitions_of: dict[bytes, set[int]] = {}
+    for key, partition, _ in envelopes:
+        partitions_of.setdefault(key, set()).add(partition)
+    assert all(len(p) == 1 for p in partitions_of.values()), "a session's messages stay on one partition"
+    assert sorted((e["payload"]["session_id"], e["payload"]["text"], e["timestamp"]) for _, _, e in envelopes) == sorted(
+        (r["session_id"], r["text"], epoch(r["timestamp"])) for r in expected["messages"])
+
+    windows = [orjson.loads(m.value()) for m in got["windows"]]
+    assert all(m.key() == w["session_id"].encode() for m, w in zip(got["windows"], windows, strict=True))
+    assert sorted(map(window_key, windows)) == sorted(map(window_key, expected["windows"]))
+    alerts = [orjson.loads(m.value()) for m in got["alerts"]]
+    assert sorted((a["pattern"], a["key"], a["summary"]) for a in alerts) == sorted(
+        (a["pattern"], a["key"], a["summary"]) for a in expected["alerts"])
+    dead = [orjson.loads(m.value()) for m in got["dead_letter"]]
+    assert sorted((d["reason"], d["raw"]) for d in dead) == sorted((d["reason"], d["raw"]) for d in expected["dead_letter"])
+    assert all(d["topic"] == topic and d["source"] == f"{topic}/{d['partition']}" for d in dead)
+
+
+@pytest.mark.kafka
+def test_bad_bytes_on_the_input_topic_are_dead_letters_naming_topic_partition_offset(
+    tmp_path: Path, kafka_bootstrap: str, kafka_topic: Callable[..., str]
+) -> None:
+    topic = kafka_topic(partitions=1)
+    good = orjson.dumps({"session_id": "s-1", "sender": "customer", "message": "hi", "timestamp": 1_709_542_800})
+    values = [good, b"\xff\xfe not utf-8", b"{not json", b'["a", "list"]', good.replace(b"hi", b"again")]
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    for value in values:
+        producer.produce(topic, value)
+    assert producer.flush(10) == 0
+    out = tmp_path / "out"
+    assert main(["run", "--kafka-brokers", kafka_bootstrap, "--input-topic", topic, *topic_flags(topic),
+                 "--out-dir", str(out), "--stop-at-end", "--quiet"]) == 0
+
+    dead = sorted((orjson.loads(m.value()) for m in consume_all(kafka_bootstrap, f"{topic}.dead_letter", 1, 3)),
+                  key=lambda d: d["offset"])
+    assert [(d["topic"], d["partition"], d["offset"]) for d in dead] == [(topic, 0, 1), (topic, 0, 2), (topic, 0, 3)]
+    assert "not valid UTF-8" in dead[0]["reason"]
+    assert "not JSON" in dead[1]["reason"]
+    assert "expected a JSON object, got an array" in dead[2]["reason"]
+    assert lines_of(out / "dead_letter.jsonl") == dead, "the JSONL output holds the same dead letters"
+    assert [m["text"] for m in lines_of(out / "messages.jsonl")] == ["hi", "again"]
+
+
+@pytest.mark.kafka
+def test_a_live_window_closes_on_the_system_clock_when_traffic_stops(
+    kafka_bootstrap: str, kafka_topic: Callable[..., str]
+) -> None:
+    topic = kafka_topic(partitions=2)
+    run = subprocess.Popen(
+        [sys.executable, str(ROOT / "cli.py"), "run", "--kafka-brokers", kafka_bootstrap, "--input-topic", topic,
+         *topic_flags(topic), "--window-size", "2", "--max-out-of-orderness", "1", "--no-patterns", "--quiet"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        producer = Producer({"bootstrap.servers": kafka_bootstrap})
+        now = time.time()
+        for i, sender in enumerate(["customer", "rm", "customer"]):
+            line = {"session_id": "live-1", "sender": sender, "message": f"m{i}", "timestamp": now + i * 0.1}
+            producer.produce(topic, orjson.dumps(line), key=b"live-1")
+        assert producer.flush(10) == 0
+        [window] = consume_all(kafka_bootstrap, f"{topic}.windows", 2, 1, timeout_s=40)
+        record = orjson.loads(window.value())
+        assert [m["text"] for m in record["messages"]] == ["m0", "m1", "m2"]
+        assert run.poll() is None, "the run waits for more input: only the wall clock closed the window"
+    finally:
+        run.terminate()
+        _, stderr = run.communicate(timeout=20)
+    assert b"Traceback" not in stderr, stderr.decode(errors="replace")
+
+
+def test_an_unreachable_broker_is_one_clear_error_within_seconds(capsys: pytest.CaptureFixture[str]) -> None:
+    started = time.monotonic()
+    assert main(["run", "--kafka-brokers", "127.0.0.1:1", "--quiet"]) == 2
+    assert time.monotonic() - started < 15
+    err = capsys.readouterr().err
+    assert err.startswith("error: Kafka brokers 127.0.0.1:1 did not answer") and err.count("\n") == 1
+
+
+@pytest.mark.kafka
+def test_missing_topics_are_named_unless_created(
+    kafka_bootstrap: str, kafka_topic: Callable[..., str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    topic = kafka_topic(partitions=1)
+    assert main(["run", "--kafka-brokers", kafka_bootstrap, "--input-topic", topic,
+                 "--output-topic", f"{topic}.nowhere", "--stop-at-end", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{topic}.nowhere" in err and "--create-topics" in err
+
+
+def test_a_run_needs_exactly_one_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--quiet"]) == 2
+    assert main(["run", "--input", str(tmp_path / "x.jsonl"), "--kafka-brokers", "127.0.0.1:1", "--quiet"]) == 2
+    assert capsys.readouterr().err.count("give either --input FILE") == 2
