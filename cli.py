@@ -72,6 +72,10 @@ def run(
     lake_dir: Annotated[
         Path | None, typer.Option(help="Folder of the embedded Iceberg catalog and warehouse [default: OUT_DIR/lake].")
     ] = None,
+    rules: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="JSONL rules stream joined to every message (see `rules check`)."),
+    ] = None,
     kafka_brokers: Annotated[
         str | None, typer.Option(help="Read --input-topic live from these Kafka brokers and write to topics.")
     ] = None,
@@ -140,18 +144,22 @@ def run(
             job = ReplayRun(
                 input_path=input_path.resolve(),
                 out_dir=out_dir.resolve(),
-                flow=FlowConfig(window=window, layout=layout, time_origin=origin, patterns=pattern_defs),
+                flow=FlowConfig(window=window, layout=layout, time_origin=origin, patterns=pattern_defs,
+                                rules=rules is not None),
                 clock=ReplayClock(event_origin=origin, wall_origin=start, speed=speed_factor),
                 state_dir=state_dir,
                 lake_dir=lake_at,
+                rules_path=rules.resolve() if rules else None,
             )
             destination = str(out_dir)
         else:
-            flow = FlowConfig(window=window, layout=ReplayLayout(partitions=len(live.parts)), patterns=pattern_defs, live=True)
+            flow = FlowConfig(window=window, layout=ReplayLayout(partitions=len(live.parts)), patterns=pattern_defs,
+                              live=True, rules=rules is not None)
             job = KafkaRun(
                 brokers=live.brokers, input_topic=input_topic, parts=live.parts, topics=live.topics, flow=flow,
                 kafka_config=live.settings, from_beginning=from_beginning, tail=not stop_at_end,
                 out_dir=out_dir.resolve() if out_dir else None, state_dir=state_dir, lake_dir=lake_at,
+                rules_path=rules.resolve() if rules else None,
             )
             destination = f"Kafka topics {', '.join(live.topics.all())}" + (f" and {out_dir}" if out_dir else "")
         stats = RunStats(state_dir, destination)

@@ -71,7 +71,7 @@ from pyiceberg.table.snapshots import Snapshot, ancestors_of
 from pyiceberg.table.sorting import NullOrder, SortDirection, SortField, SortOrder
 from pyiceberg.transforms import DayTransform, IdentityTransform
 from pyiceberg.types import (
-    IcebergType, IntegerType, ListType, LongType, MapType, NestedField, StringType, StructType, TimestamptzType,
+    BooleanType, IcebergType, IntegerType, ListType, LongType, MapType, NestedField, StringType, StructType, TimestamptzType,
 )
 
 from connectors.by_kind import KindPartitionedSink
@@ -108,9 +108,21 @@ def _hash(i: Callable[[], int]) -> NestedField:
     return NestedField(i(), "record_hash", LongType(), required=True)
 
 
+def _moderation(i: Callable[[], int]) -> NestedField:
+    """The `moderation` of a judged message (`dataflows.rules.Moderation.as_record()`)."""
+    rule = StructType(_str(i, "id"), NestedField(i(), "version", LongType()))
+    return NestedField(i(), "moderation", StructType(
+        _str(i, "action"),
+        NestedField(i(), "rules", ListType(i(), rule, element_required=True)),
+        NestedField(i(), "reasons", ListType(i(), StringType(), element_required=True)),
+        NestedField(i(), "flags", MapType(i(), StringType(), i(), BooleanType(), value_required=False)),
+        _str(i, "role"),
+    ))
+
+
 def messages_schema() -> Schema:
     i = itertools.count(1).__next__
-    return Schema(*_event_fields(i), _hash(i))
+    return Schema(*_event_fields(i), _moderation(i), _hash(i))
 
 
 def windows_schema() -> Schema:
@@ -148,6 +160,7 @@ def dead_letter_schema() -> Schema:
     return Schema(
         _str(i, "source", True), NestedField(i(), "line", LongType(), required=True),
         NestedField(i(), "offset", LongType()), _str(i, "step"), _str(i, "reason"), _str(i, "raw"), _hash(i),
+        _str(i, "topic"), NestedField(i(), "partition", IntegerType()),
     )
 
 
@@ -188,6 +201,7 @@ TABLES: dict[str, TableSpec] = {spec.kind: spec for spec in (
     TableSpec("late", "late_events", late_events_schema(), "event.timestamp", ("session_id", "event.timestamp")),
     TableSpec("alerts", "alerts", alerts_schema(), "detected_at", ("session_id", "detected_at")),
     TableSpec("dead_letter", "dead_letter", dead_letter_schema(), None, ("source", "line")),
+    TableSpec("moderated", "moderated_messages", messages_schema(), "timestamp", ("session_id", "timestamp")),
 )}
 
 
@@ -271,14 +285,22 @@ def open_catalog(name: str = "convoflow", lake_dir: Path | None = None) -> Catal
 
 
 def ensure_tables(catalog: Catalog, namespace: str = "convoflow", kinds: Sequence[str] | None = None) -> dict[str, Table]:
-    """Create the namespace and the tables of `kinds` (default: all) that are missing; return them by kind."""
+    """Create the namespace and the tables of `kinds` (default: all) that are missing; return them by kind.
+
+    A table made by an earlier version gains the columns added since (Iceberg schema evolution;
+    its old rows read back with nulls there).
+    """
     catalog.create_namespace_if_not_exists(namespace)
     tables = {}
     for kind in kinds if kinds is not None else TABLES:
         spec = TABLES[kind]
         identifier = (namespace, spec.name)
         if catalog.table_exists(identifier):
-            tables[kind] = catalog.load_table(identifier)
+            table = catalog.load_table(identifier)
+            if {f.name for f in spec.schema.fields} - {f.name for f in table.schema().fields}:
+                with table.update_schema() as update:
+                    update.union_by_name(spec.schema)
+            tables[kind] = table
         else:
             tables[kind] = catalog.create_table_if_not_exists(
                 identifier, spec.schema, partition_spec=spec.partition_spec(), sort_order=spec.sort_order(),

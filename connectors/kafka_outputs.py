@@ -33,6 +33,7 @@ class OutputTopics:
     alerts: str = "alerts"
     late: str = "late_events"
     dead_letter: str = "dead_letter"
+    moderated: str = "moderated"
 
     def of(self, kind: str) -> str:
         return str(getattr(self, kind))

@@ -23,6 +23,7 @@ from bytewax.testing import cluster_main, run_main
 from connectors.jsonl import JsonlSink, json_lines
 from connectors.progress import GAUGES_FILE, GaugeSink, TallySink, tally_of
 from connectors.replay import ReplaySource
+from connectors.rules_source import RulesFileSource
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
 from dataflows.flow import FlowConfig, FlowOutput, OutputKind, build_flow
@@ -43,6 +44,7 @@ class ReplayRun:
     clock: ReplayClock
     state_dir: Path | None = None
     lake_dir: Path | None = None
+    rules_path: Path | None = None
     batch_size: int = 1000
     epoch_interval: timedelta = timedelta(seconds=5)
 
@@ -50,7 +52,8 @@ class ReplayRun:
         """The flow with its real connectors: JSONL files, and Iceberg tables when `lake_dir` is set."""
         source = ReplaySource(self.input_path, layout=self.flow.layout, clock=self.clock, batch_size=self.batch_size)
         outputs = _file_outputs(self.out_dir, self.lake_dir) + _tally(self.state_dir)
-        return build_flow(source, outputs, self.flow, gauges=_gauges(self.state_dir))
+        rules = RulesFileSource(self.rules_path, self.clock) if self.rules_path else None
+        return build_flow(source, outputs, self.flow, gauges=_gauges(self.state_dir), rules=rules)
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class KafkaRun:
     out_dir: Path | None = None
     state_dir: Path | None = None
     lake_dir: Path | None = None
+    rules_path: Path | None = None
     batch_size: int = 1000
     epoch_interval: timedelta = timedelta(seconds=5)
 
@@ -86,7 +90,9 @@ class KafkaRun:
         )
         outputs = [kafka_output(self.brokers, self.topics, self.kafka_config)]
         outputs += _file_outputs(self.out_dir, self.lake_dir) + _tally(self.state_dir)
-        return build_flow(source, outputs, self.flow, gauges=_gauges(self.state_dir))
+        # A rules file in a live run is sent at once: its rules take effect by their effective_from.
+        rules = RulesFileSource(self.rules_path, ReplayClock(0.0, 0.0, 0.0)) if self.rules_path else None
+        return build_flow(source, outputs, self.flow, gauges=_gauges(self.state_dir), rules=rules)
 
 
 FlowJob = ReplayRun | KafkaRun

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pickle
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal, cast
@@ -26,16 +26,20 @@ from bytewax.inputs import Source
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 
-from dataflows.events import DeadLetter, WindowRecord
+from dataflows.events import DeadLetter, Event, WindowRecord
 from dataflows.patterns.definitions import PatternDef, key_of
 from dataflows.patterns.engine import Alert, PatternBook, patterns_keyed_by
 from dataflows.live import LiveMerger
+from dataflows.rules import Moderation, Rule, RuleBook
+from dataflows.rules_gate import RuleGate, RulesItem, RulesMark, is_rules_wire, rules_wire
 from dataflows.sequencing import LiveMark, Marker, Progress, ReplayLayout, Sequencer, Stamped, Wire, from_wire, later, to_wire
 from dataflows.windows import WindowBook, WindowConfig
 
 Record = dict[str, Any]
 SourceItem = Stamped | DeadLetter | Marker
 """What a flow's source emits (see the module docstring)."""
+RulesSourceItem = RulesItem | DeadLetter
+"""What a rules source emits: rules, its clock (`RulesMark`) and rejected rules."""
 Encoder = Callable[[str, list[Record]], Any]
 """Turns a batch of records of one kind (`kind`, `records`) into the payload a sink writes."""
 
@@ -53,6 +57,7 @@ class OutputKind(StrEnum):
     LATE = "late"
     DEAD_LETTER = "dead_letter"
     ALERTS = "alerts"
+    MODERATED = "moderated"
 
 
 GAUGE = "gauge"
@@ -72,6 +77,8 @@ class FlowConfig:
     shards: int = 64
     patterns: tuple[PatternDef, ...] = ()
     live: bool = False
+    rules: bool = False
+    """Whether a rules stream is joined: messages are then judged by it and wait for its clock."""
 
     def __post_init__(self) -> None:
         if self.shards < 1:
@@ -100,6 +107,7 @@ class ShardState:
     sequencer: Sequencer | LiveMerger
     book: WindowBook | None
     patterns: PatternBook | None
+    gate: RuleGate | None = None
 
 
 class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
@@ -123,22 +131,32 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
                 LiveMerger(config.layout.partitions) if config.live else Sequencer(config.layout),
                 WindowBook(config.window) if role == "session" else None,
                 PatternBook(patterns, config.window.out_of_orderness, user_shapes) if patterns else None,
+                RuleGate() if config.rules else None,
             )
         self.reported_open = -1
+        self.reported_rules = -1
 
     def on_batch(self, values: list[list[Wire]]) -> tuple[list[tuple[str, Any]], bool]:
-        seq = self.state.sequencer
+        seq, gate = self.state.sequencer, self.state.gate
         for wires in values:
+            if gate is not None:
+                wires = self._take_rules(wires, gate)
             seq.push(map(from_wire, wires))
         out = _Outputs()
-        clock = self._process(seq.release(), out)
-        self._advance(later(clock, seq.clock_floor()), out)
+        released = self._timed(seq.release())
+        clock = self._process(released if gate is None else gate.admit(released), out)
+        floor = later(clock, seq.clock_floor())
+        self._advance(floor if gate is None else gate.cap(floor), out)
         return self._batches(out), StatefulBatchLogic.RETAIN
 
     def on_eof(self) -> tuple[list[tuple[str, Any]], bool]:
-        seq = self.state.sequencer
+        seq, gate = self.state.sequencer, self.state.gate
         out = _Outputs()
-        self._process(seq.release_all(), out)
+        released = self._timed(seq.release_all())
+        if gate is not None:
+            gate.held.extend(released)
+            released = gate.release_all()
+        self._process(released, out)
         if self.state.book is not None:
             out.windows.extend(self.state.book.flush())
         if self.state.patterns is not None:
@@ -148,24 +166,56 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
     def snapshot(self) -> bytes:
         return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
 
+    def _take_rules(self, wires: list[Wire], gate: RuleGate) -> list[Wire]:
+        """Apply the rules items among `wires` to the shard's rule set; return the other wires."""
+        rest: list[Wire] = []
+        for wire in wires:
+            if is_rules_wire(wire):
+                item = wire[1]
+                if isinstance(item, RulesMark):
+                    gate.mark(item)
+                else:
+                    gate.add(item)
+            else:
+                rest.append(wire)
+        return rest
+
+    def _timed(self, released: Iterable[tuple[Stamped, float | None]]) -> Iterator[tuple[Stamped, float | None]]:
+        """Give an event without a timestamp the clock's time (the run's first event time before any)."""
+        origin = self.config.time_origin
+        for stamped, clock in released:
+            if stamped.event.time is None:
+                stamped = stamped._replace(event=stamped.event.timed(origin if clock is None else clock))
+            yield stamped, clock
+
     def _process(self, released: Iterable[tuple[Stamped, float | None]], out: _Outputs) -> float | None:
-        """Window and queue for matching each released event; return the clock after the last one."""
-        book, patterns = self.state.book, self.state.patterns
+        """Judge, window and queue for matching each released event; return the clock after the last one."""
+        book, patterns, gate = self.state.book, self.state.patterns, self.state.gate
         latest: float | None = None
         for stamped, clock in released:
             event = stamped.event
+            latest = later(latest, self.state.sequencer.clock_after(clock, event.time))
             if book is not None:
                 out.windows.extend(book.advance(clock))
-            if event.time is None:
-                event = event.timed(self.config.time_origin if clock is None else clock)
+            verdict = None
+            if gate is not None:
+                verdict = _judge(gate.book, event)
+                if verdict.action == "block":
+                    if book is not None:
+                        out.moderated.append({**event.as_record(), "moderation": verdict.as_record()})
+                    continue
+                if verdict.action == "mask":
+                    event = event._replace(text=verdict.text)
             if patterns is not None:
                 patterns.add(event, clock)
             if book is not None:
                 late = book.add(event)
-                out.messages.append(event.as_record())
+                record = event.as_record()
+                if verdict is not None:
+                    record["moderation"] = verdict.as_record()
+                out.messages.append(record)
                 if late is not None:
                     out.late.append(late.as_record())
-            latest = later(latest, self.state.sequencer.clock_after(clock, event.time))
         return latest
 
     def _advance(self, clock: float | None, out: _Outputs) -> None:
@@ -174,13 +224,27 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
         if self.state.patterns is not None:
             out.alerts.extend(self.state.patterns.advance(clock))
 
+    def _switched_on(self, alerts: list[Alert]) -> list[Alert]:
+        """Drop alerts of patterns that a `pattern:ID` feature flag turns off for their session."""
+        gate = self.state.gate
+        if gate is None or not alerts:
+            return alerts
+        kept = []
+        for alert in alerts:
+            last = alert.events[-1]
+            flags = gate.book.flags_at(last.time or 0.0, room=last.session_id)
+            if flags.get(f"pattern:{alert.pattern}", True):
+                kept.append(alert)
+        return kept
+
     def _batches(self, out: _Outputs) -> list[tuple[str, Any]]:
         batches: list[tuple[str, Any]] = []
         for kind, records in (
             (OutputKind.MESSAGES, out.messages),
             (OutputKind.WINDOWS, [w.as_record() for w in out.windows]),
             (OutputKind.LATE, out.late),
-            (OutputKind.ALERTS, [a.as_record() for a in out.alerts]),
+            (OutputKind.ALERTS, [a.as_record() for a in self._switched_on(out.alerts)]),
+            (OutputKind.MODERATED, out.moderated),
         ):
             if records:
                 batches.append((kind, records))
@@ -188,6 +252,10 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
         if count != self.reported_open:
             self.reported_open = count
             batches.append((GAUGE, {"open_windows": count, "buffered": self.state.sequencer.buffered}))
+        gate = self.state.gate
+        if gate is not None and gate.book.version() != self.reported_rules:
+            self.reported_rules = gate.book.version()
+            batches.append((GAUGE, {"rules_version": self.reported_rules, "rules_stale": gate.book.stale}))
         return batches
 
 
@@ -199,6 +267,12 @@ class _Outputs:
     windows: list[WindowRecord] = field(default_factory=list)
     late: list[Record] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
+    moderated: list[Record] = field(default_factory=list)
+
+
+def _judge(book: RuleBook, event: Event) -> Moderation:
+    assert event.time is not None, "events are timed before they are judged"
+    return book.judge(event.text, time=event.time, user=key_of(event, "user"), room=event.session_id)
 
 
 def _patterns_for(patterns: tuple[PatternDef, ...], role: ShardRole) -> tuple[tuple[PatternDef, ...], frozenset[str]]:
@@ -213,7 +287,7 @@ def _patterns_for(patterns: tuple[PatternDef, ...], role: ShardRole) -> tuple[tu
     return session + user, frozenset({"conversation"})
 
 
-def _router(config: FlowConfig) -> Callable[[list[SourceItem]], list[tuple[str, Any]]]:
+def _router(config: FlowConfig) -> Callable[[list[SourceItem | RulesSourceItem]], list[tuple[str, Any]]]:
     """Group a batch from the source by shard, one item per shard, in the source's order.
 
     Each event goes to its session's shard and, when user-keyed patterns are on, to its user's
@@ -227,7 +301,7 @@ def _router(config: FlowConfig) -> Callable[[list[SourceItem]], list[tuple[str, 
     if by_user:
         every_shard += [shard_of_index(i, USER_SHARD) for i in range(shards)]
 
-    def route(items: list[SourceItem]) -> list[tuple[str, Any]]:
+    def route(items: list[SourceItem | RulesSourceItem]) -> list[tuple[str, Any]]:
         groups: dict[str, list[Wire]] = {}
         dead: list[Record] = []
         for item in items:
@@ -239,6 +313,10 @@ def _router(config: FlowConfig) -> Callable[[list[SourceItem]], list[tuple[str, 
                     groups.setdefault(user, []).append(wire)
             elif isinstance(item, DeadLetter):
                 dead.append(item.as_record())
+            elif isinstance(item, RulesMark | Rule):
+                wire = rules_wire(item)
+                for key in every_shard:
+                    groups.setdefault(key, []).append(wire)
             else:
                 wire = to_wire(item)
                 for key in every_shard:
@@ -272,16 +350,23 @@ def build_flow(
     config: FlowConfig,
     *,
     gauges: Sink[tuple[str, Record]] | None = None,
+    rules: Source[RulesSourceItem] | None = None,
     flow_id: str = "convoflow",
 ) -> Dataflow:
-    """Wire the replay pipeline: read → split dead letters → shard → sequence, window, match → outputs.
+    """Wire the pipeline: read → split dead letters → shard → sequence, judge, window, match → outputs.
 
     Every output receives `(kind, encode(records))`, one batch of records of one kind at a time
-    (`kind` one of `OutputKind`, records JSON-ready dicts). `gauges`, when given, receives
-    `(shard, {"shard", "open_windows", "buffered"})` for live views.
+    (`kind` one of `OutputKind`, records JSON-ready dicts). `rules`, when given, is the rules
+    stream joined to every message (see `dataflows.rules_gate`). `gauges`, when given, receives
+    `(shard, {"shard", ...gauge values})` for live views.
     """
     flow = Dataflow(flow_id)
-    items = op.input("read", flow, cast(Source[SourceItem], source))
+    items = op.input("read", flow, cast(Source[SourceItem | RulesSourceItem], source))
+    if rules is not None:
+        if not config.rules:
+            msg = "a rules source needs FlowConfig(rules=True)"
+            raise ValueError(msg)
+        items = op.merge("with_rules", items, op.input("read_rules", flow, rules))
     routed = op.flat_map_batch("route_to_shards", items, _router(config))
     split = op.branch("split_dead_letters", routed, lambda kv: kv[0] == OutputKind.DEAD_LETTER)
     by_role = op.branch("split_user_shards", split.falses, lambda kv: kv[0].startswith(USER_SHARD))

@@ -8,7 +8,8 @@ Kafka sources, every input partition keeps its own clock and the flow's clock is
 - `LiveStamper` (one per input partition, on the worker that reads it): the partition's clock is
   the latest event time it has read plus the wall time elapsed since it read it, so event time
   keeps moving when traffic stops and windows still close (the system-clock fallback). An event
-  without a timestamp gets that clock (or the wall clock before any timed event). After each
+  without a timestamp gets that clock; before any other event, the wall clock, which then
+  becomes the partition's clock. After each
   batch the partition sends a `LiveMark`; a partition that has read nothing for `idle_after`
   seconds since it started is marked idle and no longer holds the others back.
 - `LiveMerger` (one per shard): marks are replicated to every shard and travel behind the events
@@ -53,6 +54,8 @@ class LiveStamper:
             return item
         clock = self.clock(now)
         if item.time is None:
+            if clock is None:  # only the system clock to go by: it becomes the partition's clock
+                self.latest, self.latest_at = now, now
             return Stamped(item.timed(now if clock is None else clock), self.partition, clock)
         if self.latest is None or item.time > self.latest:
             self.latest, self.latest_at = item.time, now

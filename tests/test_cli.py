@@ -33,11 +33,11 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_run_writes_the_four_outputs(sample: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_writes_every_output_file(sample: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     assert main(["run", "--input", str(sample), "--out-dir", str(out), "--speed-factor", "0", "--quiet"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "alerts.jsonl", "dead_letter.jsonl", "late.jsonl", "messages.jsonl", "windows.jsonl"]
+        "alerts.jsonl", "dead_letter.jsonl", "late.jsonl", "messages.jsonl", "moderated.jsonl", "windows.jsonl"]
     assert {a["pattern"] for a in lines_of(out / "alerts.jsonl")} >= {"abandonment", "conversation_completion"}
     accepted, dead = lines_of(out / "messages.jsonl"), lines_of(out / "dead_letter.jsonl")
     assert len(accepted) + len(dead) == len(sample.read_bytes().splitlines())

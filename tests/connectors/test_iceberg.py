@@ -12,6 +12,7 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSource, run_main
 from pyiceberg.catalog import Catalog
 from pyiceberg.io.pyarrow import schema_to_pyarrow
+from pyiceberg.schema import Schema
 from pyiceberg.table import Table
 
 from connectors.iceberg import (
@@ -21,6 +22,7 @@ from connectors.iceberg import (
 from dataflows.errors import ConvoflowError
 from dataflows.events import DeadLetter, Event, LateEvent, LineRef, WindowRecord
 from dataflows.patterns.engine import Alert
+from dataflows.rules import Moderation
 
 pytestmark = pytest.mark.lake
 
@@ -55,13 +57,21 @@ def records(make_event: Callable[..., Event]) -> dict[str, list[dict[str, Any]]]
     """A few records of each kind, as the flow's `as_record()` makes them."""
     e1, e2, e3 = make_event(1), make_event(2, language="es", username="alice"), make_event(3, session="s-2")
     return {
-        "messages": [e.as_record() for e in (e3, e1, e2)],
+        "messages": [e.as_record() for e in (e3, e1)] + [judged(e2, Moderation("flag", e2.text, (("bw", 2),), ("w",)))],
         "windows": [WindowRecord("s-1", T0, T0 + 300, (e1, e2), {"message": 2}).as_record(),
                     WindowRecord("s-2", T0, T0 + 300, (e3,), {}).as_record()],
         "late": [LateEvent(e1, T0, T0 + 300, T0 + 400).as_record()],
-        "dead_letter": [DeadLetter(LineRef("chat.jsonl", 4, 40), "{oops", "invalid JSON").as_record()],
+        "dead_letter": [DeadLetter(LineRef("chat.jsonl", 4, 40), "{oops", "invalid JSON").as_record(),
+                        DeadLetter(LineRef("chat/1", 7, 7), "{", "not JSON", "parse",
+                                   (("topic", "chat"), ("partition", 1), ("offset", 7))).as_record()],
+        "moderated": [judged(e3, Moderation("block", e3.text, (("perm-eve", 1),), ("muted",), (("translation", False),),
+                                            "muted"))],
         "alerts": [Alert("angry", "s-1", "high", T0 + 150, (e1, e2), "two messages").as_record()],
     }
+
+
+def judged(event: Event, moderation: Moderation) -> dict[str, Any]:
+    return {**event.as_record(), "moderation": moderation.as_record()}
 
 
 def messages(first: int, count: int, make_event: Callable[..., Event]) -> list[dict[str, Any]]:
@@ -105,8 +115,17 @@ def test_tables_are_created_once_with_the_declared_schema_partitioning_and_sort_
         "late_events": ([("event.timestamp", "day")], ["session_id", "event.timestamp"]),
         "alerts": ([("detected_at", "day")], ["session_id", "detected_at"]),
         "dead_letter": ([], ["source", "line"]),
+        "moderated_messages": ([("timestamp", "day")], ["session_id", "timestamp"]),
     }
     assert str(tables["messages"].schema().find_type("timestamp")) == "timestamptz"
+
+
+def test_an_older_table_gains_the_columns_added_since(catalog: Catalog) -> None:
+    old = Schema(*[f for f in TABLES["dead_letter"].schema.fields if f.name not in ("topic", "partition")])
+    catalog.create_namespace_if_not_exists("convoflow")
+    catalog.create_table(("convoflow", "dead_letter"), old)
+    table = ensure_tables(catalog, kinds=["dead_letter"])["dead_letter"]
+    assert {"topic", "partition"} <= {f.name for f in table.schema().fields}
 
 
 def test_rows_of_every_kind_read_back_equal_and_sorted(catalog: Catalog, records: dict[str, list[dict[str, Any]]]) -> None:

@@ -1,0 +1,134 @@
+"""The flow's Kafka outputs without a broker: envelope, per-kind topics and keys, delivery reports."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pytest
+
+from connectors.kafka_outputs import KafkaEncoder, OutputTopics, envelope, undelivered
+from dataflows.errors import ConvoflowError
+from dataflows.events import Event, iso
+from dataflows.flow import OutputKind
+
+T0 = 1_704_103_200.0
+"""2024-01-01T10:00:00+00:00"""
+
+
+@pytest.fixture
+def make_event() -> Callable[..., Event]:
+    def make(**overrides: Any) -> Event:
+        fields: dict[str, Any] = {
+            "event_id": "chat/0:7", "session_id": "s-1", "sender": "customer", "kind": "message", "text": "hi",
+            "time": T0, "time_source": "event", "shape": "conversation", "source": "chat/0", "line": 7, "offset": 7,
+        }
+        fields.update(overrides)
+        fields.setdefault("timestamp", iso(fields["time"]))
+        return Event(**fields)
+
+    return make
+
+
+def test_envelope_of_a_conversation_message(make_event: Callable[..., Event]) -> None:
+    record = make_event(time=T0 + 42.75).as_record()
+    assert envelope(record) == {
+        "type": "chat_message",
+        "timestamp": int(T0) + 42,
+        "payload": {
+            "id": "chat/0:7",
+            "username": "customer",
+            "text": "hi",
+            "translated": None,
+            "language": None,
+            "session_id": "s-1",
+            "sender": "customer",
+            "kind": "message",
+            "time_source": "event",
+        },
+    }
+
+
+def test_envelope_of_a_chat_message(make_event: Callable[..., Event]) -> None:
+    event = make_event(session_id="room-1", sender="alice", username="alice", kind="USER_MESSAGE", text="Hola",
+                       language="es", shape="chat", time_source="system")
+    wrapped = envelope(event.as_record())
+    assert wrapped["timestamp"] == int(T0)
+    assert wrapped["payload"] == {
+        "id": "chat/0:7", "username": "alice", "text": "Hola", "translated": None, "language": "es",
+        "session_id": "room-1", "sender": "alice", "kind": "USER_MESSAGE", "time_source": "system",
+    }
+
+
+def test_envelope_takes_the_translation_and_moderation_when_the_record_has_them(make_event: Callable[..., Event]) -> None:
+    record = {**make_event(text="Hola").as_record(), "translated": "Hello",
+              "translation": {"model": "m"}, "moderation": {"flagged": False}}
+    payload = envelope(record)["payload"]
+    assert payload["translated"] == "Hello"
+    assert (payload["translation"], payload["moderation"]) == ({"model": "m"}, {"flagged": False})
+    assert "translation" not in envelope(make_event().as_record())["payload"]
+
+
+def test_output_topics_default_to_the_chat_pipeline_names() -> None:
+    topics = OutputTopics()
+    chat_pipeline = {
+        "messages": "processing_fanout", "windows": "conversation_windows", "late": "late_events",
+        "dead_letter": "dead_letter", "alerts": "alerts",
+    }
+    assert {kind: topics.of(kind) for kind in chat_pipeline} == chat_pipeline
+    assert sorted(topics.all()) == sorted(topics.of(k) for k in OutputKind), "one topic for every output kind"
+
+
+def test_messages_are_keyed_by_session_in_the_envelope(make_event: Callable[..., Event]) -> None:
+    records = [make_event().as_record(), make_event(event_id="chat/0:8", session_id="s-2").as_record()]
+    sent = KafkaEncoder(OutputTopics())(OutputKind.MESSAGES, records)
+    assert [(m.topic, m.key) for m in sent] == [("processing_fanout", b"s-1"), ("processing_fanout", b"s-2")]
+    assert [orjson.loads(m.value) for m in sent] == [envelope(r) for r in records]
+
+
+@pytest.mark.parametrize(("kind", "topic"), [
+    ("windows", "conversation_windows"), ("late", "late_events"), ("alerts", "alerts"), ("dead_letter", "dead_letter"),
+])
+def test_other_kinds_go_to_their_topic_as_the_record(kind: str, topic: str) -> None:
+    record = {"session_id": "s-1", "window_start": iso(T0), "counts": {"rm": 2}}
+    (sent,) = KafkaEncoder(OutputTopics())(kind, [record])
+    assert (sent.topic, sent.key, orjson.loads(sent.value)) == (topic, b"s-1", record)
+
+
+def test_record_without_a_session_has_no_key() -> None:
+    (sent,) = KafkaEncoder(OutputTopics())(OutputKind.DEAD_LETTER, [{"source": "chat/0", "line": 3, "reason": "x"}])
+    assert sent.key is None
+
+
+def test_encoder_uses_the_configured_topics(make_event: Callable[..., Event]) -> None:
+    encode = KafkaEncoder(OutputTopics(messages="fanout-test", late="late-test"))
+    assert encode("messages", [make_event().as_record()])[0].topic == "fanout-test"
+    assert encode("late", [{"session_id": "s-1"}])[0].topic == "late-test"
+    assert encode("windows", []) == []
+
+
+@dataclass
+class FakeMessage:
+    name: str
+
+    def topic(self) -> str:
+        return self.name
+
+
+@dataclass
+class FakeError:
+    text: str
+
+    def str(self) -> str:
+        return self.text
+
+
+def test_undelivered_message_stops_the_run_naming_its_topic() -> None:
+    with pytest.raises(ConvoflowError, match="'late_events'.*Message timed out"):
+        undelivered(FakeError("Local: Message timed out"), FakeMessage("late_events"))
+
+
+def test_delivered_message_is_fine() -> None:
+    undelivered(None, FakeMessage("late_events"))
