@@ -19,6 +19,7 @@ from connectors.kafka_outputs import OutputTopics
 from connectors.runner import OUTPUT_FILES, FlowJob, KafkaRun, ReplayRun, run_job
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
+from dataflows.events import DeadLetter
 from dataflows.flow import FlowConfig
 from connectors.pattern_files import load_patterns
 from dataflows.sequencing import ReplayLayout
@@ -233,6 +234,34 @@ def produce(
     typer.echo(f"produced {sent:,} messages from {input_path} to {topic} at {kafka_brokers}")
 
 
+rules_app = typer.Typer(no_args_is_help=True, help="Work with rules files (the rules stream as JSONL).")
+app.add_typer(rules_app, name="rules")
+
+
+@rules_app.command("check")
+def rules_check(
+    path: Annotated[Path, typer.Argument(metavar="FILE", exists=True, dir_okay=False, help="JSONL rules file.")],
+) -> None:
+    """Validate a rules file and print what each rule would do; exit 1 if any rule is rejected."""
+    from connectors.rules_source import read_rules
+    from dataflows.rules import RuleBook, describe
+
+    book = RuleBook()
+    rejected = ignored = 0
+    for item, _arrival in read_rules(path):
+        if isinstance(item, DeadLetter):
+            rejected += 1
+            typer.echo(f"line {item.ref.line}: rejected: {item.reason}")
+        elif not book.add(item):
+            ignored += 1
+            typer.echo(f"{item.id} v{item.version}: ignored, a version as high was already given")
+        else:
+            typer.echo(describe(item))
+    typer.echo(f"{book.applied} rules applied, {ignored} ignored as stale, {rejected} rejected in {path}")
+    if rejected:
+        raise typer.Exit(code=1)
+
+
 @app.command()
 def samples(
     out: Annotated[Path, typer.Option("--out", dir_okay=False, help="File to write.")] = Path(
@@ -262,7 +291,7 @@ def _window_config(size: float, out_of_orderness: float) -> WindowConfig:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors become one line on stderr and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except typer.Exit as exc:
         return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
@@ -274,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConvoflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

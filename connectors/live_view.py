@@ -23,6 +23,7 @@ class RunStats:
     started: float = field(default_factory=time.monotonic)
     counts: dict[str, int] = field(default_factory=dict)
     open_windows: int = 0
+    rules_version: int = 0
     rate: float = 0.0
     _last: tuple[float, int] = (0.0, 0)
 
@@ -36,11 +37,12 @@ class RunStats:
 
     @property
     def events_read(self) -> int:
-        return self.counts.get(OutputKind.MESSAGES, 0) + self.counts.get(OutputKind.DEAD_LETTER, 0)
+        return sum(self.counts.get(kind, 0) for kind in (OutputKind.MESSAGES, OutputKind.MODERATED, OutputKind.DEAD_LETTER))
 
     def refresh(self) -> None:
         self.counts = read_tallies(self.state_dir)
-        self.open_windows = read_gauges(self.state_dir / GAUGES_FILE)["open_windows"]
+        gauges = read_gauges(self.state_dir / GAUGES_FILE)
+        self.open_windows, self.rules_version = gauges["open_windows"], gauges["rules_version"]
         now = time.monotonic()
         last_time, last_read = self._last
         if now - last_time >= 1.0:
@@ -58,6 +60,10 @@ class RunStats:
         table.add_row("windows emitted", f"{self.counts.get(OutputKind.WINDOWS, 0):,}")
         table.add_row("late events", f"{self.counts.get(OutputKind.LATE, 0):,}")
         table.add_row("dead-lettered", f"{self.counts.get(OutputKind.DEAD_LETTER, 0):,}")
+        if self.rules_version:
+            table.add_row("rule-set version", f"{self.rules_version:,}")
+            table.add_row("masked / flagged", f"{self.counts.get('mask', 0):,} / {self.counts.get('flag', 0):,}")
+            table.add_row("blocked (moderated)", f"{self.counts.get(OutputKind.MODERATED, 0):,}")
         for pattern, count in sorted(self.alerts.items()):
             table.add_row(f"alerts: {pattern}", f"{count:,}")
         table.add_row("elapsed", f"{elapsed:,.1f} s")
@@ -65,14 +71,17 @@ class RunStats:
 
     def summary(self) -> str:
         elapsed = time.monotonic() - self.started
+        count = self.counts.get
+        moderation = (f"{count(OutputKind.MODERATED, 0):,} blocked, {count('mask', 0):,} masked, "
+                      f"{count('flag', 0):,} flagged, ") if self.rules_version else ""
         return (
             f"{self.events_read:,} events in {elapsed:,.1f} s "
             f"({self.events_read / max(elapsed, 1e-9):,.0f}/s): "
-            f"{self.counts.get(OutputKind.MESSAGES, 0):,} accepted, "
-            f"{self.counts.get(OutputKind.WINDOWS, 0):,} windows, "
-            f"{self.counts.get(OutputKind.LATE, 0):,} late, "
-            f"{self.counts.get(OutputKind.ALERTS, 0):,} alerts, "
-            f"{self.counts.get(OutputKind.DEAD_LETTER, 0):,} dead-lettered → {self.destination}"
+            f"{count(OutputKind.MESSAGES, 0):,} accepted, "
+            f"{count(OutputKind.WINDOWS, 0):,} windows, "
+            f"{count(OutputKind.LATE, 0):,} late, "
+            f"{count(OutputKind.ALERTS, 0):,} alerts, {moderation}"
+            f"{count(OutputKind.DEAD_LETTER, 0):,} dead-lettered → {self.destination}"
         )
 
 

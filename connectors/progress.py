@@ -11,7 +11,11 @@ from pathlib import Path
 from typing import Any
 
 ALERTS = "alerts"
+MESSAGES = "messages"
 GAUGES_FILE = "gauges.json"
+SUMMED = ("open_windows", "buffered")
+SAME_IN_EVERY_SHARD = ("rules_version", "rules_stale")
+"""Gauges every shard reports alike (each holds every rule): the view shows the latest, not a sum."""
 
 import orjson
 from bytewax.outputs import DynamicSink, FixedPartitionedSink, StatefulSinkPartition, StatelessSinkPartition
@@ -35,20 +39,19 @@ class _GaugePartition(StatefulSinkPartition[dict[str, Any], None]):
     def __init__(self, path: Path, min_interval: float) -> None:
         self.path = path
         self.min_interval = min_interval
-        self.latest: dict[str, dict[str, Any]] = {}
+        self.latest: dict[str, dict[str, Any]] = {}  # shard -> its latest value of every gauge
         self.written_at = 0.0
 
     def write_batch(self, values: list[dict[str, Any]]) -> None:
         for value in values:
-            self.latest[value["shard"]] = value
+            self.latest.setdefault(value["shard"], {}).update(value)
         if time.monotonic() - self.written_at >= self.min_interval:
             self._write()
 
     def _write(self) -> None:
-        totals = {
-            "open_windows": sum(g["open_windows"] for g in self.latest.values()),
-            "buffered": sum(g["buffered"] for g in self.latest.values()),
-        }
+        gauges = self.latest.values()
+        totals = {key: sum(g.get(key, 0) for g in gauges) for key in SUMMED}
+        totals |= {key: max((g.get(key, 0) for g in gauges), default=0) for key in SAME_IN_EVERY_SHARD}
         _write_json(self.path, totals)
         self.written_at = time.monotonic()
 
@@ -62,13 +65,14 @@ class _GaugePartition(StatefulSinkPartition[dict[str, Any], None]):
 def read_gauges(path: Path) -> dict[str, int]:
     """The latest gauge totals, or zeros before the first write."""
     try:
-        return orjson.loads(path.read_bytes())
+        return {key: 0 for key in (*SUMMED, *SAME_IN_EVERY_SHARD)} | orjson.loads(path.read_bytes())
     except (FileNotFoundError, orjson.JSONDecodeError):
-        return {"open_windows": 0, "buffered": 0}
+        return {key: 0 for key in (*SUMMED, *SAME_IN_EVERY_SHARD)}
 
 
 def tally_of(kind: str, records: list[dict[str, Any]]) -> dict[str, int]:
-    """What a batch adds to the run's counts: records of `kind`, and alerts by pattern (`alerts:<id>`).
+    """What a batch adds to the run's counts: records of `kind`, alerts by pattern (`alerts:<id>`) and
+    judged messages by action (`mask`, `flag`; blocked ones are the `moderated` records).
 
     The encoder of the `TallySink` output, so only these small dicts cross workers.
     """
@@ -77,6 +81,11 @@ def tally_of(kind: str, records: list[dict[str, Any]]) -> dict[str, int]:
         for record in records:
             key = f"{ALERTS}:{record.get('pattern')}"
             counts[key] = counts.get(key, 0) + 1
+    elif kind == MESSAGES and records and "moderation" in records[0]:
+        for record in records:
+            action = record["moderation"]["action"]
+            if action != "allow":
+                counts[action] = counts.get(action, 0) + 1
     return counts
 
 

@@ -114,10 +114,10 @@ class RulesPartition(StatefulSourcePartition[Item, int]):
         return batch
 
     def next_awake(self) -> datetime | None:
-        if self.finished or self.next >= len(self.rules):
+        if self.finished or self.next >= len(self.rules) or not self.clock.paced:
             return None
         due = min(self.clock.wall_time_for(self.rules[self.next][1]), self.wall() + self.tick)
-        return datetime.fromtimestamp(due, timezone.utc)
+        return None if math.isinf(due) else datetime.fromtimestamp(due, timezone.utc)
 
     def snapshot(self) -> int:
         return self.next

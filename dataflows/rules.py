@@ -601,3 +601,29 @@ def _verdict(text: str, user: str, matches: Sequence[Match], held: _Held | None,
     action: Verdict = "block" if muted else strictest(matches) or "allow"
     return Moderation(action, mask(text, matches) if action == "mask" else text, tuple(rules), tuple(reasons),
                       flags, None if held is None else held[0])
+
+
+def describe(rule: Rule) -> str:
+    """What a rule does, in one line: for `rules check` and logs."""
+    kind, value = rule.scope
+    where = "everywhere" if value is None else f"in {kind} {value!r}"
+    since = "" if rule.effective_from is None else f" from {iso(rule.effective_from)}"
+    head = f"{rule.id} v{rule.version}"
+    if not rule.active:
+        return f"{head}: removes {rule.id}{since}"
+    body = rule.body
+    if isinstance(body, BlockedWords):
+        shown = ", ".join(repr(w) for w in body.words[:5]) + (f" and {len(body.words) - 5} more" if len(body.words) > 5 else "")
+        verbs = {"mask": "masks", "block": "blocks messages with", "flag": "flags messages with"}
+        what = f"{verbs[body.action]} {shown}"
+    elif isinstance(body, FeatureFlag):
+        what = f"turns {body.flag} {'on' if body.enabled else 'off'}"
+    elif isinstance(body, LanguageModel):
+        what = f"translates to {body.language!r} with model {body.model!r}"
+    elif isinstance(body, UserPermission):
+        what = f"makes user {body.user!r} {body.role}"
+    elif isinstance(body, PatternDef):
+        what = f"detects pattern {body.id!r} ({len(body.steps)} steps, keyed by {body.key})"
+    else:
+        what = f"a {rule.kind} rule"
+    return f"{head}: {what} {where}{since}"
