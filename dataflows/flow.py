@@ -13,6 +13,7 @@ session, and so every result, is the same whatever the number of workers and pro
 
 from __future__ import annotations
 
+import functools
 import pickle
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -134,7 +135,7 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
                 RuleGate() if config.rules else None,
             )
         self.reported_open = -1
-        self.reported_rules = -1
+        self.reported_rules = (-1, -1)
 
     def on_batch(self, values: list[list[Wire]]) -> tuple[list[tuple[str, Any]], bool]:
         seq, gate = self.state.sequencer, self.state.gate
@@ -212,7 +213,7 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
                 late = book.add(event)
                 record = event.as_record()
                 if verdict is not None:
-                    record["moderation"] = verdict.as_record()
+                    record["moderation"] = _allowed(verdict.flags, verdict.role) if verdict.action == "allow" else verdict.as_record()
                 out.messages.append(record)
                 if late is not None:
                     out.late.append(late.as_record())
@@ -253,9 +254,9 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
             self.reported_open = count
             batches.append((GAUGE, {"open_windows": count, "buffered": self.state.sequencer.buffered}))
         gate = self.state.gate
-        if gate is not None and gate.book.version() != self.reported_rules:
-            self.reported_rules = gate.book.version()
-            batches.append((GAUGE, {"rules_version": self.reported_rules, "rules_stale": gate.book.stale}))
+        if gate is not None and (gate.book.version(), gate.book.stale) != self.reported_rules:
+            self.reported_rules = (gate.book.version(), gate.book.stale)
+            batches.append((GAUGE, {"rules_version": self.reported_rules[0], "rules_stale": self.reported_rules[1]}))
         return batches
 
 
@@ -268,6 +269,15 @@ class _Outputs:
     late: list[Record] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     moderated: list[Record] = field(default_factory=list)
+
+
+@functools.lru_cache(maxsize=256)
+def _allowed(flags: tuple[tuple[str, bool], ...], role: str | None) -> Record:
+    """The `moderation` of an allowed message: the same few values again and again, so built once each.
+
+    Shared by the records that carry it, which are serialised and never changed.
+    """
+    return Moderation("allow", "", (), (), flags, role).as_record()
 
 
 def _judge(book: RuleBook, event: Event) -> Moderation:

@@ -63,7 +63,12 @@ class RuleGate:
 
     def admit(self, released: Iterable[tuple[Stamped, float | None]]) -> Iterator[tuple[Stamped, float | None]]:
         """The released events, in order, whose time the rules stream has passed; the rest wait."""
+        if not self.held and self.until == math.inf:
+            return iter(released)
         self.held.extend(released)
+        return self._pop_due()
+
+    def _pop_due(self) -> Iterator[tuple[Stamped, float | None]]:
         while self.held and self._due(self.held[0][0]):
             yield self.held.popleft()
 
