@@ -90,6 +90,12 @@ def run(
     dead_letter_topic: Annotated[
         str, typer.Option(rich_help_panel="Kafka", help="Topic of rejected input.")
     ] = OutputTopics.dead_letter,
+    rules_topic: Annotated[
+        str, typer.Option(rich_help_panel="Kafka", help="Topic of the rules stream, read from its beginning (ignored with --rules).")
+    ] = "rules",
+    rules_grace: Annotated[
+        float, typer.Option(min=0.0, rich_help_panel="Kafka", help="Seconds a live message waits for rules stamped before it.")
+    ] = 1.0,
     create_topics: Annotated[
         bool, typer.Option(rich_help_panel="Kafka", help="Create missing topics (with the input topic's partition count).")
     ] = False,
@@ -121,7 +127,8 @@ def run(
     live = None
     if kafka_brokers is not None:
         topics = OutputTopics(output_topic, windows_topic, alerts_topic, late_topic, dead_letter_topic)
-        live = _kafka_input(kafka_brokers, input_topic, topics, create_topics, _kafka_settings(kafka_config, kafka_config_file))
+        settings = _kafka_settings(kafka_config, kafka_config_file)
+        live = _kafka_input(kafka_brokers, input_topic, topics, None if rules else rules_topic, create_topics, settings)
     if out_dir is not None:
         prepare_out_dir(out_dir, OUTPUT_FILES, overwrite=overwrite, dirs=(DEFAULT_LAKE,) if lake and lake_dir is None else ())
     if lake and out_dir is None and lake_dir is None:
@@ -155,12 +162,13 @@ def run(
             destination = str(out_dir)
         else:
             flow = FlowConfig(window=window, layout=ReplayLayout(partitions=len(live.parts)), patterns=pattern_defs,
-                              live=True, rules=rules is not None)
+                              live=True, rules=True)
             job = KafkaRun(
                 brokers=live.brokers, input_topic=input_topic, parts=live.parts, topics=live.topics, flow=flow,
                 kafka_config=live.settings, from_beginning=from_beginning, tail=not stop_at_end,
                 out_dir=out_dir.resolve() if out_dir else None, state_dir=state_dir, lake_dir=lake_at,
-                rules_path=rules.resolve() if rules else None,
+                rules_path=rules.resolve() if rules else None, rules_topic=live.rules_topic,
+                rules_partitions=live.rules_partitions, rules_grace=rules_grace,
             )
             destination = f"Kafka topics {', '.join(live.topics.all())}" + (f" and {out_dir}" if out_dir else "")
         stats = RunStats(state_dir, destination)
@@ -177,6 +185,8 @@ class _LiveInput:
     topics: OutputTopics
     parts: tuple[str, ...]
     settings: dict[str, str]
+    rules_topic: str | None
+    rules_partitions: int
 
 
 def _kafka_settings(pairs: list[str] | None, file: Path | None) -> dict[str, str]:
@@ -185,24 +195,30 @@ def _kafka_settings(pairs: list[str] | None, file: Path | None) -> dict[str, str
     return {**(read_kafka_config_file(file) if file else {}), **parse_kafka_options(pairs or [])}
 
 
-def _kafka_input(brokers: str, input_topic: str, topics: OutputTopics, create: bool, settings: dict[str, str]) -> _LiveInput:
-    """Check the brokers answer and every topic exists (or create the missing ones if asked)."""
+def _kafka_input(brokers: str, input_topic: str, topics: OutputTopics, rules_topic: str | None, create: bool,
+                 settings: dict[str, str]) -> _LiveInput:
+    """Check the brokers answer and every topic exists (or create the missing ones if asked).
+
+    Topics are created with the input topic's partition count, the rules topic with one.
+    """
     from connectors.kafka_io import check_reachable, ensure_topics, kafka_config, partition_counts
 
     kafka_config(brokers, settings)
     check_reachable(brokers, settings)
-    names = [input_topic, *topics.all()]
+    names = [input_topic, *topics.all(), *([rules_topic] if rules_topic else [])]
     counts = partition_counts(brokers, settings, names)
     missing = [name for name, count in counts.items() if count is None]
     if missing and not create:
         msg = f"Kafka topics {', '.join(missing)} do not exist on {brokers}; create them or pass --create-topics"
         raise ConvoflowError(msg)
     if missing:
-        ensure_topics(brokers, settings, {name: counts[input_topic] or DEFAULT_PARTITIONS for name in missing})
-        counts = partition_counts(brokers, settings, [input_topic])
+        wanted = counts[input_topic] or DEFAULT_PARTITIONS
+        ensure_topics(brokers, settings, {name: 1 if name == rules_topic else wanted for name in missing})
+        counts = partition_counts(brokers, settings, names)
     partitions = counts[input_topic] or DEFAULT_PARTITIONS
     parts = tuple(f"{index}-{input_topic}" for index in range(partitions))
-    return _LiveInput(brokers, topics, parts, settings)
+    rules_partitions = (counts[rules_topic] or 1) if rules_topic else 0
+    return _LiveInput(brokers, topics, parts, settings, rules_topic, rules_partitions)
 
 
 @app.command()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bytewax.dataflow import Dataflow
+from bytewax.inputs import Source
 from bytewax.testing import cluster_main, run_main
 
 from connectors.jsonl import JsonlSink, json_lines
@@ -26,7 +27,7 @@ from connectors.replay import ReplaySource
 from connectors.rules_source import RulesFileSource
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
-from dataflows.flow import FlowConfig, FlowOutput, OutputKind, build_flow
+from dataflows.flow import FlowConfig, FlowOutput, OutputKind, RulesSourceItem, build_flow
 
 if TYPE_CHECKING:
     from connectors.kafka_outputs import OutputTopics
@@ -76,6 +77,9 @@ class KafkaRun:
     state_dir: Path | None = None
     lake_dir: Path | None = None
     rules_path: Path | None = None
+    rules_topic: str | None = None
+    rules_partitions: int = 1
+    rules_grace: float = 1.0
     batch_size: int = 1000
     epoch_interval: timedelta = timedelta(seconds=5)
 
@@ -90,9 +94,18 @@ class KafkaRun:
         )
         outputs = [kafka_output(self.brokers, self.topics, self.kafka_config)]
         outputs += _file_outputs(self.out_dir, self.lake_dir) + _tally(self.state_dir)
-        # A rules file in a live run is sent at once: its rules take effect by their effective_from.
-        rules = RulesFileSource(self.rules_path, ReplayClock(0.0, 0.0, 0.0)) if self.rules_path else None
-        return build_flow(source, outputs, self.flow, gauges=_gauges(self.state_dir), rules=rules)
+        return build_flow(source, outputs, self.flow, gauges=_gauges(self.state_dir), rules=self._rules())
+
+    def _rules(self) -> Source[RulesSourceItem] | None:
+        if self.rules_path is not None:
+            # A rules file in a live run is sent at once: its rules take effect by their effective_from.
+            return RulesFileSource(self.rules_path, ReplayClock(0.0, 0.0, 0.0))
+        if self.rules_topic is not None:
+            from connectors.kafka_rules import KafkaRulesSource
+
+            return KafkaRulesSource(self.brokers, self.rules_topic, self.rules_partitions,
+                                    config=self.kafka_config, grace=self.rules_grace, tail=self.tail)
+        return None
 
 
 FlowJob = ReplayRun | KafkaRun

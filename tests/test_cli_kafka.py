@@ -31,7 +31,7 @@ def topic_flags(base: str) -> list[str]:
     """Output topic flags naming fresh topics after `base`, created by the run itself."""
     return ["--output-topic", f"{base}.messages", "--windows-topic", f"{base}.windows",
             "--alerts-topic", f"{base}.alerts", "--late-topic", f"{base}.late",
-            "--dead-letter-topic", f"{base}.dead_letter", "--create-topics"]
+            "--dead-letter-topic", f"{base}.dead_letter", "--rules-topic", f"{base}.rules", "--create-topics"]
 
 
 def window_key(w: dict[str, Any]) -> tuple[Any, ...]:
@@ -142,6 +142,45 @@ def test_a_live_window_closes_on_the_system_clock_when_traffic_stops(
         run.terminate()
         _, stderr = run.communicate(timeout=20)
     assert b"Traceback" not in stderr, stderr.decode(errors="replace")
+
+
+@pytest.mark.kafka
+def test_a_rule_sent_to_the_rules_topic_changes_later_messages_without_a_restart(
+    kafka_bootstrap: str, kafka_topic: Callable[..., str]
+) -> None:
+    topic = kafka_topic(partitions=1)
+    run = subprocess.Popen(
+        [sys.executable, str(ROOT / "cli.py"), "run", "--kafka-brokers", kafka_bootstrap, "--input-topic", topic,
+         *topic_flags(topic), "--rules-grace", "0.5", "--no-patterns", "--quiet"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+
+    def say(text: str) -> None:
+        line = {"session_id": "s-live", "sender": "customer", "message": text, "timestamp": time.time()}
+        producer.produce(topic, orjson.dumps(line), key=b"s-live")
+        assert producer.flush(10) == 0
+
+    try:
+        say("darn, before the rule")
+        [before] = consume_all(kafka_bootstrap, f"{topic}.messages", 1, 1, timeout_s=40)
+        rule = {"id": "bw-live", "kind": "blocked_words", "version": 1, "timestamp": time.time(), "scope": "global",
+                "body": {"words": ["darn"], "action": "mask"}}
+        producer.produce(f"{topic}.rules", orjson.dumps(rule))
+        assert producer.flush(10) == 0
+        time.sleep(1.0)
+        say("darn, after the rule")
+        messages = consume_all(kafka_bootstrap, f"{topic}.messages", 1, 2, timeout_s=40)
+        assert run.poll() is None, "the same run took the rule"
+    finally:
+        run.terminate()
+        _, stderr = run.communicate(timeout=20)
+    assert b"Traceback" not in stderr, stderr.decode(errors="replace")
+    payloads = [orjson.loads(m.value())["payload"] for m in messages]
+    assert [(p["text"], p["moderation"]["action"]) for p in payloads] == [
+        ("darn, before the rule", "allow"), ("***, after the rule", "mask")]
+    assert payloads[1]["moderation"]["rules"] == [{"id": "bw-live", "version": 1}]
+    assert orjson.loads(before.value())["payload"] == payloads[0]
 
 
 def test_an_unreachable_broker_is_one_clear_error_within_seconds(capsys: pytest.CaptureFixture[str]) -> None:
