@@ -36,6 +36,7 @@ START_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 60.0
 TOPIC_READY_TIMEOUT_S = 20.0
 _BROKER_INFO = pytest.StashKey[str]()
+_BROKER_STATE = pytest.StashKey[Path]()
 _ADDRESS = re.compile(r"^[\w.-]+:\d+$")
 
 
@@ -61,8 +62,18 @@ def kafka_bootstrap(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
         raise
     took = time.monotonic() - started
     request.config.stash[_BROKER_INFO] = f"kafka: private broker {address} started in {took:.1f}s (state {state})"
+    request.config.stash[_BROKER_STATE] = state
     yield address
     _run_script("stop", env, STOP_TIMEOUT_S)
+
+
+@pytest.fixture
+def kafka_broker_pid(kafka_bootstrap: str, request: pytest.FixtureRequest) -> int:
+    """The process id of the private broker the tests started (to pause it); skips with an external broker."""
+    state = request.config.stash.get(_BROKER_STATE, None)
+    if state is None:
+        pytest.skip(f"{BOOTSTRAP_ENV} names an external broker; only the tests' own broker may be paused")
+    return int((state / "broker.pid").read_text().strip())
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +23,7 @@ from tests.kafka_broker import consume_all
 ROOT = Path(__file__).parent.parent
 KINDS = ("messages", "windows", "alerts", "late", "dead_letter")
 OUT_OF_ORDERNESS = "30"
+T_LOST = 1_709_542_800.0
 
 
 def lines_of(path: Path) -> list[dict[str, Any]]:
@@ -181,6 +184,44 @@ def test_a_rule_sent_to_the_rules_topic_changes_later_messages_without_a_restart
         ("darn, before the rule", "allow"), ("***, after the rule", "mask")]
     assert payloads[1]["moderation"]["rules"] == [{"id": "bw-live", "version": 1}]
     assert orjson.loads(before.value())["payload"] == payloads[0]
+
+
+@pytest.mark.kafka
+def test_a_broker_lost_mid_run_is_waited_for_and_nothing_accepted_is_lost(
+    kafka_bootstrap: str, kafka_topic: Callable[..., str], kafka_broker_pid: int
+) -> None:
+    topic = kafka_topic(partitions=2)
+    run = subprocess.Popen(
+        [sys.executable, str(ROOT / "cli.py"), "run", "--kafka-brokers", kafka_bootstrap, "--input-topic", topic,
+         *topic_flags(topic), "--no-patterns", "--quiet"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+
+    def send(first: int, count: int) -> None:
+        for i in range(first, first + count):
+            line = {"session_id": f"s-{i % 5}", "sender": "customer", "message": f"m{i}", "timestamp": T_LOST + i}
+            producer.produce(topic, orjson.dumps(line), key=f"s-{i % 5}".encode())
+        assert producer.flush(10) == 0
+
+    try:
+        send(0, 40)
+        assert len(consume_all(kafka_bootstrap, f"{topic}.messages", 2, 40, timeout_s=40)) == 40
+        send(40, 40)
+        os.kill(kafka_broker_pid, signal.SIGSTOP)  # the broker stops answering, mid-flight
+        try:
+            time.sleep(8)
+            assert run.poll() is None, "the run waits for the broker instead of failing"
+        finally:
+            os.kill(kafka_broker_pid, signal.SIGCONT)
+        send(80, 40)
+        texts = [orjson.loads(m.value())["payload"]["text"]
+                 for m in consume_all(kafka_bootstrap, f"{topic}.messages", 2, 120, timeout_s=60)]
+        assert run.poll() is None
+    finally:
+        run.terminate()
+        _, stderr = run.communicate(timeout=20)
+    assert set(texts) == {f"m{i}" for i in range(120)}, "at least once: every accepted message is delivered"
 
 
 def test_an_unreachable_broker_is_one_clear_error_within_seconds(capsys: pytest.CaptureFixture[str]) -> None:
