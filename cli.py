@@ -90,6 +90,9 @@ def run(
     dead_letter_topic: Annotated[
         str, typer.Option(rich_help_panel="Kafka", help="Topic of rejected input.")
     ] = OutputTopics.dead_letter,
+    moderated_topic: Annotated[
+        str, typer.Option(rich_help_panel="Kafka", help="Topic of messages blocked by the rules.")
+    ] = OutputTopics.moderated,
     rules_topic: Annotated[
         str, typer.Option(rich_help_panel="Kafka", help="Topic of the rules stream, read from its beginning (ignored with --rules).")
     ] = "rules",
@@ -126,7 +129,7 @@ def run(
         out_dir = out_dir or Path("out")
     live = None
     if kafka_brokers is not None:
-        topics = OutputTopics(output_topic, windows_topic, alerts_topic, late_topic, dead_letter_topic)
+        topics = OutputTopics(output_topic, windows_topic, alerts_topic, late_topic, dead_letter_topic, moderated_topic)
         settings = _kafka_settings(kafka_config, kafka_config_file)
         live = _kafka_input(kafka_brokers, input_topic, topics, None if rules else rules_topic, create_topics, settings)
     if out_dir is not None:

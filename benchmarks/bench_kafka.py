@@ -71,7 +71,8 @@ def pipeline_seconds(brokers: str, topic: str, events: int) -> dict[str, float]:
     base = f"{topic}.cf-{uuid.uuid4().hex[:6]}"
     args = ["run", "--kafka-brokers", brokers, "--input-topic", topic, "--stop-at-end", "--no-patterns", "--quiet",
             "--output-topic", f"{base}.messages", "--windows-topic", f"{base}.windows", "--alerts-topic",
-            f"{base}.alerts", "--late-topic", f"{base}.late", "--dead-letter-topic", f"{base}.dead", "--create-topics"]
+            f"{base}.alerts", "--late-topic", f"{base}.late", "--dead-letter-topic", f"{base}.dead",
+            "--moderated-topic", f"{base}.moderated", "--rules-topic", f"{base}.rules", "--create-topics"]
     start = time.perf_counter()
     code = main(args)
     seconds = time.perf_counter() - start

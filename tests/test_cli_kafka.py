@@ -34,7 +34,8 @@ def topic_flags(base: str) -> list[str]:
     """Output topic flags naming fresh topics after `base`, created by the run itself."""
     return ["--output-topic", f"{base}.messages", "--windows-topic", f"{base}.windows",
             "--alerts-topic", f"{base}.alerts", "--late-topic", f"{base}.late",
-            "--dead-letter-topic", f"{base}.dead_letter", "--rules-topic", f"{base}.rules", "--create-topics"]
+            "--dead-letter-topic", f"{base}.dead_letter", "--moderated-topic", f"{base}.moderated",
+            "--rules-topic", f"{base}.rules", "--create-topics"]
 
 
 def window_key(w: dict[str, Any]) -> tuple[Any, ...]:
