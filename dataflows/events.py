@@ -7,6 +7,8 @@ record types below, turned into a JSON-ready dict by `as_record()`. Times are ep
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal, NamedTuple
@@ -16,8 +18,26 @@ TimeSource = Literal["event", "system"]
 
 
 def iso(epoch_seconds: float) -> str:
-    """Format epoch seconds as an ISO-8601 UTC timestamp (`2024-01-01T10:00:03+00:00`)."""
-    return datetime.fromtimestamp(epoch_seconds, timezone.utc).isoformat()
+    """Format epoch seconds as an ISO-8601 UTC timestamp (`2024-01-01T10:00:03+00:00`).
+
+    Exactly what `datetime.fromtimestamp(t, timezone.utc).isoformat()` gives (microseconds rounded
+    half to even), in a fraction of its time: every event is formatted once, and events of one
+    second share its formatted date and time.
+    """
+    fraction, whole = math.modf(epoch_seconds)
+    second, micro = int(whole), round(fraction * 1_000_000)
+    if micro >= 1_000_000:
+        second, micro = second + 1, micro - 1_000_000
+    elif micro < 0:
+        second, micro = second - 1, micro + 1_000_000
+    if micro:
+        return f"{_second(second)}.{micro:06d}+00:00"
+    return f"{_second(second)}+00:00"
+
+
+@functools.lru_cache(maxsize=4096)
+def _second(second: int) -> str:
+    return datetime.fromtimestamp(second, timezone.utc).replace(tzinfo=None).isoformat()
 
 
 class LineRef(NamedTuple):
