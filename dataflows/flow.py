@@ -224,6 +224,9 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
             out.windows.extend(self.state.book.advance(clock))
         if self.state.patterns is not None:
             out.alerts.extend(self.state.patterns.advance(clock))
+        if self.state.gate is not None and clock is not None:
+            window = self.config.window
+            self.state.gate.prune(clock - window.out_of_orderness - window.size)
 
     def _switched_on(self, alerts: list[Alert]) -> list[Alert]:
         """Drop alerts of patterns that a `pattern:ID` feature flag turns off for their session."""

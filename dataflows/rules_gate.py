@@ -30,6 +30,9 @@ from dataflows.rules import Rule, RuleBook
 from dataflows.sequencing import Stamped
 
 
+PRUNE_EVERY_S = 60.0
+
+
 class RulesMark(NamedTuple):
     """Every rule the rules stream will still send takes effect after event time `until` (inf: none)."""
 
@@ -54,6 +57,7 @@ class RuleGate:
     book: RuleBook = field(default_factory=RuleBook)
     until: float = -math.inf
     held: deque[tuple[Stamped, float | None]] = field(default_factory=deque)
+    pruned_at: float = -math.inf
 
     def add(self, rule: Rule) -> None:
         self.book.add(rule)
@@ -85,6 +89,17 @@ class RuleGate:
         if clock is None or before is None:
             return None
         return min(clock, before)
+
+    def prune(self, horizon: float | None, every: float = PRUNE_EVERY_S) -> None:
+        """Forget rule versions no message at `horizon` or later can be judged by, every `every` s of it.
+
+        The shard passes its watermark minus a window: a message older than that (late, in all but
+        rare cases) may be judged by a newer version than was in effect at its time. Pruning
+        follows the shard's clock, so replays still decide alike.
+        """
+        if horizon is not None and horizon >= self.pruned_at + every:
+            self.book.prune(horizon)
+            self.pruned_at = horizon
 
     def _due(self, stamped: Stamped) -> bool:
         time = stamped.event.time

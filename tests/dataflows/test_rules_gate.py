@@ -475,3 +475,19 @@ def test_the_same_outputs_with_several_workers(
     rules = rules_orders()["held at the middle"]
     assert canonical(run(lines, rules, workers=workers, shards=7, patterns=patterns)) == canonical(
         run(lines, rules, shards=7, patterns=patterns))
+
+
+def test_pruning_follows_the_clock_in_steps_and_keeps_what_later_messages_need() -> None:
+    gate = RuleGate()
+    for version, start in ((1, 0.0), (2, 100.0), (3, 200.0)):
+        gate.add(rule_from_dict({"id": "bw", "kind": "blocked_words", "version": version,
+                                 "effective_from": start, "scope": "global",
+                                 "body": {"words": [f"w{version}"], "action": "mask"}}))
+    gate.prune(None)
+    gate.prune(150.0)
+    assert gate.book.held() == 2, "v1 cannot judge anything at 150 or later"
+    assert gate.book.judge("w2", time=150.0, user="u", room="r").action == "mask"
+    gate.prune(190.0)
+    assert gate.book.held() == 2, "pruned again only a minute of clock later"
+    gate.prune(210.0)
+    assert gate.book.held() == 1 and gate.book.judge("w3", time=210.0, user="u", room="r").action == "mask"
