@@ -75,7 +75,7 @@ class RunStats:
         moderation = (f"{count(OutputKind.MODERATED, 0):,} blocked, {count('mask', 0):,} masked, "
                       f"{count('flag', 0):,} flagged, ") if self.rules_version else ""
         return (
-            f"{self.events_read:,} events in {elapsed:,.1f} s "
+            f"{self.events_read:,} event{'' if self.events_read == 1 else 's'} in {elapsed:,.1f} s "
             f"({self.events_read / max(elapsed, 1e-9):,.0f}/s): "
             f"{count(OutputKind.MESSAGES, 0):,} accepted, "
             f"{count(OutputKind.WINDOWS, 0):,} windows, "

@@ -225,6 +225,22 @@ def test_a_broker_lost_mid_run_is_waited_for_and_nothing_accepted_is_lost(
     assert set(texts) == {f"m{i}" for i in range(120)}, "at least once: every accepted message is delivered"
 
 
+@pytest.mark.kafka
+def test_from_latest_skips_what_the_topic_held_before_the_run(
+    kafka_bootstrap: str, kafka_topic: Callable[..., str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    topic = kafka_topic(partitions=1)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    producer.produce(topic, orjson.dumps({"session_id": "s", "sender": "rm", "message": "old", "timestamp": T_LOST}))
+    assert producer.flush(10) == 0
+    base = ["run", "--kafka-brokers", kafka_bootstrap, "--input-topic", topic, *topic_flags(topic), "--stop-at-end",
+            "--quiet"]
+    assert main([*base, "--from-latest"]) == 0
+    assert capsys.readouterr().out.startswith("0 events")
+    assert main(base) == 0
+    assert capsys.readouterr().out.startswith("1 event in"), "--from-beginning is the default"
+
+
 def test_an_unreachable_broker_is_one_clear_error_within_seconds(capsys: pytest.CaptureFixture[str]) -> None:
     started = time.monotonic()
     assert main(["run", "--kafka-brokers", "127.0.0.1:1", "--quiet"]) == 2
