@@ -27,7 +27,7 @@ from connectors.replay import ReplaySource
 from connectors.rules_source import RulesFileSource
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
-from dataflows.flow import FlowConfig, FlowOutput, OutputKind, RulesSourceItem, build_flow
+from dataflows.flow import FlowConfig, FlowOutput, OutputKind, RulesSourceItem, Stage, build_flow
 
 if TYPE_CHECKING:
     from connectors.kafka_outputs import OutputTopics
@@ -46,6 +46,7 @@ class ReplayRun:
     state_dir: Path | None = None
     lake_dir: Path | None = None
     rules_path: Path | None = None
+    stages: tuple[Stage, ...] = ()
     batch_size: int = 1000
     epoch_interval: timedelta = timedelta(seconds=5)
 
@@ -54,7 +55,7 @@ class ReplayRun:
         source = ReplaySource(self.input_path, layout=self.flow.layout, clock=self.clock, batch_size=self.batch_size)
         outputs = _file_outputs(self.out_dir, self.lake_dir) + _tally(self.state_dir)
         rules = RulesFileSource(self.rules_path, self.clock) if self.rules_path else None
-        return build_flow(source, outputs, self.flow, gauges=_gauges(self.state_dir), rules=rules)
+        return build_flow(source, outputs, self.flow, gauges=_gauges(self.state_dir), rules=rules, stages=self.stages)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class KafkaRun:
     rules_topic: str | None = None
     rules_partitions: int = 1
     rules_grace: float = 1.0
+    stages: tuple[Stage, ...] = ()
     batch_size: int = 1000
     epoch_interval: timedelta = timedelta(seconds=5)
 
@@ -94,7 +96,8 @@ class KafkaRun:
         )
         outputs = [kafka_output(self.brokers, self.topics, self.kafka_config)]
         outputs += _file_outputs(self.out_dir, self.lake_dir) + _tally(self.state_dir)
-        return build_flow(source, outputs, self.flow, gauges=_gauges(self.state_dir), rules=self._rules())
+        return build_flow(source, outputs, self.flow, gauges=_gauges(self.state_dir), rules=self._rules(),
+                          stages=self.stages)
 
     def _rules(self) -> Source[RulesSourceItem] | None:
         if self.rules_path is not None:

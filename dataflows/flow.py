@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
@@ -342,6 +342,19 @@ def _router(config: FlowConfig) -> Callable[[list[SourceItem | RulesSourceItem]]
     return route
 
 
+class Stage(Protocol):
+    """A step that enriches records on their way to the outputs, a batch at a time (e.g. LLM calls).
+
+    Called on each worker with batches of `(kind, records)`; returns them in the same order,
+    records possibly enriched, none dropped. Built in `connectors/` (it may do I/O); it must be
+    picklable, so it opens its clients on first use in the worker.
+    """
+
+    name: str
+
+    def __call__(self, batches: list[tuple[str, list[Record]]]) -> list[tuple[str, list[Record]]]: ...
+
+
 @dataclass(frozen=True)
 class FlowOutput:
     """One destination of the flow's records: a sink and how it wants each batch of one kind.
@@ -364,13 +377,15 @@ def build_flow(
     *,
     gauges: Sink[tuple[str, Record]] | None = None,
     rules: Source[RulesSourceItem] | None = None,
+    stages: Sequence[Stage] = (),
     flow_id: str = "convoflow",
 ) -> Dataflow:
     """Wire the pipeline: read → split dead letters → shard → sequence, judge, window, match → outputs.
 
     Every output receives `(kind, encode(records))`, one batch of records of one kind at a time
     (`kind` one of `OutputKind`, records JSON-ready dicts). `rules`, when given, is the rules
-    stream joined to every message (see `dataflows.rules_gate`). `gauges`, when given, receives
+    stream joined to every message (see `dataflows.rules_gate`). `stages` run in order on every
+    batch of records before the outputs (the LLM stage: `connectors.llm_stage`). `gauges`, when given, receives
     `(shard, {"shard", ...gauge values})` for live views.
     """
     flow = Dataflow(flow_id)
@@ -391,6 +406,8 @@ def build_flow(
     keyed = op.merge("shard_outputs", *shard_outputs)
     by_kind = op.branch("split_gauges", keyed, lambda kv: kv[1][0] == GAUGE)
     records = op.merge("records", split.trues, op.map("drop_shard_key", by_kind.falses, lambda kv: kv[1]))
+    for stage in stages:
+        records = op.flat_map_batch(f"stage_{stage.name}", records, stage)
     for output in outputs:
         encoded = op.map(f"encode_for_{output.name}", records, _encoding(output.encode))
         if output.per_item:
