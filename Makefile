@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) cli.py run --input samples/conversations.jsonl --speed-factor $(SPEED) --out-dir out/demo --overwrite
+	$(PY) cli.py run --input samples/conversations.jsonl --rules samples/rules.jsonl --lake --speed-factor $(SPEED) --out-dir out/demo --overwrite
 
 test: $(STAMP) typecheck
 	$(PY) -m pytest
