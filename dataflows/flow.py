@@ -200,7 +200,7 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
                 out.windows.extend(book.advance(clock))
             verdict = None
             if gate is not None:
-                verdict = _judge(gate.book, event)
+                verdict = _judge(gate.book, event) if gate.book.version() else _NO_RULES
                 if verdict.action == "block":
                     if book is not None:
                         out.moderated.append({**event.as_record(), "moderation": verdict.as_record()})
@@ -272,6 +272,10 @@ class _Outputs:
     late: list[Record] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     moderated: list[Record] = field(default_factory=list)
+
+
+_NO_RULES = Moderation("allow", "")
+"""The verdict while the rules stream has sent no rule: only its action, flags and role are read."""
 
 
 @functools.lru_cache(maxsize=256)
