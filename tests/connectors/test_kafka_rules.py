@@ -101,7 +101,7 @@ def test_bad_rules_and_kafka_errors_are_dead_letters_naming_the_offset() -> None
     assert isinstance(bad, DeadLetter) and bad.ref.source == "rules/0" and bad.ref.offset == 0
     assert "not JSON" in bad.reason and bad.step == "rules"
     assert isinstance(error, DeadLetter) and error.ref.offset == 1 and "Kafka error" in error.reason
-    assert mark.until > -math.inf
+    assert isinstance(mark, RulesMark) and mark.until > -math.inf
 
 
 def test_a_finite_run_ends_the_rules_stream_after_the_backlog() -> None:
