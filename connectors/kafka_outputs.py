@@ -1,9 +1,9 @@
-"""The flow's outputs on Kafka topics, through Bytewax's `KafkaSink`.
+"""The flow's outputs on Kafka topics.
 
 Each output kind goes to its own topic (`OutputTopics`); every record is keyed by its session,
 so a session's messages, windows and alerts stay on one partition and in order. Messages take
-the chat pipeline's envelope (`envelope`). Delivery is at-least-once: Bytewax's sink flushes
-after every batch, and a message the brokers finally refuse stops the run with the reason
+the chat pipeline's envelope (`envelope`). Delivery is at-least-once: the sink flushes after
+every batch, and a message the brokers finally refuse stops the run with the reason
 (`undelivered`) instead of vanishing; while brokers are away librdkafka keeps retrying for
 `message.timeout.ms`.
 """
@@ -16,13 +16,11 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from bytewax.connectors.kafka import KafkaSink, KafkaSinkMessage
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from confluent_kafka import Producer
 
 from dataflows.errors import ConvoflowError
 from dataflows.flow import FlowOutput, OutputKind, Record
-
-KafkaMessage = KafkaSinkMessage[bytes | None, bytes]
-
 
 @dataclass(frozen=True)
 class OutputTopics:
@@ -75,19 +73,14 @@ def envelope(message: Record) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
-class KafkaEncoder:
-    """Turns a batch of records of one kind into keyed messages for that kind's topic."""
+Keyed = tuple[bytes | None, bytes]
+"""One message to produce: its key (the session) and its JSON value."""
 
-    topics: OutputTopics
 
-    def __call__(self, kind: str, records: list[Record]) -> list[KafkaMessage]:
-        topic = self.topics.of(kind)
-        wrap = envelope if kind == OutputKind.MESSAGES else None
-        return [
-            KafkaSinkMessage(_key(r), orjson.dumps(wrap(r) if wrap else r), topic=topic)
-            for r in records
-        ]
+def encode_for_kafka(kind: str, records: list[Record]) -> list[Keyed]:
+    """The flow's encoder for Kafka: each record keyed by session, messages in the envelope."""
+    wrap = envelope if kind == OutputKind.MESSAGES else None
+    return [(_key(r), orjson.dumps(wrap(r) if wrap else r)) for r in records]
 
 
 def _key(record: Record) -> bytes | None:
@@ -102,8 +95,47 @@ def undelivered(err: Any, message: Any) -> None:
         raise ConvoflowError(msg)
 
 
+class KafkaTopicsSink(DynamicSink[tuple[str, list[Keyed]]]):
+    """Writes each output kind's batches to its topic; one producer per worker.
+
+    Bytewax's own `KafkaSink` wants one `KafkaSinkMessage` object per record and polls the
+    producer after every message; this takes the flow's encoded batches as they come and polls
+    once per batch. Like it, it flushes after every batch (at-least-once), and a delivery that
+    librdkafka gives up on raises (`undelivered`).
+    """
+
+    def __init__(self, brokers: str, topics: OutputTopics, config: Mapping[str, Any] | None = None) -> None:
+        self.brokers = brokers
+        self.topics = topics
+        self.config = dict(config or {})
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _TopicsPartition:
+        producer = Producer({**self.config, "bootstrap.servers": self.brokers, "on_delivery": undelivered})
+        return _TopicsPartition(producer, self.topics)
+
+
+class _TopicsPartition(StatelessSinkPartition[tuple[str, list[Keyed]]]):
+    def __init__(self, producer: Producer, topics: OutputTopics) -> None:
+        self.producer = producer
+        self.topics = topics
+
+    def write_batch(self, items: list[tuple[str, list[Keyed]]]) -> None:
+        produce = self.producer.produce
+        for kind, messages in items:
+            topic = self.topics.of(kind)
+            for key, value in messages:
+                try:
+                    produce(topic, value, key)
+                except BufferError:  # librdkafka's queue is full: let it drain, then go on
+                    self.producer.flush()
+                    produce(topic, value, key)
+            self.producer.poll(0)
+        self.producer.flush()
+
+    def close(self) -> None:
+        self.producer.flush()
+
+
 def kafka_output(brokers: str, topics: OutputTopics, config: Mapping[str, Any] | None = None) -> FlowOutput:
     """The flow output that writes every kind to its topic on `brokers`."""
-    add_config = {**(config or {}), "on_delivery": undelivered}
-    sink = KafkaSink(brokers.split(","), None, add_config=add_config)
-    return FlowOutput("kafka", sink, KafkaEncoder(topics), per_item=True)
+    return FlowOutput("kafka", KafkaTopicsSink(brokers, topics, config), encode_for_kafka)

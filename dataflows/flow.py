@@ -364,14 +364,12 @@ class FlowOutput:
     """One destination of the flow's records: a sink and how it wants each batch of one kind.
 
     `encode` runs on the worker that made the batch, so encoded payloads (JSON bytes, say), not
-    dicts, cross to the sink's worker. The sink receives `(kind, payload)`, or with `per_item`
-    each element of the payload on its own (for library sinks such as Bytewax's `KafkaSink`).
+    dicts, cross to the sink's worker. The sink receives `(kind, payload)`.
     """
 
     name: str
     sink: Sink[Any]
     encode: Encoder = as_list
-    per_item: bool = False
 
 
 def build_flow(
@@ -414,8 +412,6 @@ def build_flow(
         records = op.flat_map_batch(f"stage_{stage.name}", records, stage)
     for output in outputs:
         encoded = op.map(f"encode_for_{output.name}", records, _encoding(output.encode))
-        if output.per_item:
-            encoded = op.flat_map(f"items_for_{output.name}", encoded, lambda kind_payload: kind_payload[1])
         op.output(f"write_{output.name}", encoded, output.sink)
     if gauges is not None:
         op.output("gauges", op.map("gauge_by_shard", by_kind.trues, lambda kv: (kv[0], {"shard": kv[0], **kv[1][1]})), gauges)

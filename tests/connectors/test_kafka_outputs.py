@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import pytest
 
-from connectors.kafka_outputs import KafkaEncoder, OutputTopics, envelope, undelivered
+from connectors.kafka_outputs import OutputTopics, _TopicsPartition, encode_for_kafka, envelope, undelivered
 from dataflows.errors import ConvoflowError
 from dataflows.events import Event, iso
 from dataflows.flow import OutputKind
@@ -83,30 +83,61 @@ def test_output_topics_default_to_the_chat_pipeline_names() -> None:
 
 def test_messages_are_keyed_by_session_in_the_envelope(make_event: Callable[..., Event]) -> None:
     records = [make_event().as_record(), make_event(event_id="chat/0:8", session_id="s-2").as_record()]
-    sent = KafkaEncoder(OutputTopics())(OutputKind.MESSAGES, records)
-    assert [(m.topic, m.key) for m in sent] == [("processing_fanout", b"s-1"), ("processing_fanout", b"s-2")]
-    assert [orjson.loads(m.value) for m in sent] == [envelope(r) for r in records]
+    sent = encode_for_kafka(OutputKind.MESSAGES, records)
+    assert [key for key, _ in sent] == [b"s-1", b"s-2"]
+    assert [orjson.loads(value) for _, value in sent] == [envelope(r) for r in records]
 
 
-@pytest.mark.parametrize(("kind", "topic"), [
-    ("windows", "conversation_windows"), ("late", "late_events"), ("alerts", "alerts"), ("dead_letter", "dead_letter"),
-])
-def test_other_kinds_go_to_their_topic_as_the_record(kind: str, topic: str) -> None:
+@pytest.mark.parametrize("kind", ["windows", "late", "alerts", "dead_letter", "moderated"])
+def test_other_kinds_are_sent_as_the_record(kind: str) -> None:
     record = {"session_id": "s-1", "window_start": iso(T0), "counts": {"rm": 2}}
-    (sent,) = KafkaEncoder(OutputTopics())(kind, [record])
-    assert (sent.topic, sent.key, orjson.loads(sent.value)) == (topic, b"s-1", record)
+    assert [(key, orjson.loads(value)) for key, value in encode_for_kafka(kind, [record])] == [(b"s-1", record)]
 
 
 def test_record_without_a_session_has_no_key() -> None:
-    (sent,) = KafkaEncoder(OutputTopics())(OutputKind.DEAD_LETTER, [{"source": "chat/0", "line": 3, "reason": "x"}])
-    assert sent.key is None
+    [(key, _)] = encode_for_kafka(OutputKind.DEAD_LETTER, [{"source": "chat/0", "line": 3, "reason": "x"}])
+    assert key is None
 
 
-def test_encoder_uses_the_configured_topics(make_event: Callable[..., Event]) -> None:
-    encode = KafkaEncoder(OutputTopics(messages="fanout-test", late="late-test"))
-    assert encode("messages", [make_event().as_record()])[0].topic == "fanout-test"
-    assert encode("late", [{"session_id": "s-1"}])[0].topic == "late-test"
-    assert encode("windows", []) == []
+@dataclass
+class FakeProducer:
+    """Records produce/poll/flush calls; its queue holds `room` messages before BufferError."""
+
+    room: int = 1_000
+    calls: list[tuple[Any, ...]] = field(default_factory=list)
+    queued: int = 0
+
+    def produce(self, topic: str, value: bytes, key: bytes | None) -> None:
+        if self.queued >= self.room:
+            raise BufferError
+        self.queued += 1
+        self.calls.append(("produce", topic, key, value))
+
+    def poll(self, timeout: float) -> int:
+        self.calls.append(("poll",))
+        return 0
+
+    def flush(self) -> int:
+        self.queued = 0
+        self.calls.append(("flush",))
+        return 0
+
+
+def test_the_sink_writes_each_kind_to_its_topic_polls_once_per_batch_and_flushes() -> None:
+    producer = FakeProducer()
+    part = _TopicsPartition(producer, OutputTopics(messages="fanout-test", late="late-test"))  # type: ignore[arg-type]
+    part.write_batch([("messages", [(b"s-1", b"m1"), (b"s-2", b"m2")]), ("late", [(b"s-1", b"l1")]), ("windows", [])])
+    assert producer.calls == [
+        ("produce", "fanout-test", b"s-1", b"m1"), ("produce", "fanout-test", b"s-2", b"m2"), ("poll",),
+        ("produce", "late-test", b"s-1", b"l1"), ("poll",), ("poll",), ("flush",),
+    ]
+
+
+def test_a_full_producer_queue_is_drained_and_nothing_is_lost() -> None:
+    producer = FakeProducer(room=2)
+    part = _TopicsPartition(producer, OutputTopics())  # type: ignore[arg-type]
+    part.write_batch([("messages", [(b"k", f"m{i}".encode()) for i in range(5)])])
+    assert [c[3] for c in producer.calls if c[0] == "produce"] == [b"m0", b"m1", b"m2", b"m3", b"m4"]
 
 
 @dataclass
