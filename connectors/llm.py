@@ -3,8 +3,10 @@
 Works against any OpenAI-compatible endpoint. Bytewax has no async operators, so `LlmClient`
 offers synchronous batch facades (for `flat_map_batch` or a `collect`ed batch): each runs the
 batch's calls on the client's own persistent event loop, `concurrency` at a time, and returns one
-result per input, in input order. A failed call never raises: its result says `status: "error"`.
-Each client has its own aiohttp connection pool (openai's `DefaultAioHttpClient`) on that loop.
+result per input, in input order (`run_batch` does a batch's windows and translations in one
+go). Windows are `WindowRecord`s or their JSON-ready records, as a `Stage` sees them. A failed
+call never raises: its result says `status: "error"`. Each client has its own aiohttp connection
+pool (openai's `DefaultAioHttpClient`) on that loop.
 
 What LangChain and the openai SDK do for us: HTTP 408/409/429/5xx, timeouts and connection errors
 are retried by the openai SDK inside `ChatOpenAI` (`max_retries`; exponential backoff 0.5 s · 2^n,
@@ -32,12 +34,15 @@ from langchain_core.runnables import Runnable, RunnableLambda
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, SecretStr, ValidationError
 
+from connectors.llm_config import (  # noqa: F401 - re-exported: the client's configuration and requests
+    LlmConfig, Mode, Status, TranslationRequest, describe_error, language_code, same_language,
+)
 from dataflows.errors import ConvoflowError
 from dataflows.events import Event, WindowRecord
 
-Mode = Literal["off", "on", "auto"]
-Status = Literal["ok", "skipped", "invalid_response", "error"]
 Record = dict[str, Any]
+WindowLike = WindowRecord | Mapping[str, Any]
+"""A closed window: the typed `WindowRecord`, or its JSON-ready record (`WindowRecord.as_record()`)."""
 T = TypeVar("T")
 
 ASSISTANT_PROMPT = (
@@ -51,66 +56,8 @@ TRANSLATION_PROMPT = (
 )
 
 
-@dataclass(frozen=True)
-class LlmConfig:
-    """How to reach the model. `mode="auto"` turns calls on when an API key or a base URL is set.
-
-    `rate_limit` is model calls per second (None: unpaced); `timeout` is seconds per HTTP attempt;
-    `max_retries` counts extra attempts after a retryable HTTP failure or timeout.
-    """
-
-    mode: Mode = "auto"
-    base_url: str | None = None
-    model: str = "gpt-4o-mini"
-    api_key: SecretStr | None = field(default=None, repr=False)
-    concurrency: int = 16
-    timeout: float = 30.0
-    max_retries: int = 2
-    rate_limit: float | None = None
-    structured_method: Literal["json_mode", "json_schema"] = "json_mode"
-    cache_size: int = 10_000
-
-    def __post_init__(self) -> None:
-        problems = [
-            f"mode {self.mode!r} is not one of off, on, auto" if self.mode not in ("off", "on", "auto") else "",
-            f"concurrency {self.concurrency} must be at least 1" if self.concurrency < 1 else "",
-            f"timeout {self.timeout} must be positive" if self.timeout <= 0 else "",
-            f"max retries {self.max_retries} must not be negative" if self.max_retries < 0 else "",
-            f"rate limit {self.rate_limit} must be positive" if self.rate_limit is not None and self.rate_limit <= 0 else "",
-        ]
-        if self.mode == "on" and self.api_key is None and self.base_url is None:
-            problems.append("mode 'on' needs an API key (or OPENAI_API_KEY) or a base URL (or OPENAI_BASE_URL)")
-        if any(problems):
-            msg = "LLM configuration: " + "; ".join(p for p in problems if p)
-            raise ConvoflowError(msg)
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, *, api_key: str | None = None,
-                 base_url: str | None = None, **options: Any) -> LlmConfig:
-        """A config from explicit options, falling back to OPENAI_API_KEY and OPENAI_BASE_URL in `env`."""
-        env = os.environ if env is None else env
-        key = api_key or env.get("OPENAI_API_KEY") or None
-        return cls(api_key=SecretStr(key) if key else None, base_url=base_url or env.get("OPENAI_BASE_URL") or None,
-                   **options)
-
-    @property
-    def enabled(self) -> bool:
-        return self.mode == "on" or (self.mode == "auto" and (self.api_key is not None or self.base_url is not None))
-
-    @property
-    def off_reason(self) -> str | None:
-        """Why calls are off, or None when they are on."""
-        if self.enabled:
-            return None
-        return "LLM mode is off" if self.mode == "off" else "LLM mode auto: no API key or base URL configured"
-
-
-class TranslationRequest(NamedTuple):
-    """A text to translate into `target`; `source` is the message's language when known."""
-
-    text: str
-    target: str
-    source: str | None = None
+TranslationItem = TranslationRequest | tuple[str, str] | tuple[str, str, str | None]
+"""A `TranslationRequest`, or the plain tuple `(text, target[, source])`."""
 
 
 class WindowAssist(BaseModel):
@@ -134,24 +81,21 @@ def transcript(messages: Iterable[Event]) -> str:
     return "\n".join(f"{m.sender}: {m.text}" for m in ordered)
 
 
-def window_prompt(window: WindowRecord) -> list[BaseMessage]:
-    """The assistant prompt for one window: the system prompt, then the window's transcript."""
-    return [SystemMessage(ASSISTANT_PROMPT), HumanMessage(transcript(window.messages))]
+def record_transcript(messages: Iterable[Mapping[str, Any]]) -> str:
+    """A window record's `messages` as `sender: text` lines, in the record's (time) order."""
+    return "\n".join(f"{m['sender']}: {m['text']}" for m in messages)
+
+
+def window_prompt(window: WindowLike) -> list[BaseMessage]:
+    """The assistant prompt for one window (a `WindowRecord` or its record): system prompt, then transcript."""
+    if isinstance(window, WindowRecord):
+        return [SystemMessage(ASSISTANT_PROMPT), HumanMessage(transcript(window.messages))]
+    return [SystemMessage(ASSISTANT_PROMPT), HumanMessage(record_transcript(window["messages"]))]
 
 
 def translation_prompt(text: str, language: str) -> list[BaseMessage]:
     """The translation prompt for one text."""
     return [SystemMessage(TRANSLATION_PROMPT.format(language=language)), HumanMessage(text)]
-
-
-def language_code(language: str) -> str:
-    """The primary subtag of a language tag, lower-cased: `es-MX` and `ES` are both `es`."""
-    return language.strip().replace("_", "-").split("-")[0].lower()
-
-
-def same_language(source: str | None, target: str) -> bool:
-    """True when the message's known language is the target language (compared by primary subtag)."""
-    return source is not None and bool(source.strip()) and language_code(source) == language_code(target)
 
 
 def _no_translation_reason(request: TranslationRequest) -> str | None:
@@ -179,10 +123,13 @@ class LlmClient:
     """Batch facades over ChatOpenAI for a Bytewax worker.
 
     Thread affinity: the client owns one event loop (made in `__init__`) and an aiohttp connection
-    pool bound to it; `assist_windows` and `translate` run that loop with `run_until_complete`, so
-    call them from one thread at a time and never from inside a running event loop. Build one
-    client per worker (in the operator's builder, not at import) and `close()` it at the end.
-    `clock` measures latency (seconds, monotonic).
+    pool bound to it; `assist_windows`, `translate` and `run_batch` run that loop with
+    `run_until_complete`, so call them from one thread at a time and never from inside a running
+    event loop. Build one client per worker (in the operator's builder, not at import) and
+    `close()` it at the end. `clock` measures latency (seconds, monotonic).
+
+    Translations go to the request's `model` (default: the config's); every model shares the
+    connection pool, the rate limiter and one translation cache, whose key includes the model.
     """
 
     def __init__(self, config: LlmConfig, *, clock: Callable[[], float] = time.perf_counter) -> None:
@@ -204,19 +151,20 @@ class LlmClient:
                                           check_every_n_seconds=min(0.1, 1 / config.rate_limit),
                                           max_bucket_size=max(1.0, config.rate_limit / 10))
         key = config.api_key or SecretStr("unused")
-        common: dict[str, Any] = dict(model=config.model, api_key=key, base_url=config.base_url, temperature=0,
-                                      timeout=config.timeout, max_retries=config.max_retries,
-                                      rate_limiter=limiter, http_async_client=self._http)
+        self._common: dict[str, Any] = dict(api_key=key, base_url=config.base_url, temperature=0,
+                                            timeout=config.timeout, max_retries=config.max_retries,
+                                            rate_limiter=limiter, http_async_client=self._http)
         # No cache for the assistant: a cached malformed answer would defeat the retry.
         # json_mode: LangChain's parser fails into `parsing_error`; json_schema: the openai SDK
         # validates the content itself and raises pydantic's ValidationError.
-        structured = ChatOpenAI(**common, cache=False).with_structured_output(
+        structured = ChatOpenAI(model=config.model, **self._common, cache=False).with_structured_output(
             WindowAssist, method=config.structured_method, include_raw=True)
         self._assistant: Runnable[list[BaseMessage], WindowAssist] = (
             structured | RunnableLambda(_require_parsed)
         ).with_retry(retry_if_exception_type=(InvalidResponse, ValidationError), stop_after_attempt=2,
                      wait_exponential_jitter=False)
-        self._translator = ChatOpenAI(**common, cache=InMemoryCache(maxsize=config.cache_size))
+        self._cache = InMemoryCache(maxsize=config.cache_size)
+        self._translators: dict[str, ChatOpenAI] = {}
 
     def __enter__(self) -> LlmClient:
         return self
@@ -225,36 +173,50 @@ class LlmClient:
         self.close()
 
     def close(self) -> None:
-        """Close the connection pool and the event loop."""
+        """Close the connection pool and the event loop (idempotent)."""
         if self._loop is not None and not self._loop.is_closed():
             self._loop.run_until_complete(self._http.aclose())
             self._loop.close()
 
-    def assist_windows(self, windows: Sequence[WindowRecord]) -> list[Record]:
+    def assist_windows(self, windows: Sequence[WindowLike]) -> list[Record]:
         """`{"assistant": {suggested_reply, summary, model, latency_ms, status, ...}}` per window."""
-        reason = self.config.off_reason
-        if reason is not None:
-            return [{"assistant": self._assistant_body("skipped", reason=reason)} for _ in windows]
-        return self._run([self._assist_one(w) for w in windows])
+        return self.run_batch(windows, ())[0]
 
-    def translate(self, items: Sequence[tuple[str, str] | tuple[str, str, str | None]]) -> list[Record]:
-        """`{translated, language, translation: {status, model, latency_ms, ...}}` per (text, target[, source]).
+    def translate(self, items: Sequence[TranslationItem]) -> list[Record]:
+        """`{translated, language, translation: {status, model, latency_ms, ...}}` per request.
 
         Not sent to the model: a text whose known `source` language is the target (returned as
-        is, `skipped`) and a blank text. Identical (text, target) pairs make one call per batch
-        and, through the cache, one per run.
+        is, `skipped`) and a blank text. Identical (text, target, model) requests make one call
+        per batch and, through the cache, one per run.
+        """
+        return self.run_batch((), items)[1]
+
+    def run_batch(self, windows: Sequence[WindowLike], items: Sequence[TranslationItem]) -> tuple[list[Record], list[Record]]:
+        """Assist `windows` and translate `items` together, `concurrency` calls at a time in all.
+
+        Returns what `assist_windows` and `translate` would, in input order; one wait for the
+        whole batch instead of one per kind.
         """
         requests = [TranslationRequest(*item) for item in items]
         reason = self.config.off_reason
         if reason is not None:
-            return [self._translation(None, r.target, "skipped", reason=reason) for r in requests]
+            return ([{"assistant": self._assistant_body("skipped", reason=reason)} for _ in windows],
+                    [self._translation(None, r.target, "skipped", r.model, reason=reason) for r in requests])
         skips = [_no_translation_reason(r) for r in requests]
-        unique = list(dict.fromkeys((r.text, r.target) for r, skip in zip(requests, skips) if skip is None))
-        answers = dict(zip(unique, self._run([self._translate_one(t, lang) for t, lang in unique])))
-        return [_copy(answers[(r.text, r.target)]) if skip is None
-                else self._translation(r.text, r.target, "skipped", reason=skip) for r, skip in zip(requests, skips)]
+        unique = list(dict.fromkeys((r.text, r.target, r.model or self.config.model)
+                                    for r, skip in zip(requests, skips) if skip is None))
+        calls: list[Awaitable[Record]] = [self._assist_one(w) for w in windows]
+        calls += [self._translate_one(*key) for key in unique]
+        results = self._run(calls)
+        answers = dict(zip(unique, results[len(windows):]))
+        translations = [_copy(answers[(r.text, r.target, r.model or self.config.model)]) if skip is None
+                        else self._translation(r.text, r.target, "skipped", r.model, reason=skip)
+                        for r, skip in zip(requests, skips)]
+        return results[:len(windows)], translations
 
     def _run(self, calls: list[Awaitable[T]]) -> list[T]:
+        if not calls:
+            return []
         assert self._loop is not None
 
         async def bounded(call: Awaitable[T]) -> T:
@@ -266,7 +228,13 @@ class LlmClient:
 
         return self._loop.run_until_complete(gather())
 
-    async def _assist_one(self, window: WindowRecord) -> Record:
+    def _translator(self, model: str) -> ChatOpenAI:
+        found = self._translators.get(model)
+        if found is None:
+            found = self._translators[model] = ChatOpenAI(model=model, **self._common, cache=self._cache)
+        return found
+
+    async def _assist_one(self, window: WindowLike) -> Record:
         start = self._clock()
         try:
             answer = await self._assistant.ainvoke(window_prompt(window))
@@ -277,17 +245,17 @@ class LlmClient:
         except ValidationError as e:
             body = self._assistant_body("invalid_response", raw=_content_of(getattr(e, "response", None)))
         except Exception as e:  # noqa: BLE001 - any failure becomes the item's error; the flow goes on
-            body = self._assistant_body("error", error=self._describe(e))
+            body = self._assistant_body("error", error=self.describe(e))
         body["latency_ms"] = round((self._clock() - start) * 1000, 1)
         return {"assistant": body}
 
-    async def _translate_one(self, text: str, language: str) -> Record:
+    async def _translate_one(self, text: str, language: str, model: str) -> Record:
         start = self._clock()
         try:
-            message = await self._translator.ainvoke(translation_prompt(text, language))
-            result = self._translation(str(message.content).strip(), language, "ok")
+            message = await self._translator(model).ainvoke(translation_prompt(text, language))
+            result = self._translation(str(message.content).strip(), language, "ok", model)
         except Exception as e:  # noqa: BLE001 - any failure becomes the item's error; the flow goes on
-            result = self._translation(None, language, "error", error=self._describe(e))
+            result = self._translation(None, language, "error", model, error=self.describe(e))
         result["translation"]["latency_ms"] = round((self._clock() - start) * 1000, 1)
         return result
 
@@ -295,16 +263,14 @@ class LlmClient:
         return {"suggested_reply": None, "summary": None, "model": self.config.model, "latency_ms": None,
                 "status": status, **extra}
 
-    def _translation(self, translated: str | None, language: str, status: Status, **extra: Any) -> Record:
+    def _translation(self, translated: str | None, language: str, status: Status, model: str | None,
+                     **extra: Any) -> Record:
         return {"translated": translated, "language": language,
-                "translation": {"status": status, "model": self.config.model, "latency_ms": None, **extra}}
+                "translation": {"status": status, "model": model or self.config.model, "latency_ms": None, **extra}}
 
-    def _describe(self, error: BaseException) -> str:
+    def describe(self, error: BaseException) -> str:
         """The error as one line of text, with the API key (should any layer echo it) masked."""
-        text = f"{type(error).__name__}: {error}".replace("\n", " ")
-        if self.config.api_key is not None:
-            text = text.replace(self.config.api_key.get_secret_value(), "***")
-        return text[:500]
+        return describe_error(error, self.config)
 
 
 def _copy(result: Record) -> Record:

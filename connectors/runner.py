@@ -148,11 +148,15 @@ def free_addresses(count: int) -> list[str]:
 
 def _run_process(run: FlowJob, addresses: list[str], process_id: int, workers: int) -> None:
     flow = run.build()
-    if not addresses and workers == 1:
-        # cluster_main's waiting thread contends for the GIL: measured 25% slower for one worker.
-        run_main(flow, epoch_interval=run.epoch_interval)
-    else:
-        cluster_main(flow, addresses, process_id, worker_count_per_proc=workers, epoch_interval=run.epoch_interval)
+    try:
+        if not addresses and workers == 1:
+            # cluster_main's waiting thread contends for the GIL: measured 25% slower for one worker.
+            run_main(flow, epoch_interval=run.epoch_interval)
+        else:
+            cluster_main(flow, addresses, process_id, worker_count_per_proc=workers, epoch_interval=run.epoch_interval)
+    finally:
+        for stage in run.stages:
+            stage.close()
 
 
 class _Poller:

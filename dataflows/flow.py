@@ -358,6 +358,9 @@ class Stage(Protocol):
 
     def __call__(self, batches: list[tuple[str, list[Record]]]) -> list[tuple[str, list[Record]]]: ...
 
+    def close(self) -> None:
+        """Release what the stage opened in this process (called once the flow has ended)."""
+
 
 @dataclass(frozen=True)
 class FlowOutput:
