@@ -7,6 +7,7 @@ import tempfile
 import time
 from pathlib import Path
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Annotated, cast
 
 import typer
@@ -16,6 +17,8 @@ from connectors.jsonl import prepare_out_dir
 from connectors.live_view import LiveView, RunStats
 from connectors.replay import check_readable, first_event_time
 from connectors.kafka_outputs import OutputTopics
+from connectors.llm_config import LlmConfig
+from connectors.llm_stage import LlmStage
 from connectors.runner import OUTPUT_FILES, FlowJob, KafkaRun, ReplayRun, run_job
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
@@ -37,6 +40,12 @@ DEFAULT_PARTITIONS = 3
 OutDir = Annotated[Path, typer.Option("--out-dir", help="Folder for the output files (created if missing).")]
 Processes = Annotated[int, typer.Option("--processes", min=1, help="Local Bytewax processes forming one cluster.")]
 Workers = Annotated[int, typer.Option("--workers", min=1, help="Worker threads in each process.")]
+
+
+class LlmMode(StrEnum):
+    off = "off"
+    on = "on"
+    auto = "auto"
 
 
 KafkaBrokers = Annotated[str, typer.Option(help="Kafka bootstrap servers, host:port[,host:port].")]
@@ -114,6 +123,22 @@ def run(
     stop_at_end: Annotated[
         bool, typer.Option(rich_help_panel="Kafka", help="Stop at the input topic's current end instead of waiting.")
     ] = False,
+    llm: Annotated[
+        LlmMode, typer.Option(rich_help_panel="LLM", help="Window assistant and translation: auto = on when a key or base URL is set.")
+    ] = LlmMode.auto,
+    llm_base_url: Annotated[
+        str | None, typer.Option(rich_help_panel="LLM", envvar="OPENAI_BASE_URL", help="OpenAI-compatible endpoint (vLLM, Ollama, ...).")
+    ] = None,
+    llm_model: Annotated[str, typer.Option(rich_help_panel="LLM", help="Model name.")] = "gpt-4o-mini",
+    llm_api_key: Annotated[
+        str | None, typer.Option(rich_help_panel="LLM", envvar="OPENAI_API_KEY", show_envvar=True, help="API key (never printed).")
+    ] = None,
+    llm_concurrency: Annotated[int, typer.Option(min=1, rich_help_panel="LLM", help="Calls in flight per worker.")] = 16,
+    llm_timeout: Annotated[float, typer.Option(min=0.1, rich_help_panel="LLM", help="Seconds per HTTP attempt.")] = 30.0,
+    llm_max_retries: Annotated[int, typer.Option(min=0, rich_help_panel="LLM", help="Retries of 429/5xx/timeouts.")] = 2,
+    llm_rate_limit: Annotated[
+        float | None, typer.Option(min=0.01, rich_help_panel="LLM", help="Requests per second per worker (default: unpaced).")
+    ] = None,
     block_kib: Annotated[
         int, typer.Option(min=1, help="Size of the file blocks dealt to partitions, in KiB.", hidden=True)
     ] = 1024,
@@ -124,6 +149,11 @@ def run(
         raise ConvoflowError(msg)
     window = _window_config(window_size, max_out_of_orderness)
     pattern_defs = () if no_patterns else load_patterns(patterns)
+    llm_config = LlmConfig.from_env(
+        {}, api_key=llm_api_key, base_url=llm_base_url, mode=llm.value, model=llm_model, concurrency=llm_concurrency,
+        timeout=llm_timeout, max_retries=llm_max_retries, rate_limit=llm_rate_limit,
+    )
+    stages = (LlmStage(llm_config),)
     if input_path is not None:
         check_readable(input_path)
         out_dir = out_dir or Path("out")
@@ -161,6 +191,7 @@ def run(
                 state_dir=state_dir,
                 lake_dir=lake_at,
                 rules_path=rules.resolve() if rules else None,
+                stages=stages,
             )
             destination = str(out_dir)
         else:
@@ -171,7 +202,7 @@ def run(
                 kafka_config=live.settings, from_beginning=from_beginning, tail=not stop_at_end,
                 out_dir=out_dir.resolve() if out_dir else None, state_dir=state_dir, lake_dir=lake_at,
                 rules_path=rules.resolve() if rules else None, rules_topic=live.rules_topic,
-                rules_partitions=live.rules_partitions, rules_grace=rules_grace,
+                rules_partitions=live.rules_partitions, rules_grace=rules_grace, stages=stages,
             )
             destination = f"Kafka topics {', '.join(live.topics.all())}" + (f" and {out_dir}" if out_dir else "")
         stats = RunStats(state_dir, destination)
