@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, cast
+from typing import Annotated, Any, cast
 
+import orjson
 import typer
 from rich.console import Console
 
@@ -19,11 +20,11 @@ from connectors.replay import check_readable, first_event_time
 from connectors.kafka_outputs import OutputTopics
 from connectors.llm_config import LlmConfig
 from connectors.llm_stage import LlmStage
-from connectors.runner import OUTPUT_FILES, FlowJob, KafkaRun, ReplayRun, run_job
+from connectors.runner import OUTPUT_FILES, FlowJob, KafkaRun, LakeConfig, ReplayRun, run_job
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
 from dataflows.events import DeadLetter
-from dataflows.flow import FlowConfig
+from dataflows.flow import FlowConfig, Stage
 from connectors.pattern_files import load_patterns
 from dataflows.sequencing import ReplayLayout
 from dataflows.windows import WindowConfig
@@ -81,6 +82,25 @@ def run(
     lake: Annotated[bool, typer.Option(help="Also write every output to Iceberg tables (see --lake-dir).")] = False,
     lake_dir: Annotated[
         Path | None, typer.Option(help="Folder of the embedded Iceberg catalog and warehouse [default: OUT_DIR/lake].")
+    ] = None,
+    catalog: Annotated[
+        str | None, typer.Option(rich_help_panel="Lake", help="Write to this catalog of PyIceberg's configuration instead.")
+    ] = None,
+    lake_commit_rows: Annotated[int, typer.Option(min=1, rich_help_panel="Lake", help="Rows per Iceberg commit.")] = 50_000,
+    lake_commit_interval: Annotated[
+        float, typer.Option(min=0.1, rich_help_panel="Lake", help="Seconds at most between commits.")
+    ] = 30.0,
+    lake_keep_snapshots: Annotated[
+        int, typer.Option(min=1, rich_help_panel="Lake", help="Snapshots kept when old ones are expired.")
+    ] = 50,
+    profiles: Annotated[
+        bool, typer.Option(rich_help_panel="Lake", help="Attach each user's history from the lake to messages (user_context).")
+    ] = True,
+    profiles_refresh: Annotated[
+        float, typer.Option(min=0.0, rich_help_panel="Lake", help="Seconds between checks for new lake snapshots.")
+    ] = 60.0,
+    profiles_as_of: Annotated[
+        str | None, typer.Option(rich_help_panel="Lake", help="Read the history as of this time or snapshot id.")
     ] = None,
     rules: Annotated[
         Path | None,
@@ -153,7 +173,7 @@ def run(
         {}, api_key=llm_api_key, base_url=llm_base_url, mode=llm.value, model=llm_model, concurrency=llm_concurrency,
         timeout=llm_timeout, max_retries=llm_max_retries, rate_limit=llm_rate_limit,
     )
-    stages = (LlmStage(llm_config),)
+    stages: tuple[Stage, ...] = (LlmStage(llm_config),)
     if input_path is not None:
         check_readable(input_path)
         out_dir = out_dir or Path("out")
@@ -162,16 +182,20 @@ def run(
         topics = OutputTopics(output_topic, windows_topic, alerts_topic, late_topic, dead_letter_topic, moderated_topic)
         settings = _kafka_settings(kafka_config, kafka_config_file)
         live = _kafka_input(kafka_brokers, input_topic, topics, None if rules else rules_topic, create_topics, settings)
+    lake = lake or catalog is not None or lake_dir is not None
+    embedded = lake and catalog is None
     if out_dir is not None:
-        prepare_out_dir(out_dir, OUTPUT_FILES, overwrite=overwrite, dirs=(DEFAULT_LAKE,) if lake and lake_dir is None else ())
-    if lake and out_dir is None and lake_dir is None:
-        msg = "--lake needs --out-dir or --lake-dir to know where the tables go"
+        prepare_out_dir(out_dir, OUTPUT_FILES, overwrite=overwrite, dirs=(DEFAULT_LAKE,) if embedded and lake_dir is None else ())
+    if embedded and out_dir is None and lake_dir is None:
+        msg = "--lake needs --out-dir, --lake-dir or --catalog to know where the tables go"
         raise ConvoflowError(msg)
-    lake_at = (lake_dir or cast(Path, out_dir) / DEFAULT_LAKE).resolve() if lake else None
-    if lake_at is not None:
-        from connectors.iceberg import ensure_tables, open_catalog  # heavy: only when asked for
-
-        ensure_tables(open_catalog(lake_dir=lake_at))
+    lake_config = None
+    if lake:
+        lake_config = LakeConfig(
+            (lake_dir or cast(Path, out_dir) / DEFAULT_LAKE).resolve() if embedded else None, catalog or "convoflow",
+            lake_commit_rows, lake_commit_interval, lake_keep_snapshots,
+        )
+        stages = (*_lake_stages(lake_config, profiles, profiles_refresh, profiles_as_of), *stages)
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="convoflow-") as state:
         state_dir = Path(state)
@@ -189,7 +213,7 @@ def run(
                                 rules=rules is not None),
                 clock=ReplayClock(event_origin=origin, wall_origin=start, speed=speed_factor),
                 state_dir=state_dir,
-                lake_dir=lake_at,
+                lake=lake_config,
                 rules_path=rules.resolve() if rules else None,
                 stages=stages,
             )
@@ -200,7 +224,7 @@ def run(
             job = KafkaRun(
                 brokers=live.brokers, input_topic=input_topic, parts=live.parts, topics=live.topics, flow=flow,
                 kafka_config=live.settings, from_beginning=from_beginning, tail=not stop_at_end,
-                out_dir=out_dir.resolve() if out_dir else None, state_dir=state_dir, lake_dir=lake_at,
+                out_dir=out_dir.resolve() if out_dir else None, state_dir=state_dir, lake=lake_config,
                 rules_path=rules.resolve() if rules else None, rules_topic=live.rules_topic,
                 rules_partitions=live.rules_partitions, rules_grace=rules_grace, stages=stages,
             )
@@ -208,7 +232,22 @@ def run(
         stats = RunStats(state_dir, destination)
         with LiveView(stats, console, enabled=console.is_terminal and not quiet) as view:
             run_job(job, processes, workers, poll=view.poll)
-    typer.echo(stats.summary() + (f"; Iceberg tables in {lake_at}" if lake_at else ""))
+    typer.echo(stats.summary() + (f"; {lake_config.describe()}" if lake_config else ""))
+
+
+def _lake_stages(lake: LakeConfig, profiles: bool, refresh: float, as_of: str | None) -> tuple[Stage, ...]:
+    """Create the lake's tables, and the stage that reads user history back from it (checked now)."""
+    from connectors.iceberg import ensure_tables, open_catalog  # heavy: only when asked for
+    from connectors.lake_admin import parse_as_of
+    from connectors.profiles import ProfilesStage
+
+    ensure_tables(open_catalog(lake.catalog, lake.lake_dir))
+    if not profiles:
+        return ()
+    stage = ProfilesStage(lake_dir=lake.lake_dir, catalog_name=lake.catalog, refresh_seconds=refresh,
+                          as_of=parse_as_of(as_of) if as_of else None)
+    stage.history()
+    return (stage,)
 
 
 @dataclass(frozen=True)
@@ -310,6 +349,106 @@ def rules_check(
     typer.echo(f"{book.applied} rules applied, {ignored} ignored as stale, {rejected} rejected in {path}")
     if rejected:
         raise typer.Exit(code=1)
+
+
+lake_app = typer.Typer(no_args_is_help=True, help="Look into the Iceberg tables a run wrote (and maintain them).")
+app.add_typer(lake_app, name="lake")
+LakeDir = Annotated[Path, typer.Option("--lake-dir", help="The embedded catalog's folder.")]
+CatalogName = Annotated[str | None, typer.Option("--catalog", help="A catalog of PyIceberg's configuration instead.")]
+TableName = Annotated[str, typer.Argument(metavar="TABLE", help="A table (chat_messages, ...) or an output kind (messages, ...).")]
+
+
+def _lake_catalog(lake_dir: Path, catalog: str | None) -> Any:
+    from connectors.iceberg import open_catalog
+
+    if catalog is None and not (lake_dir / "catalog.db").exists():
+        msg = f"no lake in {lake_dir} (a run with --lake --out-dir DIR writes DIR/lake); pass --lake-dir or --catalog"
+        raise ConvoflowError(msg)
+    return open_catalog(catalog or "convoflow", None if catalog else lake_dir.resolve())
+
+
+@lake_app.command("tables")
+def lake_tables(lake_dir: LakeDir = Path("out/lake"), catalog: CatalogName = None) -> None:
+    """Every table with its rows, snapshots, data files and size."""
+    from connectors.lake_admin import list_tables
+
+    for t in list_tables(_lake_catalog(lake_dir, catalog)):
+        typer.echo(f"{t.name:<22} {t.rows:>10,} rows {t.snapshots:>5} snapshots {t.data_files:>5} files "
+                   f"{t.total_bytes / 1e6:>9.2f} MB")
+
+
+@lake_app.command("snapshots")
+def lake_snapshots(table: TableName, lake_dir: LakeDir = Path("out/lake"), catalog: CatalogName = None) -> None:
+    """A table's snapshots, oldest first, with their summaries (convoflow's commit markers included)."""
+    from connectors.lake_admin import list_snapshots, load_table
+
+    for snap in list_snapshots(load_table(_lake_catalog(lake_dir, catalog), table)):
+        marker = "*" if snap.current else " "
+        summary = ", ".join(f"{k}={v}" for k, v in sorted(snap.summary.items()) if k.startswith(("added-records", "convoflow")))
+        typer.echo(f"{marker} {snap.snapshot_id} {snap.time.isoformat()} {snap.operation:<9} {summary}")
+
+
+@lake_app.command("show")
+def lake_show(
+    table: TableName, lake_dir: LakeDir = Path("out/lake"), catalog: CatalogName = None,
+    as_of: Annotated[str | None, typer.Option(help="A time (ISO-8601) or snapshot id: the table as it was.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Rows to print.")] = 20,
+    where: Annotated[str | None, typer.Option(help="A row filter, e.g. \"session_id = 's-1'\".")] = None,
+) -> None:
+    """Rows of a table as JSON lines (time travel with --as-of)."""
+    from connectors.lake_admin import load_table, parse_as_of, show
+
+    rows = show(load_table(_lake_catalog(lake_dir, catalog), table), parse_as_of(as_of) if as_of else None, limit,
+                *((where,) if where else ()))
+    for row in rows:
+        typer.echo(orjson.dumps(row, default=str).decode())
+
+
+@lake_app.command("expire")
+def lake_expire(
+    table: TableName,
+    older_than: Annotated[str, typer.Option(help="An age (90s, 30m, 12h, 7d) or an ISO-8601 time.")],
+    keep: Annotated[int, typer.Option(min=1, help="Snapshots kept whatever their age.")] = 1,
+    lake_dir: LakeDir = Path("out/lake"), catalog: CatalogName = None,
+) -> None:
+    """Expire old snapshots (PyIceberg's maintenance); convoflow's commit markers are kept in a ledger."""
+    from datetime import datetime, timezone
+
+    from connectors.lake_admin import expire, load_table, parse_older_than
+
+    report = expire(load_table(_lake_catalog(lake_dir, catalog), table),
+                    parse_older_than(older_than, datetime.now(timezone.utc)), keep=keep)
+    typer.echo(f"expired {report.expired} snapshots, kept {report.kept}, {report.markers} commit markers in the ledger")
+
+
+@lake_app.command("evolve")
+def lake_evolve(
+    table: TableName,
+    column: Annotated[str, typer.Argument(help="The new column (a.b adds inside struct a).")],
+    type_name: Annotated[str, typer.Argument(metavar="TYPE", help="string, long, int, double, boolean, timestamptz, ...")],
+    doc: Annotated[str | None, typer.Option(help="The column's description.")] = None,
+    lake_dir: LakeDir = Path("out/lake"), catalog: CatalogName = None,
+) -> None:
+    """Add an optional column; rows written before read back with it null."""
+    from connectors.lake_admin import evolve, load_table
+
+    field = evolve(load_table(_lake_catalog(lake_dir, catalog), table), column, type_name, doc)
+    typer.echo(f"added {column} ({field.field_type}) to {table}")
+
+
+@lake_app.command("compact")
+def lake_compact(
+    table: TableName, lake_dir: LakeDir = Path("out/lake"), catalog: CatalogName = None,
+    where: Annotated[str | None, typer.Option(help="Only the rows (partitions) this filter selects.")] = None,
+) -> None:
+    """Rewrite a table's data files into fewer, sorted ones. PyIceberg 0.12 cannot compact: this is an
+    overwrite, a delete+append snapshot pair that incremental readers see as new rows, and it fails
+    if another writer commits meanwhile."""
+    from connectors.lake_admin import compact, load_table
+
+    report = compact(load_table(_lake_catalog(lake_dir, catalog), table), *((where,) if where else ()))
+    typer.echo(f"rewrote {report.rows:,} rows of {report.table}: {report.files_before} files -> {report.files_after}")
+    typer.echo(report.cost)
 
 
 @app.command()

@@ -44,16 +44,16 @@ class ReplayRun:
     flow: FlowConfig
     clock: ReplayClock
     state_dir: Path | None = None
-    lake_dir: Path | None = None
+    lake: LakeConfig | None = None
     rules_path: Path | None = None
     stages: tuple[Stage, ...] = ()
     batch_size: int = 1000
     epoch_interval: timedelta = timedelta(seconds=5)
 
     def build(self) -> Dataflow:
-        """The flow with its real connectors: JSONL files, and Iceberg tables when `lake_dir` is set."""
+        """The flow with its real connectors: JSONL files, and Iceberg tables when `lake` is set."""
         source = ReplaySource(self.input_path, layout=self.flow.layout, clock=self.clock, batch_size=self.batch_size)
-        outputs = _file_outputs(self.out_dir, self.lake_dir) + _tally(self.state_dir)
+        outputs = _file_outputs(self.out_dir, self.lake) + _tally(self.state_dir)
         rules = RulesFileSource(self.rules_path, self.clock) if self.rules_path else None
         return build_flow(source, outputs, self.flow, gauges=_gauges(self.state_dir), rules=rules, stages=self.stages)
 
@@ -76,7 +76,7 @@ class KafkaRun:
     tail: bool = True
     out_dir: Path | None = None
     state_dir: Path | None = None
-    lake_dir: Path | None = None
+    lake: LakeConfig | None = None
     rules_path: Path | None = None
     rules_topic: str | None = None
     rules_partitions: int = 1
@@ -95,7 +95,7 @@ class KafkaRun:
             tail=self.tail, config=dict(self.kafka_config), batch_size=self.batch_size,
         )
         outputs = [kafka_output(self.brokers, self.topics, self.kafka_config)]
-        outputs += _file_outputs(self.out_dir, self.lake_dir) + _tally(self.state_dir)
+        outputs += _file_outputs(self.out_dir, self.lake) + _tally(self.state_dir)
         return build_flow(source, outputs, self.flow, gauges=_gauges(self.state_dir), rules=self._rules(),
                           stages=self.stages)
 
@@ -114,14 +114,34 @@ class KafkaRun:
 FlowJob = ReplayRun | KafkaRun
 
 
-def _file_outputs(out_dir: Path | None, lake_dir: Path | None) -> list[FlowOutput]:
+@dataclass(frozen=True)
+class LakeConfig:
+    """Where the Iceberg outputs go and how they are committed.
+
+    `lake_dir` is the embedded SQLite catalog's folder; without it, `catalog` names a catalog in
+    PyIceberg's own configuration (`.pyiceberg.yaml`, `PYICEBERG_CATALOG__<NAME>__*`).
+    """
+
+    lake_dir: Path | None = None
+    catalog: str = "convoflow"
+    commit_rows: int = 50_000
+    commit_interval: float = 30.0
+    keep_snapshots: int = 50
+
+    def describe(self) -> str:
+        return f"Iceberg tables in {self.lake_dir}" if self.lake_dir else f"Iceberg catalog {self.catalog}"
+
+
+def _file_outputs(out_dir: Path | None, lake: LakeConfig | None) -> list[FlowOutput]:
     kinds = [k.value for k in OutputKind]
     outputs = [] if out_dir is None else [FlowOutput("jsonl", JsonlSink(out_dir, kinds), json_lines)]
-    if lake_dir is not None:
+    if lake is not None:
         # Imported here: pyiceberg and pyarrow add ~0.8 s to every worker process's start.
-        from connectors.iceberg import IcebergSink, open_catalog
+        from connectors.iceberg import IcebergSink, SnapshotExpiry, open_catalog
 
-        outputs.append(FlowOutput("lake", IcebergSink(open_catalog(lake_dir=lake_dir), kinds=kinds)))
+        sink = IcebergSink(open_catalog(lake.catalog, lake.lake_dir), kinds=kinds, commit_rows=lake.commit_rows,
+                           commit_interval=lake.commit_interval, expiry=SnapshotExpiry(keep=lake.keep_snapshots))
+        outputs.append(FlowOutput("lake", sink))
     return outputs
 
 
