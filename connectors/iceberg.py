@@ -198,8 +198,15 @@ def windows_schema() -> Schema:
         _str(i, "session_id", True), _ts(i, "window_start", True), _ts(i, "window_end", True),
         NestedField(i(), "messages", ListType(i(), message, element_required=True)),
         NestedField(i(), "counts", MapType(i(), StringType(), i(), IntegerType(), value_required=False)),
-        _ts(i, "first_event_time"), _ts(i, "last_event_time"), _assistant(i), _hash(i),
+        _ts(i, "first_event_time"), _ts(i, "last_event_time"), _assistant(i), _participants(i), _hash(i),
     )
+
+
+def _participants(i: Callable[[], int]) -> NestedField:
+    """The history of a window's senders from the lake (`connectors.profiles`), for the assistant."""
+    user = StructType(_str(i, "user"), NestedField(i(), "total_messages", LongType()), _ts(i, "first_seen"),
+                      _ts(i, "last_active"))
+    return NestedField(i(), "user_context", ListType(i(), user, element_required=True))
 
 
 def late_events_schema() -> Schema:

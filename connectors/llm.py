@@ -90,7 +90,12 @@ def window_prompt(window: WindowLike) -> list[BaseMessage]:
     """The assistant prompt for one window (a `WindowRecord` or its record): system prompt, then transcript."""
     if isinstance(window, WindowRecord):
         return [SystemMessage(ASSISTANT_PROMPT), HumanMessage(transcript(window.messages))]
-    return [SystemMessage(ASSISTANT_PROMPT), HumanMessage(record_transcript(window["messages"]))]
+    known = window.get("user_context") or []
+    history = "".join(
+        f"History of {c['user']}: {c['total_messages']} messages since {c['first_seen']}, last active {c['last_active']}\n"
+        for c in known
+    )
+    return [SystemMessage(ASSISTANT_PROMPT), HumanMessage(history + record_transcript(window["messages"]))]
 
 
 def translation_prompt(text: str, language: str) -> list[BaseMessage]:

@@ -6,7 +6,9 @@ loads every user's `total_messages`, `first_seen` and `last_active` into memory,
 `last_active`: a summary another job may keep) or else aggregated from `chat_messages` with
 PyArrow (`group_by` on the user key). Each `messages` record then gets
 `user_context = {"total_messages", "first_seen", "last_active"}` (times as ISO-8601 text), or
-None for a user the lake has not seen: a dict lookup and an assignment per record.
+None for a user the lake has not seen: a dict lookup and an assignment per record. Each
+`windows` record gets `user_context`, the list of its known senders' histories (with `user`),
+which the LLM stage's assistant prompt includes.
 
 At most every `refresh_seconds` the stage looks at the table's current snapshot and, when it has
 changed, loads again: only the rows appended since when the history in between is appends only
@@ -115,6 +117,9 @@ class ProfilesStage:
                 for record in records:
                     record["user_context"] = history.get(record.get("username")
                                                          or f"{record['session_id']}/{record['sender']}")
+            elif kind == "windows":
+                for record in records:
+                    record["user_context"] = _participants(record, history)
         return batches
 
     def close(self) -> None:
@@ -221,6 +226,22 @@ def merge_aggregates(into: dict[str, Aggregate], grouped: pa.Table) -> list[str]
         else:
             into[user] = (old[0] + total, _min(old[1], first), _max(old[2], last))
     return users
+
+
+def _participants(window: Record, history: dict[str, UserContext]) -> list[UserContext]:
+    """The history of each sender of a window, in order of first message: for the assistant's prompt.
+
+    A window message names its sender only: a chat sender is a username, a conversation's is a
+    role within the session (`session_id/sender`, the key the lake's history uses).
+    """
+    found: dict[str, UserContext] = {}
+    for message in window["messages"]:
+        sender = message["sender"]
+        for key in (sender, f"{window['session_id']}/{sender}"):
+            if key not in found and key in history:
+                found[key] = {"user": key, **history[key]}
+                break
+    return list(found.values())
 
 
 def profiles_from_summary(rows: pa.Table) -> dict[str, UserContext]:

@@ -66,8 +66,12 @@ def records(make_event: Callable[..., Event]) -> dict[str, list[dict[str, Any]]]
     e1, e2, e3 = make_event(1), make_event(2, language="es", username="alice"), make_event(3, session="s-2")
     return {
         "messages": [e.as_record() for e in (e3, e1)] + [judged(e2, Moderation("flag", e2.text, (("bw", 2),), ("w",)))],
-        "windows": [WindowRecord("s-1", T0, T0 + 300, (e1, e2), {"message": 2}).as_record(),
-                    WindowRecord("s-2", T0, T0 + 300, (e3,), {}).as_record()],
+        # The profiles stage gives every window a (maybe empty) `user_context` list; PyIceberg 0.12
+        # reads a null top-level list back as [], so a window without one would not round-trip.
+        "windows": [{**WindowRecord("s-1", T0, T0 + 300, (e1, e2), {"message": 2}).as_record(),
+                     "user_context": [{"user": "s-1/customer", "total_messages": 3, "first_seen": iso(T0),
+                                       "last_active": iso(T0 + 60)}]},
+                    {**WindowRecord("s-2", T0, T0 + 300, (e3,), {}).as_record(), "user_context": []}],
         "late": [LateEvent(e1, T0, T0 + 300, T0 + 400).as_record()],
         "dead_letter": [DeadLetter(LineRef("chat.jsonl", 4, 40), "{oops", "invalid JSON").as_record(),
                         DeadLetter(LineRef("chat/1", 7, 7), "{", "not JSON", "parse",

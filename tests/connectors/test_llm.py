@@ -62,6 +62,16 @@ def test_transcript_merges_senders_in_time_order() -> None:
     assert "relationship manager" in str(system.content) and human.content == "rm: early\ncustomer: late\ncustomer: tie"
 
 
+def test_window_prompt_starts_with_the_senders_history_from_the_lake() -> None:
+    record = {**CARD_WINDOW.as_record(), "user_context": [
+        {"user": "s-1/customer", "total_messages": 12, "first_seen": "2024-01-02T09:00:00+00:00",
+         "last_active": "2024-03-01T10:00:00+00:00"}]}
+    [_, human] = window_prompt(record)
+    assert str(human.content).splitlines()[0] == (
+        "History of s-1/customer: 12 messages since 2024-01-02T09:00:00+00:00, last active 2024-03-01T10:00:00+00:00")
+    assert str(human.content).endswith(str(window_prompt(CARD_WINDOW)[1].content))
+
+
 def test_window_prompt_takes_the_window_record_as_the_flow_emits_it() -> None:
     [_, from_event] = window_prompt(CARD_WINDOW)
     [_, from_record] = window_prompt(CARD_WINDOW.as_record())

@@ -62,8 +62,8 @@ def write(catalog: Catalog, events: list[Event]) -> None:
 
 
 def contexts(stage: ProfilesStage, *events: Event) -> list[Any]:
-    batches = stage([("messages", [event.as_record() for event in events]), ("windows", [{"session_id": "s-1"}])])
-    assert batches[1] == ("windows", [{"session_id": "s-1"}])
+    batches = stage([("messages", [event.as_record() for event in events]), ("alerts", [{"session_id": "s-1"}])])
+    assert batches[1] == ("alerts", [{"session_id": "s-1"}]), "other kinds pass untouched"
     return [record["user_context"] for record in batches[0][1]]
 
 
@@ -90,6 +90,18 @@ def test_history_per_user_from_chat_messages(catalog: Catalog, lake_dir: Path, m
     assert got == [context(2, T0 + 0.25, T0 + 60), context(1, T0 + 120, T0 + 120), context(2, T0 + 240, T0 + 300),
                    context(1, T0 + 360, T0 + 360), None]
     assert stage.lookup("alice") == context(2, T0 + 240, T0 + 300)
+
+
+def test_a_window_gets_the_history_of_its_known_senders_in_order(
+    catalog: Catalog, lake_dir: Path, make_event: Callable[..., Event]
+) -> None:
+    write(catalog, [make_event(1, "s-1", "customer"), make_event(2, "room", "alice", username="alice", shape="chat")])
+    stage = ProfilesStage(lake_dir=lake_dir)
+    windows = [{"session_id": "s-1", "messages": [{"sender": "rm"}, {"sender": "customer"}, {"sender": "customer"}]},
+               {"session_id": "room", "messages": [{"sender": "alice"}, {"sender": "zoe"}]}]
+    [(_, out)] = stage([("windows", windows)])
+    assert [w["user_context"] for w in out] == [[{"user": "s-1/customer", **context(1, T0 + 60, T0 + 60)}],
+                                                [{"user": "alice", **context(1, T0 + 120, T0 + 120)}]]
 
 
 def test_the_user_key_is_the_pattern_engines(make_event: Callable[..., Event]) -> None:
