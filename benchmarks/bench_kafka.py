@@ -7,7 +7,8 @@ then measures, each case in a fresh Python process reading the whole topic:
 - client loop: a plain confluent-kafka consume → JSON parse → re-encode → produce loop, the
   client's own ceiling for a Python consumer-producer;
 - convoflow: `cli.py run --kafka-brokers ... --stop-at-end` with patterns off, the same
-  flow as the replay benchmark's pipeline case, writing every output to its topic.
+  flow as the replay benchmark's pipeline case (rules topic, LLM stage off), writing every output
+  to its topic; on 1 process, and on 2 (the topic's partitions spread over both).
 Events/s are input events over wall time from the first poll to the last delivered message.
 Uses KAFKA_BOOTSTRAP_SERVERS or --brokers, else starts the project's broker
 (scripts/kafka-local.sh; stop it with `scripts/kafka-local.sh stop`).
@@ -64,12 +65,13 @@ def client_loop_seconds(brokers: str, topic: str, events: int) -> dict[str, floa
     return {"seconds": seconds, "events": seen}
 
 
-def pipeline_seconds(brokers: str, topic: str, events: int) -> dict[str, float]:
+def pipeline_seconds(brokers: str, topic: str, events: int, processes: int = 1) -> dict[str, float]:
     """convoflow's CLI run on the topic to its end, outputs to fresh topics."""
     from cli import main
 
     base = f"{topic}.cf-{uuid.uuid4().hex[:6]}"
     args = ["run", "--kafka-brokers", brokers, "--input-topic", topic, "--stop-at-end", "--no-patterns", "--quiet",
+            "--processes", str(processes), "--llm", "off",
             "--output-topic", f"{base}.messages", "--windows-topic", f"{base}.windows", "--alerts-topic",
             f"{base}.alerts", "--late-topic", f"{base}.late", "--dead-letter-topic", f"{base}.dead",
             "--moderated-topic", f"{base}.moderated", "--rules-topic", f"{base}.rules", "--create-topics"]
@@ -115,11 +117,12 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=500_000)
     parser.add_argument("--brokers")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "benchmarks" / "data")
-    parser.add_argument("--case", choices=["loop", "convoflow"], help=argparse.SUPPRESS)
+    parser.add_argument("--case", choices=["loop", "convoflow", "convoflow2"], help=argparse.SUPPRESS)
     parser.add_argument("--topic", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        cases = {"loop": client_loop_seconds, "convoflow": pipeline_seconds}
+        cases = {"loop": client_loop_seconds, "convoflow": pipeline_seconds,
+                 "convoflow2": lambda b, t, e: pipeline_seconds(b, t, e, processes=2)}
         print(json.dumps(cases[args.case](args.brokers, args.topic, args.events)))
         return
 
@@ -131,14 +134,16 @@ def main() -> None:
     topic, loaded = load_topic(brokers, path)
     print(f"loaded {loaded:,} events into {topic} ({PARTITIONS} partitions) at {brokers} "
           f"in {time.perf_counter() - started:.1f} s")
-    results = {case: run_case(case, brokers, topic, loaded) for case in ("loop", "convoflow")}
+    results = {case: run_case(case, brokers, topic, loaded) for case in ("loop", "convoflow", "convoflow2")}
     rate = {case: loaded / r["seconds"] for case, r in results.items()}
-    labels = {"loop": "(a) confluent-kafka loop", "convoflow": "(b) convoflow Kafka → Kafka"}
+    labels = {"loop": "(a) confluent-kafka loop", "convoflow": "(b) convoflow Kafka → Kafka",
+              "convoflow2": "(b) same, 2 processes"}
     print(f"{'case':<32}{'seconds':>9}{'events/s':>11}")
     for case, r in results.items():
         print(f"{labels[case]:<32}{r['seconds']:>9.2f}{rate[case]:>11,.0f}")
-    ratio = rate["convoflow"] / rate["loop"]
-    print(f"(b) / (a): {ratio:.2f} (target >= {TARGET_RATIO}: {'met' if ratio >= TARGET_RATIO else 'MISSED'})")
+    for case in ("convoflow", "convoflow2"):
+        ratio = rate[case] / rate["loop"]
+        print(f"{labels[case]} / (a): {ratio:.2f} (target >= {TARGET_RATIO}: {'met' if ratio >= TARGET_RATIO else 'MISSED'})")
 
 
 if __name__ == "__main__":
