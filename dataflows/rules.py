@@ -469,6 +469,10 @@ class RuleBook:
         """How many rule versions are kept (see `prune`)."""
         return sum(map(len, self._history.values()))
 
+    def superseded(self) -> bool:
+        """Whether some id holds more than one version: only then can `prune` drop anything."""
+        return self.held() > len(self._history)
+
     def in_effect(self, time: float) -> tuple[Rule, ...]:
         """The rule versions in effect at event time `time`, by id."""
         found = []

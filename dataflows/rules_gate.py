@@ -98,8 +98,9 @@ class RuleGate:
         follows the shard's clock, so replays still decide alike.
         """
         if horizon is not None and horizon >= self.pruned_at + every:
-            self.book.prune(horizon)
             self.pruned_at = horizon
+            if self.book.superseded():  # pruning also drops the book's caches: not for nothing
+                self.book.prune(horizon)
 
     def _due(self, stamped: Stamped) -> bool:
         time = stamped.event.time
