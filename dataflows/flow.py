@@ -112,14 +112,17 @@ class ShardState:
 
 
 class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
-    """Releases a shard's events in file order, times untimed ones, windows them, matches patterns.
+    """Releases a shard's events (in file order, or a live input's arrival order), times untimed
+    ones, judges them by the rules stream, windows them and matches patterns.
 
-    A session shard emits `messages` for every event, `late` for events whose window was already
-    emitted, `windows` as the watermark passes them and `alerts` of session-keyed patterns; a user
-    shard sees the same events routed by user and emits only the alerts of user-keyed patterns.
-    Both emit a `gauge` of open windows when it changes. Never discarded: the sequencer must keep
-    hearing every partition's markers. Its snapshot is the pickled state: Bytewax asks for one
-    every epoch even without recovery, and one `pickle.dumps` is far cheaper than a `deepcopy`.
+    A session shard emits `messages` for every event the rules let through (with `moderation`
+    when there is a rules stream), `moderated` for those they block, `late` for events whose
+    window was already emitted, `windows` as the watermark passes them and `alerts` of
+    session-keyed patterns; a user shard sees the same events routed by user and emits only the
+    alerts of user-keyed patterns. Both emit `gauge`s (open windows, rule-set version) when they
+    change. Never discarded: the sequencer must keep hearing every partition's markers. Its
+    snapshot is the pickled state: Bytewax asks for one every epoch even without recovery, and one
+    `pickle.dumps` is far cheaper than a `deepcopy`.
     """
 
     def __init__(self, config: FlowConfig, resume: bytes | None, role: ShardRole) -> None:
