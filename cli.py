@@ -38,7 +38,6 @@ DEFAULT_PATTERNS = Path(__file__).parent / "samples" / "patterns.yaml"
 DEFAULT_LAKE = "lake"
 DEFAULT_PARTITIONS = 3
 
-OutDir = Annotated[Path, typer.Option("--out-dir", help="Folder for the output files (created if missing).")]
 Processes = Annotated[int, typer.Option("--processes", min=1, help="Local Bytewax processes forming one cluster.")]
 Workers = Annotated[int, typer.Option("--workers", min=1, help="Worker threads in each process.")]
 
@@ -49,7 +48,6 @@ class LlmMode(StrEnum):
     auto = "auto"
 
 
-KafkaBrokers = Annotated[str, typer.Option(help="Kafka bootstrap servers, host:port[,host:port].")]
 KafkaConfig = Annotated[list[str] | None, typer.Option(help="Any librdkafka setting as key=value (repeatable).")]
 KafkaConfigFile = Annotated[
     Path | None,
@@ -304,9 +302,7 @@ def produce(
     speed_factor: Annotated[
         float, typer.Option(min=0.0, help="Replay gaps between timestamps this many times faster; 0 = no waiting.")
     ] = 1.0,
-    kafka_config: Annotated[
-        list[str] | None, typer.Option(help="Any librdkafka setting as key=value (repeatable).")
-    ] = None,
+    kafka_config: KafkaConfig = None,
     create_topic: Annotated[
         int | None, typer.Option(min=1, metavar="PARTITIONS", help="Create the topic if missing, with this many partitions.")
     ] = None,
