@@ -15,7 +15,7 @@ from functools import lru_cache
 import json
 import re
 import string
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -44,6 +44,12 @@ THANKS_WORDS = frozenset({
     "dank u", "tack", "takk", "kiitos", "dziękuję", "dzięki", "teşekkürler", "köszönöm", "arigato",
     "arigatou", "спасибо", "ありがとう", "谢谢", "감사합니다",
 })
+ResidualTest = Callable[[Event, Sequence[str], bool], bool]
+"""What is left of a predicate once an event's kind and role are known, as `test(event, senders, first_of_key)`.
+
+`senders[i]` is the sender of the last event taken by step `i`: the engine keeps senders, not events,
+per step, since sender tests are the only ones that look at earlier events.
+"""
 SUMMARY_FIELDS = frozenset({"pattern", "description", "key", "severity", "count", "first_time", "last_time",
                             "duration", "steps", "senders", "silence"})
 _WORD = re.compile(r"[^\W\d_]+(?:['’-][^\W\d_]+)*")
@@ -83,6 +89,14 @@ def role_of(event: Event, lookup: Mapping[str, ResolvedRole] | None = None) -> R
 def role_is(wanted: RoleName, resolved: ResolvedRole) -> bool:
     """Whether a predicate's role covers a resolved role (`rm` and `agent` are synonyms, `any` covers all)."""
     return wanted == "any" or resolved == ("agent" if wanted == "rm" else wanted)
+
+
+def iso_of(event: Event) -> str:
+    """`iso(event.time)` of a timed event: its `timestamp`, which is exactly that, formatted once."""
+    if event.timestamp is not None:
+        return event.timestamp
+    assert event.time is not None, "only timed events have an ISO time"
+    return iso(event.time)
 
 
 def key_of(event: Event, key: KeyKind) -> str:
@@ -164,7 +178,8 @@ class Predicate(_Model):
 
 
 class CompiledPredicate:
-    """A `Predicate` flattened into slots: the engine calls it for every event and partial match."""
+    """A `Predicate` flattened into slots: quick to test on any event, and the source of the
+    `ResidualTest` the engine runs per event kind and role."""
 
     __slots__ = ("kinds", "message", "first_of_key", "roles", "question", "thanks", "regex", "same", "other",
                  "any_of", "none_of")
@@ -206,12 +221,74 @@ class CompiledPredicate:
             return False
         return not any(q(event, bound, first_of_key, roles) for q in self.none_of)
 
+    def residual(self, kind: str, role: ResolvedRole, steps: Mapping[str, int]) -> bool | ResidualTest:
+        """This predicate for every event of `kind` sent by `role`: True or False if those decide it, else
+        the `ResidualTest` of what they leave (text, first-of-key, earlier steps' senders).
+
+        The engine builds this once per kind and role, so its per-event work is only what the event's
+        text, key or partial match can change. `steps` numbers the step names that sender tests refer
+        to; `role` is `role_of(event)` without a lookup (the engine has no rules-stream roles).
+        """
+        if self.kinds is not None and kind not in self.kinds:
+            return False
+        if self.message is not None and (kind in MESSAGE_KINDS) != self.message:
+            return False
+        if self.roles is not None and role not in self.roles:
+            return False
+        any_of = [r for q in self.any_of if (r := q.residual(kind, role, steps)) is not False]
+        if self.any_of and not any_of:
+            return False
+        none_of = [r for q in self.none_of if (r := q.residual(kind, role, steps)) is not False]
+        if any(r is True for r in none_of):
+            return False
+        same = None if self.same is None else steps[self.same]
+        other = None if self.other is None else steps[self.other]
+        some = () if any(r is True for r in any_of) else tuple(r for r in any_of if not isinstance(r, bool))
+        none = tuple(r for r in none_of if not isinstance(r, bool))
+        tests = (same, other, self.first_of_key, self.question, self.thanks, self.regex)
+        if all(t is None for t in tests) and not some and not none:
+            return True
+        return _residual_test(same, other, self.first_of_key, self.question, self.thanks, self.regex, some, none)
+
     def __getstate__(self) -> tuple[object, ...]:
         return tuple(getattr(self, name) for name in self.__slots__)
 
     def __setstate__(self, state: tuple[object, ...]) -> None:
         for name, value in zip(self.__slots__, state, strict=True):
             setattr(self, name, value)
+
+
+def _residual_test(same: int | None, other: int | None, first_of_key: bool | None, question: bool | None,
+                   thanks: bool | None, regex: re.Pattern[str] | None, any_of: tuple[ResidualTest, ...],
+                   none_of: tuple[ResidualTest, ...]) -> ResidualTest:
+    """The tests a predicate leaves for one kind and role, as a closure (far cheaper to call than an
+    object's `__call__`); cheap tests first."""
+
+    def test(event: Event, senders: Sequence[str], first: bool) -> bool:
+        if same is not None and senders[same] != event.sender:
+            return False
+        if other is not None and senders[other] == event.sender:
+            return False
+        if first_of_key is not None and first != first_of_key:
+            return False
+        if question is not None and is_question(event.text) != question:
+            return False
+        if thanks is not None and is_thanks(event.text) != thanks:
+            return False
+        if regex is not None and regex.search(event.text) is None:
+            return False
+        if any_of:
+            for alternative in any_of:
+                if alternative(event, senders, first):
+                    break
+            else:
+                return False
+        for excluded in none_of:
+            if excluded(event, senders, first):
+                return False
+        return True
+
+    return test
 
 
 class Step(_Model):
@@ -335,10 +412,7 @@ class PatternDef(_Model):
 
     def summarize(self, key: str, events: Sequence[Event]) -> str:
         """The alert's human-readable summary for a match of `events` (in time order) under `key`."""
-        return self.summary.format(**_summary_fields(
-            self.id, self.description, key, self.severity, [e.time for e in events if e.time is not None],
-            ", ".join(s.name for s in self.steps), ", ".join(dict.fromkeys(e.sender for e in events)),
-            self.absence.seconds if self.absence else 0.0, count=len(events)))
+        return Summarizer(self)(key, events)
 
 
 def _span(steps: Sequence[Step], within: float | None) -> float | None:
@@ -347,6 +421,48 @@ def _span(steps: Sequence[Step], within: float | None) -> float | None:
         return within
     bounded = all(s.max_count == 1 for s in steps) and all(s.within_seconds is not None for s in steps[1:])
     return sum(s.within_seconds or 0.0 for s in steps[1:]) if bounded else None
+
+
+class Summarizer:
+    """`PatternDef.summarize` with the pattern's own fields worked out once (the engine keeps one per pattern).
+
+    Of the fields that depend on the match, only those the template names are computed; times are
+    the events' own `timestamp`s (see `iso_of`).
+    """
+
+    __slots__ = ("template", "constants", "used")
+
+    def __init__(self, pattern: PatternDef) -> None:
+        self.template = pattern.summary
+        self.used = _template_fields(pattern.summary)
+        self.constants = _summary_fields(
+            pattern.id, pattern.description, "", pattern.severity, (), ", ".join(s.name for s in pattern.steps), "",
+            pattern.absence.seconds if pattern.absence else 0.0)
+
+    def __call__(self, key: str, events: Sequence[Event]) -> str:
+        fields = {**self.constants, "key": key, "count": len(events)}
+        used = self.used
+        if "first_time" in used or "last_time" in used or "duration" in used:
+            timed = [(e.time, e) for e in events if e.time is not None]
+            if timed:
+                (start, first), (end, last) = timed[0], timed[-1]
+                fields["first_time"] = iso_of(first)
+                fields["last_time"] = iso_of(last)
+                fields["duration"] = end - start
+        if "senders" in used:
+            fields["senders"] = ", ".join(dict.fromkeys(e.sender for e in events))
+        return self.template.format(**fields)
+
+
+def _template_fields(template: str) -> frozenset[str]:
+    """The summary fields `template` names, those nested in a format spec (`{duration:.{count}f}`) included."""
+    names: set[str] = set()
+    for _, name, spec, _ in string.Formatter().parse(template):
+        if name is not None:
+            names.add(re.split(r"[.\[]", name)[0])
+        if spec:
+            names |= _template_fields(spec)
+    return frozenset(names)
 
 
 def _summary_fields(pattern: str, description: str, key: str, severity: str, times: Sequence[float], steps: str,

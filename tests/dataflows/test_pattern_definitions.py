@@ -361,3 +361,38 @@ def test_compiled_predicates_survive_pickling(pattern: PatternDef) -> None:
                     bound = {name: make_event(sender=who) for name, who in bound_sender.items()}
                     for first in (True, False):
                         assert compiled(event, bound, first) == fresh(event, bound, first)
+
+
+@pytest.mark.parametrize("where", [
+    *[s.where for p in load_patterns(SAMPLES) for s in p.steps],
+    *[p.absence.not_followed_by for p in load_patterns(SAMPLES) if p.absence],
+    Predicate.model_validate({"text_regex": "(?i)pin", "role": "rm", "other_sender_than": "ask"}),
+    Predicate.model_validate({"any_of": [{"thanks": True}, {"kind": "USER_LEFT", "first_of_key": False}],
+                              "none_of": [{"same_sender_as": "join"}, {"message": False, "role": "any"}]}),
+    Predicate.model_validate({"none_of": [{}]}),
+    Predicate(),
+], ids=lambda p: p.model_dump_json(exclude_defaults=True))
+def test_residuals_agree_with_the_compiled_predicate(where: Predicate) -> None:
+    """The engine tests what a predicate leaves once kind and role are known: same answer, every case."""
+    steps = {"join": 0, "ask": 1, "question": 2}
+    compiled = where.compile()
+    texts = ["hi", "How do I pay?", "thanks!", "my PIN", ""]
+    kinds = ["USER_MESSAGE", "USER_JOINED", "USER_LEFT", "message", "MESSAGE"]
+    for kind in kinds:
+        for sender, shape in [("ana", "chat"), ("joe", "chat"), ("customer", "conversation"), ("rm", "conversation")]:
+            probe = make_event(kind=kind, sender=sender, shape=shape)
+            rest = compiled.residual(kind, role_of(probe), steps)
+            for text in texts:
+                event = make_event(text, kind=kind, sender=sender, shape=shape)
+                for senders in [("ana", "ana", "ana"), ("joe", "customer", "rm")]:
+                    bound = {name: make_event(sender=senders[i]) for name, i in steps.items()}
+                    for first in (True, False):
+                        expected = compiled(event, bound, first)
+                        got = rest if isinstance(rest, bool) else rest(event, senders, first)
+                        assert got == expected, (kind, sender, text, senders, first)
+
+
+def test_summary_fields_named_in_format_specs_are_filled() -> None:
+    pattern = pattern_from_dict(minimal(summary="{key}: {duration:.{count}f} s, {senders}"))
+    events = [make_event("a", time=1_704_103_200.0), make_event("b", sender="bob", time=1_704_103_201.25)]
+    assert pattern.summarize("room-1", events) == "room-1: 1.25 s, alice, bob"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 
@@ -217,3 +218,50 @@ def test_pattern_arriving_as_a_dict_works_like_the_file() -> None:
         book.add(Event(f"e{i}", "r", "eve", "USER_MESSAGE", "x", T0 + i, "event", "chat", "in", i, i, None, "eve",
                        iso(T0 + i)), None)
     assert [a.pattern for a in book.flush()] == ["spam_burst"]
+
+
+def test_first_of_key_is_remembered_from_events_no_step_can_take() -> None:
+    """A message cannot start `abandonment`, yet it makes its sender's later events not the first."""
+    feed = Feed("abandonment")
+    feed.chat(0, "ann", text="hi all")
+    feed.chat(5, "ann", kind="USER_TYPING", text="")
+    feed.chat(6, "bob", kind="USER_TYPING", text="")
+    feed.end()
+    assert ids(feed.alerts) == [("abandonment", "bob")]
+
+
+def test_a_book_pickled_mid_stream_resumes_with_the_same_alerts() -> None:
+    """Shard state is pickled for every snapshot: a restored book must carry on as the original."""
+    events = _random_chat_day(random.Random(7), 120)
+    straight, resumed = Feed(*PATTERNS), Feed(*PATTERNS)
+    for i, (t, user, kind, text) in enumerate(events):
+        if i == len(events) // 2:
+            resumed.book = pickle.loads(pickle.dumps(resumed.book))
+        for feed in (straight, resumed):
+            feed.chat(t, user, kind=kind, text=text)
+            feed.at(t)
+    assert [a.as_record() for a in resumed.end()] == [a.as_record() for a in straight.end()]
+    assert [a.as_record() for a in resumed.alerts] == [a.as_record() for a in straight.alerts]
+    assert straight.alerts, "the day should match something"
+
+
+def test_a_mute_holds_for_an_event_that_arrives_after_the_watermark_passed_it() -> None:
+    """Events a pattern cannot take still keep its muted key from being swept as quiet.
+
+    The watermark may run ahead of the clock events arrive at (it follows every partition); an
+    event behind it but within the bound of its own arrival is still matched, in the key's mute.
+    """
+    burst = pattern_from_dict({"id": "talk", "key": "session", "emit": "once_per_burst", "within_seconds": 60,
+                               "steps": [{"name": "said", "where": {"kind": "message"}}]})
+    book = PatternBook((burst,), 1.0)
+
+    def event(t: float, kind: str, line: int) -> Event:
+        return Event(f"in:{line}", "s-1", "customer", kind, "hi", T0 + t, "event", "conversation", "in", line, line,
+                     None, None, iso(T0 + t))
+
+    book.add(event(0, "message", 1), T0)
+    book.add(event(18.3, "USER_MESSAGE", 2), T0 + 18.3)
+    alerts = book.advance(T0 + 68)
+    book.add(event(47.5, "message", 3), T0 + 48)
+    alerts += book.flush()
+    assert [(a.pattern, a.detected_at - T0) for a in alerts] == [("talk", 0.0)]
