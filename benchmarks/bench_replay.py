@@ -99,20 +99,21 @@ def pipeline_seconds(path: Path, processes: int, *, patterns: bool = False, rule
     from connectors.pattern_files import load_patterns
     from dataflows.sequencing import ReplayLayout
 
-    out = Path(tempfile.mkdtemp(prefix="convoflow-bench-"))
-    prepare_out_dir(out, OUTPUT_FILES, overwrite=True)
-    start = time.perf_counter()
-    origin = first_event_time(path) or 0.0
-    defs = load_patterns(ROOT / "samples" / "patterns.yaml") if patterns else ()
-    rules_path = write_bench_rules(out.parent / f"{out.name}-rules.jsonl") if rules else None
-    job = ReplayRun(
-        path, out, FlowConfig(layout=ReplayLayout(partitions=processes), time_origin=origin, patterns=defs,
-                              rules=rules),
-        ReplayClock(origin, time.time(), 0.0), rules_path=rules_path,
-    )
-    run_job(job, processes=processes)
-    seconds = time.perf_counter() - start
-    windows = (out / "windows.jsonl").read_bytes().count(b"\n")
+    with tempfile.TemporaryDirectory(prefix="convoflow-bench-") as scratch:  # ~300 MB of outputs per run
+        out = Path(scratch) / "out"
+        prepare_out_dir(out, OUTPUT_FILES, overwrite=True)
+        start = time.perf_counter()
+        origin = first_event_time(path) or 0.0
+        defs = load_patterns(ROOT / "samples" / "patterns.yaml") if patterns else ()
+        rules_path = write_bench_rules(Path(scratch) / "rules.jsonl") if rules else None
+        job = ReplayRun(
+            path, out, FlowConfig(layout=ReplayLayout(partitions=processes), time_origin=origin, patterns=defs,
+                                  rules=rules),
+            ReplayClock(origin, time.time(), 0.0), rules_path=rules_path,
+        )
+        run_job(job, processes=processes)
+        seconds = time.perf_counter() - start
+        windows = (out / "windows.jsonl").read_bytes().count(b"\n")
     return {"seconds": seconds, "windows": windows}
 
 
