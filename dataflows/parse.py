@@ -45,18 +45,38 @@ class _ChatIn(BaseModel):
     timestamp: Any = None
 
 
-def parse_line(raw: bytes, ref: LineRef) -> Event | DeadLetter:
-    """Parse one JSONL line (without its newline) of either input shape."""
+def read_json(raw: bytes, ref: LineRef, step: str = "parse") -> tuple[str, Any] | DeadLetter:
+    """A line's text and JSON value, or a `DeadLetter` of `step` saying it is not UTF-8 or not JSON."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return _dead(raw.decode("utf-8", "replace"), ref, f"not valid UTF-8 ({exc.reason} at byte {exc.start})")
+        reason = f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
+        return dead_letter(raw.decode("utf-8", "replace"), ref, reason, step)
     try:
-        obj = orjson.loads(raw)
+        return text, orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        return _dead(text, ref, f"not JSON: {exc}")
+        return dead_letter(text, ref, f"not JSON: {exc}", step)
+
+
+def dead_letter(text: str, ref: LineRef, reason: str, step: str = "parse") -> DeadLetter:
+    """A rejected line with its reason, keeping at most `RAW_EXCERPT_CHARS` of its text."""
+    return DeadLetter(ref=ref, raw=text[:RAW_EXCERPT_CHARS], reason=reason, step=step)
+
+
+def json_type(value: object) -> str:
+    """How a JSON value's type reads in an error message (`an array`, `a string`, ...)."""
+    names = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+    return names.get(type(value), "null" if value is None else type(value).__name__)
+
+
+def parse_line(raw: bytes, ref: LineRef) -> Event | DeadLetter:
+    """Parse one JSONL line (without its newline) of either input shape."""
+    read = read_json(raw, ref)
+    if isinstance(read, DeadLetter):
+        return read
+    text, obj = read
     if not isinstance(obj, dict):
-        return _dead(text, ref, f"expected a JSON object, got {_json_type(obj)}")
+        return _dead(text, ref, f"expected a JSON object, got {json_type(obj)}")
     try:
         if "sender" in obj or "message" in obj:
             return _conversation(_ConversationIn.model_validate(obj), ref)
@@ -120,7 +140,7 @@ def _event(
 
 
 def _dead(text: str, ref: LineRef, reason: str) -> DeadLetter:
-    return DeadLetter(ref=ref, raw=text[:RAW_EXCERPT_CHARS], reason=reason)
+    return dead_letter(text, ref, reason)
 
 
 def _describe(exc: ValidationError) -> str:
@@ -129,8 +149,3 @@ def _describe(exc: ValidationError) -> str:
         where = ".".join(str(p) for p in err["loc"]) or "record"
         parts.append(f"field '{where}': {err['msg']}")
     return "; ".join(parts)
-
-
-def _json_type(obj: object) -> str:
-    names = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
-    return names.get(type(obj), "null")

@@ -36,7 +36,7 @@ from pydantic_core import PydanticCustomError
 from dataflows.blocklist import Action, BlockedTerm, BlockList, Match, mask, strictest
 from dataflows.errors import ConvoflowError
 from dataflows.events import DeadLetter, LineRef, iso
-from dataflows.parse import RAW_EXCERPT_CHARS
+from dataflows.parse import dead_letter, json_type, read_json
 from dataflows.patterns.definitions import PatternDef, PatternError, ResolvedRole, pattern_from_dict
 from dataflows.timestamps import TimestampError, parse_timestamp
 
@@ -199,7 +199,7 @@ def rule_from_dict(data: Mapping[str, Any]) -> Rule:
         RuleError: every problem found, each as `rule 'ID' vN: field 'path': problem`.
     """
     if not isinstance(data, Mapping):
-        msg = f"rule: expected a JSON object, got {_json_type(data)}"
+        msg = f"rule: expected a JSON object, got {json_type(data)}"
         raise RuleError(msg)
     label = _label(data)
     try:
@@ -232,7 +232,7 @@ def _body(kind: Kind, data: object, rule_id: str, version: int) -> Body:
     """The validated body of a rule of `kind`; raises `RuleError` with the problems (no rule label)."""
     if kind == "pattern":
         if not isinstance(data, Mapping):
-            msg = f"field 'body': expected an object, got {_json_type(data)}"
+            msg = f"field 'body': expected an object, got {json_type(data)}"
             raise RuleError(msg)
         try:
             return pattern_from_dict(data, source="field 'body'")
@@ -267,22 +267,14 @@ def _compiles(word: str) -> bool:
 
 def parse_rule(raw: bytes, ref: LineRef) -> Rule | DeadLetter:
     """Parse one line of the rules stream; a bad line becomes a `DeadLetter` of step `rules`, never an exception."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return _dead(raw.decode("utf-8", "replace"), ref, f"not valid UTF-8 ({exc.reason} at byte {exc.start})")
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        return _dead(text, ref, f"not JSON: {exc}")
+    read = read_json(raw, ref, STEP)
+    if isinstance(read, DeadLetter):
+        return read
+    text, data = read
     try:
         return rule_from_dict(data)
     except RuleError as exc:
-        return _dead(text, ref, str(exc))
-
-
-def _dead(text: str, ref: LineRef, reason: str) -> DeadLetter:
-    return DeadLetter(ref=ref, raw=text[:RAW_EXCERPT_CHARS], reason=reason, step=STEP)
+        return dead_letter(text, ref, str(exc), STEP)
 
 
 def _label(data: Mapping[str, Any]) -> str:
@@ -312,11 +304,6 @@ def _show(value: object) -> str:
         return orjson.dumps(value).decode()
     except TypeError:
         return repr(value)
-
-
-def _json_type(value: object) -> str:
-    names = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
-    return names.get(type(value), "null" if value is None else type(value).__name__)
 
 
 def pattern_role(role: str | None) -> ResolvedRole | None:
