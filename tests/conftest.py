@@ -7,9 +7,16 @@ from typing import Any
 
 import orjson
 import pytest
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSink, cluster_main, run_main
 from hypothesis import settings
 
+from dataflows.flow import FlowOutput, OutputKind
+
 pytest_plugins = ["tests.kafka_broker"]
+
+Records = dict[str, list[dict[str, Any]]]
+"""A flow's records by output kind."""
 
 # Per-example deadlines measure the machine, not the code: a cold 2-core CI box trips them.
 settings.register_profile("convoflow", deadline=None)
@@ -39,3 +46,17 @@ def chat() -> Callable[..., dict[str, Any]]:
 def jsonl(*events: dict[str, Any] | str) -> list[str]:
     """Events as JSONL lines; strings are taken as already-raw lines."""
     return [e if isinstance(e, str) else orjson.dumps(e).decode() for e in events]
+
+
+def run_by_kind(build: Callable[[FlowOutput], Dataflow], workers: int = 1) -> Records:
+    """Run the flow `build` makes around one in-memory output; return its records by output kind."""
+    out: list[tuple[str, list[dict[str, Any]]]] = []
+    flow = build(FlowOutput("test", TestingSink(out)))
+    if workers == 1:
+        run_main(flow)
+    else:
+        cluster_main(flow, [], 0, worker_count_per_proc=workers)
+    by_kind: Records = {k.value: [] for k in OutputKind}
+    for kind, records in out:
+        by_kind[kind].extend(records)
+    return by_kind

@@ -4,11 +4,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
+from bytewax.testing import TestingSource
 
-from dataflows.flow import FlowConfig, FlowOutput, OutputKind, build_flow, shard_of
-from dataflows.sequencing import DONE, ReplayLayout, replay_items
+from dataflows.flow import FlowConfig, build_flow, shard_of
+from dataflows.events import DeadLetter
+from dataflows.sequencing import DONE, Progress, ReplayLayout, Stamped, replay_items
 from dataflows.windows import WindowConfig
+from tests.conftest import run_by_kind
 from tests.conftest import jsonl
 
 ONE_BLOCK = ReplayLayout(partitions=1, block_bytes=DONE)
@@ -16,17 +18,8 @@ T = "2024-01-01T10:00:{:02d}+00:00"
 
 
 def run(lines: list[str], workers: int = 1, **config: Any) -> dict[str, list[dict[str, Any]]]:
-    out: list[tuple[str, dict[str, Any]]] = []
-    flow = build_flow(TestingSource(replay_items(lines)), [FlowOutput("test", TestingSink(out))],
-                      FlowConfig(layout=ONE_BLOCK, **config))
-    if workers == 1:
-        run_main(flow)
-    else:
-        cluster_main(flow, [], 0, worker_count_per_proc=workers)
-    by_kind: dict[str, list[dict[str, Any]]] = {k.value: [] for k in OutputKind}
-    for kind, records in out:
-        by_kind[kind].extend(records)
-    return by_kind
+    source: TestingSource[Stamped | DeadLetter | Progress] = TestingSource(replay_items(lines))
+    return run_by_kind(lambda output: build_flow(source, [output], FlowConfig(layout=ONE_BLOCK, **config)), workers)
 
 
 def texts(window: dict[str, Any]) -> list[str]:

@@ -7,15 +7,16 @@ from typing import Any
 
 import orjson
 import pytest
-from bytewax.testing import TestingSink, TestingSource, run_main
+from bytewax.testing import TestingSource
 
 from connectors.kafka_source import kafka_ref
 from dataflows.events import DeadLetter, Event, LineRef, iso
-from dataflows.flow import FlowConfig, FlowOutput, OutputKind, build_flow
+from dataflows.flow import FlowConfig, build_flow
 from dataflows.live import LiveMerger, LiveStamper
 from dataflows.parse import parse_line
 from dataflows.sequencing import LiveMark, Progress, ReplayLayout, Stamped, from_wire, to_wire
 from dataflows.windows import WindowConfig
+from tests.conftest import run_by_kind
 
 T0 = 1_704_103_200.0
 """2024-01-01T10:00:00+00:00: event times are given as seconds after it."""
@@ -66,14 +67,9 @@ class Reader:
 
 
 def run_live(items: list[LiveItem], partitions: int = 2, shards: int = 64, window: WindowConfig = WINDOW) -> Records:
-    out: list[tuple[str, list[dict[str, Any]]]] = []
     config = FlowConfig(live=True, layout=ReplayLayout(partitions=partitions), window=window, shards=shards)
     source: TestingSource[LiveItem] = TestingSource(items)
-    run_main(build_flow(source, [FlowOutput("test", TestingSink(out))], config))
-    by_kind: Records = {k.value: [] for k in OutputKind}
-    for kind, records in out:
-        by_kind[kind].extend(records)
-    return by_kind
+    return run_by_kind(lambda output: build_flow(source, [output], config))
 
 
 def stamp(stamper: LiveStamper, now: float, **event: Any) -> Stamped:

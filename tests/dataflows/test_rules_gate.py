@@ -8,15 +8,16 @@ from typing import Any, cast
 import orjson
 import pytest
 from bytewax.inputs import Source
-from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
+from bytewax.testing import TestingSink, TestingSource, run_main
 
 from dataflows.events import DeadLetter, Event, LineRef
-from dataflows.flow import FlowConfig, FlowOutput, OutputKind, build_flow
+from dataflows.flow import FlowConfig, build_flow
 from dataflows.patterns.definitions import PatternDef, patterns_from_text
 from dataflows.rules import Rule, parse_rule, rule_from_dict
 from dataflows.rules_gate import RuleGate, RulesMark, arrived
 from dataflows.sequencing import Progress, Stamped, replay_items
 from dataflows.timestamps import parse_timestamp
+from tests.conftest import run_by_kind
 from tests.conftest import jsonl
 
 SAMPLES = Path(__file__).parent.parent.parent / "samples"
@@ -93,21 +94,12 @@ def run(
     **config: Any,
 ) -> dict[str, list[dict[str, Any]]]:
     """Run the flow on replayed `lines` (progress after each) joined with `rules` (None: no rules stream)."""
-    out: list[tuple[str, list[dict[str, Any]]]] = []
-    flow = build_flow(
+    return run_by_kind(lambda output: build_flow(
         cast(EventSource, TestingSource(streamed(lines), batch_size=events_batch)),
-        [FlowOutput("test", TestingSink(out))],
+        [output],
         FlowConfig(rules=rules is not None, **config),
         rules=None if rules is None else TestingSource(rules),
-    )
-    if workers == 1:
-        run_main(flow)
-    else:
-        cluster_main(flow, [], 0, worker_count_per_proc=workers)
-    by_kind: dict[str, list[dict[str, Any]]] = {k.value: [] for k in OutputKind}
-    for kind, records in out:
-        by_kind[kind].extend(records)
-    return by_kind
+    ), workers)
 
 
 def with_end(*items: Rule | RulesMark | DeadLetter) -> list[Rule | RulesMark | DeadLetter]:
