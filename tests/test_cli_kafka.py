@@ -7,7 +7,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,29 @@ def topic_flags(base: str) -> list[str]:
             "--alerts-topic", f"{base}.alerts", "--late-topic", f"{base}.late",
             "--dead-letter-topic", f"{base}.dead_letter", "--moderated-topic", f"{base}.moderated",
             "--rules-topic", f"{base}.rules", "--create-topics"]
+
+
+@dataclass
+class LiveRun:
+    """A `cli.py run` on a topic in its own process; `stderr` is filled once it has been stopped."""
+
+    process: subprocess.Popen[bytes]
+    stderr: bytes = b""
+
+
+@contextmanager
+def live_run(brokers: str, topic: str, *flags: str) -> Iterator[LiveRun]:
+    """Run the CLI live on `topic` (output topics after it) until the block ends, then stop it."""
+    run = LiveRun(subprocess.Popen(
+        [sys.executable, str(ROOT / "cli.py"), "run", "--kafka-brokers", brokers, "--input-topic", topic,
+         *topic_flags(topic), *flags, "--no-patterns", "--quiet"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    ))
+    try:
+        yield run
+    finally:
+        run.process.terminate()
+        _, run.stderr = run.process.communicate(timeout=20)
 
 
 def window_key(w: dict[str, Any]) -> tuple[Any, ...]:
@@ -126,12 +151,7 @@ def test_a_live_window_closes_on_the_system_clock_when_traffic_stops(
     kafka_bootstrap: str, kafka_topic: Callable[..., str]
 ) -> None:
     topic = kafka_topic(partitions=2)
-    run = subprocess.Popen(
-        [sys.executable, str(ROOT / "cli.py"), "run", "--kafka-brokers", kafka_bootstrap, "--input-topic", topic,
-         *topic_flags(topic), "--window-size", "2", "--max-out-of-orderness", "1", "--no-patterns", "--quiet"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-    try:
+    with live_run(kafka_bootstrap, topic, "--window-size", "2", "--max-out-of-orderness", "1") as run:
         producer = Producer({"bootstrap.servers": kafka_bootstrap})
         now = time.time()
         for i, sender in enumerate(["customer", "rm", "customer"]):
@@ -141,11 +161,8 @@ def test_a_live_window_closes_on_the_system_clock_when_traffic_stops(
         [window] = consume_all(kafka_bootstrap, f"{topic}.windows", 2, 1, timeout_s=40)
         record = orjson.loads(window.value())
         assert [m["text"] for m in record["messages"]] == ["m0", "m1", "m2"]
-        assert run.poll() is None, "the run waits for more input: only the wall clock closed the window"
-    finally:
-        run.terminate()
-        _, stderr = run.communicate(timeout=20)
-    assert b"Traceback" not in stderr, stderr.decode(errors="replace")
+        assert run.process.poll() is None, "the run waits for more input: only the wall clock closed the window"
+    assert b"Traceback" not in run.stderr, run.stderr.decode(errors="replace")
 
 
 @pytest.mark.kafka
@@ -153,11 +170,6 @@ def test_a_rule_sent_to_the_rules_topic_changes_later_messages_without_a_restart
     kafka_bootstrap: str, kafka_topic: Callable[..., str]
 ) -> None:
     topic = kafka_topic(partitions=1)
-    run = subprocess.Popen(
-        [sys.executable, str(ROOT / "cli.py"), "run", "--kafka-brokers", kafka_bootstrap, "--input-topic", topic,
-         *topic_flags(topic), "--rules-grace", "0.5", "--no-patterns", "--quiet"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
     producer = Producer({"bootstrap.servers": kafka_bootstrap})
 
     def say(text: str) -> None:
@@ -165,7 +177,7 @@ def test_a_rule_sent_to_the_rules_topic_changes_later_messages_without_a_restart
         producer.produce(topic, orjson.dumps(line), key=b"s-live")
         assert producer.flush(10) == 0
 
-    try:
+    with live_run(kafka_bootstrap, topic, "--rules-grace", "0.5") as run:
         say("darn, before the rule")
         [before] = consume_all(kafka_bootstrap, f"{topic}.messages", 1, 1, timeout_s=40)
         rule = {"id": "bw-live", "kind": "blocked_words", "version": 1, "timestamp": time.time(), "scope": "global",
@@ -175,11 +187,8 @@ def test_a_rule_sent_to_the_rules_topic_changes_later_messages_without_a_restart
         time.sleep(1.0)
         say("darn, after the rule")
         messages = consume_all(kafka_bootstrap, f"{topic}.messages", 1, 2, timeout_s=40)
-        assert run.poll() is None, "the same run took the rule"
-    finally:
-        run.terminate()
-        _, stderr = run.communicate(timeout=20)
-    assert b"Traceback" not in stderr, stderr.decode(errors="replace")
+        assert run.process.poll() is None, "the same run took the rule"
+    assert b"Traceback" not in run.stderr, run.stderr.decode(errors="replace")
     payloads = [orjson.loads(m.value())["payload"] for m in messages]
     assert [(p["text"], p["moderation"]["action"]) for p in payloads] == [
         ("darn, before the rule", "allow"), ("***, after the rule", "mask")]
@@ -192,11 +201,6 @@ def test_a_broker_lost_mid_run_is_waited_for_and_nothing_accepted_is_lost(
     kafka_bootstrap: str, kafka_topic: Callable[..., str], kafka_broker_pid: int
 ) -> None:
     topic = kafka_topic(partitions=2)
-    run = subprocess.Popen(
-        [sys.executable, str(ROOT / "cli.py"), "run", "--kafka-brokers", kafka_bootstrap, "--input-topic", topic,
-         *topic_flags(topic), "--no-patterns", "--quiet"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
     producer = Producer({"bootstrap.servers": kafka_bootstrap})
 
     def send(first: int, count: int) -> None:
@@ -205,23 +209,20 @@ def test_a_broker_lost_mid_run_is_waited_for_and_nothing_accepted_is_lost(
             producer.produce(topic, orjson.dumps(line), key=f"s-{i % 5}".encode())
         assert producer.flush(10) == 0
 
-    try:
+    with live_run(kafka_bootstrap, topic) as run:
         send(0, 40)
         assert len(consume_all(kafka_bootstrap, f"{topic}.messages", 2, 40, timeout_s=40)) == 40
         send(40, 40)
         os.kill(kafka_broker_pid, signal.SIGSTOP)  # the broker stops answering, mid-flight
         try:
             time.sleep(8)
-            assert run.poll() is None, "the run waits for the broker instead of failing"
+            assert run.process.poll() is None, "the run waits for the broker instead of failing"
         finally:
             os.kill(kafka_broker_pid, signal.SIGCONT)
         send(80, 40)
         texts = [orjson.loads(m.value())["payload"]["text"]
                  for m in consume_all(kafka_bootstrap, f"{topic}.messages", 2, 120, timeout_s=60)]
-        assert run.poll() is None
-    finally:
-        run.terminate()
-        _, stderr = run.communicate(timeout=20)
+        assert run.process.poll() is None
     assert set(texts) == {f"m{i}" for i in range(120)}, "at least once: every accepted message is delivered"
 
 
