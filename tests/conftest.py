@@ -18,6 +18,16 @@ pytest_plugins = ["tests.kafka_broker"]
 Records = dict[str, list[dict[str, Any]]]
 """A flow's records by output kind."""
 
+
+class FakeClock:
+    """A monotonic clock for tests: it reads `now`, which the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
 # Per-example deadlines measure the machine, not the code: a cold 2-core CI box trips them.
 settings.register_profile("convoflow", deadline=None)
 settings.load_profile("convoflow")

@@ -31,18 +31,11 @@ from dataflows.errors import ConvoflowError
 from dataflows.events import DeadLetter, Event, LateEvent, LineRef, WindowRecord, iso
 from dataflows.patterns.engine import Alert
 from dataflows.rules import Moderation
+from tests.conftest import FakeClock
 
 pytestmark = pytest.mark.lake
 
 T0 = 1704103200.0  # 2024-01-01T10:00:00Z
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
