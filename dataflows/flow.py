@@ -28,10 +28,10 @@ from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 
 from dataflows.events import DeadLetter, Event, WindowRecord
-from dataflows.patterns.definitions import PatternDef, key_of
+from dataflows.patterns.definitions import KeyKind, PatternDef, key_of
 from dataflows.patterns.engine import Alert, PatternBook, patterns_keyed_by
 from dataflows.live import LiveMerger
-from dataflows.rules import Moderation, Rule, RuleBook
+from dataflows.rules import Moderation, Rule, RuleBook, pattern_role
 from dataflows.rules_gate import RuleGate, RulesItem, RulesMark, is_rules_wire, rules_wire
 from dataflows.sequencing import LiveMark, Marker, Progress, ReplayLayout, Sequencer, Stamped, Wire, from_wire, later, to_wire
 from dataflows.windows import WindowBook, WindowConfig
@@ -130,11 +130,13 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
         if resume is not None:
             self.state = pickle.loads(resume)
         else:
-            patterns, user_shapes = _patterns_for(config.patterns, role)
+            keys, user_shapes = _pattern_scope(role)
+            patterns = tuple(p for p in config.patterns if p.enabled and p.key in keys)
             self.state = ShardState(
                 LiveMerger(config.layout.partitions) if config.live else Sequencer(config.layout),
                 WindowBook(config.window) if role == "session" else None,
-                PatternBook(patterns, config.window.out_of_orderness, user_shapes) if patterns else None,
+                PatternBook(patterns, config.window.out_of_orderness, user_shapes, keys)
+                if patterns or config.rules else None,
                 RuleGate() if config.rules else None,
             )
         self.reported_open = -1
@@ -164,7 +166,7 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
         if self.state.book is not None:
             out.windows.extend(self.state.book.flush())
         if self.state.patterns is not None:
-            out.alerts.extend(self.state.patterns.flush())
+            out.alerts.extend(self.state.patterns.flush(gate.book if gate is not None else None))
         return self._batches(out), StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> bytes:
@@ -211,7 +213,10 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
                 if verdict.action == "mask":
                     event = event._replace(text=verdict.text)
             if patterns is not None:
-                patterns.add(event, clock)
+                if gate is None or verdict is None:
+                    patterns.add(event, clock)
+                else:
+                    patterns.add(event, clock, pattern_role(verdict.role), gate.book)
             if book is not None:
                 late = book.add(event)
                 record = event.as_record()
@@ -226,7 +231,7 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
         if self.state.book is not None:
             out.windows.extend(self.state.book.advance(clock))
         if self.state.patterns is not None:
-            out.alerts.extend(self.state.patterns.advance(clock))
+            out.alerts.extend(self.state.patterns.advance(clock, self.state.gate.book if self.state.gate else None))
         if self.state.gate is not None and clock is not None:
             window = self.config.window
             self.state.gate.prune(clock - window.out_of_orderness - window.size)
@@ -295,28 +300,33 @@ def _judge(book: RuleBook, event: Event) -> Moderation:
     return book.judge(event.text, time=event.time, user=key_of(event, "user"), room=event.session_id)
 
 
-def _patterns_for(patterns: tuple[PatternDef, ...], role: ShardRole) -> tuple[tuple[PatternDef, ...], frozenset[str]]:
-    """The patterns a shard matches, and the event shapes its user-keyed patterns apply to.
+def _pattern_scope(role: ShardRole) -> tuple[frozenset[KeyKind], frozenset[str]]:
+    """The key kinds of the patterns a shard matches, and the event shapes its user-keyed patterns apply to.
 
     A conversation's user (`session/sender`) lives in one session, so its user patterns run in the
     session shard; a chat user can be in many rooms, so chat events meet in user shards.
     """
-    session, user = patterns_keyed_by(patterns, "session"), patterns_keyed_by(patterns, "user")
     if role == "user":
-        return user, frozenset({"chat"})
-    return session + user, frozenset({"conversation"})
+        return frozenset({"user"}), frozenset({"chat"})
+    return frozenset({"session", "user"}), frozenset({"conversation"})
+
+
+def _user_shards(config: FlowConfig) -> bool:
+    """Whether chat events also go to user shards: some user-keyed pattern is given, or may arrive
+    on the rules stream."""
+    return config.rules or bool(patterns_keyed_by(config.patterns, "user"))
 
 
 def _router(config: FlowConfig) -> Callable[[list[SourceItem | RulesSourceItem]], list[tuple[str, Any]]]:
     """Group a batch from the source by shard, one item per shard, in the source's order.
 
-    Each event goes to its session's shard and, when user-keyed patterns are on, to its user's
-    shard (chat events only: see `_patterns_for`). Markers go to every shard, after the events that
+    Each event goes to its session's shard and, when user-keyed patterns may run, to its user's
+    shard (chat events only: see `_pattern_scope`). Markers go to every shard, after the events that
     preceded them. Dead letters leave as one batch. Grouping cuts the items Bytewax moves
     per event, its main per-event cost.
     """
     shards = config.shards
-    by_user = bool(patterns_keyed_by(config.patterns, "user"))
+    by_user = _user_shards(config)
     every_shard = [shard_of_index(i) for i in range(shards)]
     if by_user:
         every_shard += [shard_of_index(i, USER_SHARD) for i in range(shards)]
@@ -409,7 +419,7 @@ def build_flow(
     shard_outputs = [
         op.stateful_batch("sequence_and_window", by_role.falses, lambda r: ShardLogic(config, r, "session"))
     ]
-    if patterns_keyed_by(config.patterns, "user"):
+    if _user_shards(config):
         shard_outputs.append(op.stateful_batch("user_patterns", by_role.trues, lambda r: ShardLogic(config, r, "user")))
     keyed = op.merge("shard_outputs", *shard_outputs)
     by_kind = op.branch("split_gauges", keyed, lambda kv: kv[1][0] == GAUGE)

@@ -371,7 +371,7 @@ class _InEffect:
         for rule in self.by_scope.get(GLOBAL, ()):
             if isinstance(rule.body, PatternDef):
                 patterns[rule.body.id] = rule.body
-        self.patterns = tuple(patterns[k] for k in sorted(patterns) if patterns[k].enabled)
+        self.patterns = tuple(patterns[k] for k in sorted(patterns))
         self.lists = lists
         self.scoped: dict[tuple[str | None, str | None], _Scoped] = {}
 
@@ -506,11 +506,17 @@ class RuleBook:
         return None if held is None else held[0]
 
     def patterns_at(self, time: float) -> tuple[PatternDef, ...]:
-        """The enabled patterns of the pattern rules in effect, by pattern id.
+        """The patterns the pattern rules in effect define, by pattern id, enabled or not (a disabled
+        definition switches off a pattern of the same id given at start-up).
 
         Two rules defining one pattern id: the later `effective_from` (then the greater rule id) wins.
         """
-        return (self._now if self._lo <= time < self._hi else self._settle(time)).patterns
+        return self.patterns_span(time)[0]
+
+    def patterns_span(self, time: float) -> tuple[tuple[PatternDef, ...], float, float]:
+        """`patterns_at(time)` and the span of event times `[lo, hi)` over which it holds."""
+        now = self._now if self._lo <= time < self._hi else self._settle(time)
+        return now.patterns, self._lo, self._hi
 
     def prune(self, watermark: float) -> None:
         """Drop the versions that no message at time `watermark` or later can be judged by.

@@ -227,7 +227,7 @@ class CompiledPredicate:
 
         The engine builds this once per kind and role, so its per-event work is only what the event's
         text, key or partial match can change. `steps` numbers the step names that sender tests refer
-        to; `role` is `role_of(event)` without a lookup (the engine has no rules-stream roles).
+        to; `role` is the sender's resolved role (`role_of`, with the rules stream's roles for chat senders).
         """
         if self.kinds is not None and kind not in self.kinds:
             return False

@@ -14,9 +14,15 @@ fires (the silence is final). State is bounded: partial matches expire with thei
 time bounds, and a key's state is dropped once it has nothing pending and has been quiet for
 the pattern's horizon (so "first event of a key" means first within that horizon).
 
-Per event the work is kept to what the event can change. An event's kind, shape and whether its
-sender is `rm` (its role) decide every static test of every predicate, so each such class of
-event gets a route, built once: per pattern, the `ResidualTest` left of each step and of the absence.
+The set of patterns can change while the flow runs: pattern rules from the rules stream add,
+redefine or switch off patterns from an event time on (`PatternRules`). Events are matched by the
+patterns in effect at their own time, and an absence fires only if its pattern is in effect at its
+deadline; a pattern whose definition is unchanged keeps its state across a change, a redefined one
+starts afresh. Roles that the rules give chat users (`rm` is an agent) reach the predicates too.
+
+Per event the work is kept to what the event can change. An event's kind, shape and resolved role
+decide every static test of every predicate, so each such class of event gets a route, built once:
+per pattern, the `ResidualTest` left of each step and of the absence.
 An event then costs a state lookup per pattern, and tests only against the steps its key's
 partial matches wait on; one that can start nothing, for a key with no state, costs nothing more.
 Partial matches are plain tuples that keep each step's sender (the only thing later steps test).
@@ -30,13 +36,14 @@ from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from dataflows.events import Event, iso
 from dataflows.patterns.definitions import (
     CompiledPredicate,
     PatternDef,
     ResidualTest,
+    KeyKind,
     ResolvedRole,
     Summarizer,
     iso_of,
@@ -57,7 +64,22 @@ _Partial: TypeAlias = "tuple[int, int, float, float, tuple[Event, ...], tuple[st
 _Waiting: TypeAlias = "tuple[float, _Partial]"
 """A completed match waiting for its absence to hold until a deadline: (deadline, match)."""
 
+_Buffered: TypeAlias = "tuple[float, int, Event, ResolvedRole]"
+"""An event waiting for the watermark: (time, offset, event, its sender's resolved role)."""
+
 _event_time = itemgetter(0)
+
+
+class PatternRules(Protocol):
+    """Pattern definitions that change with event time (the rules stream's `RuleBook`)."""
+
+    def patterns_span(self, time: float) -> tuple[tuple[PatternDef, ...], float, float]:
+        """The definitions in effect at `time` (enabled or not, by id) and the span `[lo, hi)` they hold for."""
+        ...
+
+    def version(self) -> int:
+        """A number that changes whenever the rules do (and so may the spans)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +123,7 @@ class _KeyState:
 
 
 _Route: TypeAlias = "tuple[_Matcher, bool, tuple[Test, ...], Test, bool, bool]"
-"""How events of one class (kind, shape, sender is `rm`) meet one pattern:
+"""How events of one class (kind, shape, role) meet one pattern:
 (matcher, keyed by user, step tests, absence test, can start, touches).
 
 `can start`: the first step may match, so a key with no state may get one. `touches`: some step
@@ -117,13 +139,14 @@ class _Matcher:
     comparison replaces a None test and a comparison.
     """
 
-    __slots__ = ("pattern", "index", "by_user", "predicates", "absence", "refs", "mins", "maxs", "gaps", "last",
+    __slots__ = ("pattern", "retired", "by_user", "predicates", "absence", "refs", "mins", "maxs", "gaps", "last",
                  "within", "bounds", "once", "silence", "horizon", "summarize", "states", "seen")
 
-    def __init__(self, pattern: PatternDef, index: int) -> None:
+    def __init__(self, pattern: PatternDef) -> None:
         steps = pattern.steps
         self.pattern = pattern
-        self.index = index
+        self.retired = False
+        """Set when the pattern leaves the book: its waiting absences no longer fire."""
         self.by_user = pattern.key == "user"
         self.predicates: tuple[CompiledPredicate, ...] = tuple(step.where.compile() for step in steps)
         self.absence = pattern.absence.not_followed_by.compile() if pattern.absence else None
@@ -258,7 +281,7 @@ class _Matcher:
         deadline = last_time + self.silence
         state.waiting.append((deadline, match))
         book._sequence += 1
-        heapq.heappush(book.deadlines, (deadline, book._sequence, self.index, key))
+        heapq.heappush(book.deadlines, (deadline, book._sequence, self, key))
 
     def sweep(self, mark: float) -> None:
         """Expire partial matches `mark` has outrun; forget keys with nothing pending, quiet for a horizon."""
@@ -286,27 +309,41 @@ class _Matcher:
 
 @dataclass
 class PatternBook:
-    """The patterns of one key kind over one shard's events."""
+    """The patterns of some key kinds over one shard's events.
+
+    `patterns` are the patterns given at start-up (the `--patterns` file); `PatternRules`, when
+    passed to `add`, `advance` and `flush`, override them by id from an event time on. Of either,
+    the book runs the enabled patterns keyed by one of `keys`; user-keyed ones only on events
+    whose shape is in `user_shapes`.
+    """
 
     patterns: tuple[PatternDef, ...]
     out_of_orderness: float
     user_shapes: frozenset[str] = frozenset({"conversation", "chat"})
+    keys: frozenset[KeyKind] = frozenset({"session", "user"})
     watermark: float = -math.inf
     arrival_mark: float = -math.inf
-    buffer: list[tuple[float, int, Event]] = field(default_factory=list)
-    """Events not yet matched, as (time, offset, event); sorted by each `advance`."""
-    deadlines: list[tuple[float, int, int, str]] = field(default_factory=list)
-    """Heap of waiting absences: (deadline, sequence, pattern index, key)."""
+    buffer: list[_Buffered] = field(default_factory=list)
+    """Events not yet matched; sorted by each `advance`."""
+    deadlines: list[tuple[float, int, _Matcher, str]] = field(default_factory=list)
+    """Heap of waiting absences: (deadline, sequence, pattern's matcher, key)."""
     released: tuple[float, int] = (-math.inf, -1)
     skipped_late: int = 0
     swept_at: float = -math.inf
     _sequence: int = 0
     _matchers: tuple[_Matcher, ...] = field(init=False, repr=False)
-    _routes: dict[tuple[str, str, bool], tuple[_Route, ...]] = field(init=False, repr=False)
+    _routes: dict[tuple[str, str, ResolvedRole], tuple[_Route, ...]] = field(init=False, repr=False)
+    _span: tuple[float, float] = field(init=False, repr=False)
+    """The event times over which the rules' definitions were last looked up: `[lo, hi)`."""
+    _rules_version: int = field(init=False, repr=False)
+    """The rules' version when `_span` was found: a rule that came since may split it."""
 
     def __post_init__(self) -> None:
-        self._matchers = tuple(_Matcher(p, i) for i, p in enumerate(self.patterns))
+        self._matchers = ()
         self._routes = {}
+        self._span = (math.inf, -math.inf)
+        self._rules_version = -1
+        self.set_patterns(self.patterns)
 
     def __getstate__(self) -> dict[str, Any]:
         # Routes are a cache of residual tests: rebuilt on demand, not worth a snapshot's bytes.
@@ -315,12 +352,46 @@ class PatternBook:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._routes = {}
+        self._span = (math.inf, -math.inf)
 
-    def add(self, event: Event, clock: float | None) -> None:
+    @property
+    def running(self) -> tuple[PatternDef, ...]:
+        """The patterns being matched now (at the time of the last event or deadline matched)."""
+        return tuple(m.pattern for m in self._matchers)
+
+    def set_patterns(self, patterns: Iterable[PatternDef]) -> None:
+        """Match `patterns` (those enabled and keyed by one of `keys`) from now on.
+
+        A pattern whose definition is unchanged keeps its matcher and so its partial matches,
+        waiting absences and mutes; a new or redefined one starts with no state; one that leaves
+        is retired, and its waiting absences never fire.
+        """
+        wanted = [p for p in patterns if p.enabled and p.key in self.keys]
+        if wanted == [m.pattern for m in self._matchers]:
+            return
+        current = {m.pattern.id: m for m in self._matchers}
+        matchers = []
+        for pattern in wanted:
+            matcher = current.pop(pattern.id, None)
+            if matcher is None or matcher.pattern != pattern:
+                if matcher is not None:
+                    matcher.retired = True
+                matcher = _Matcher(pattern)
+            matchers.append(matcher)
+        for matcher in current.values():
+            matcher.retired = True
+        self._matchers = tuple(matchers)
+        self._routes = {}
+        self._span = (math.inf, -math.inf)
+
+    def add(self, event: Event, clock: float | None, role: ResolvedRole | None = None,
+            rules: PatternRules | None = None) -> None:
         """Take a timed event that arrived at `clock`; it is matched once the watermark passes it.
 
         It is late, and skipped, when it is behind the watermark it arrived at: judged by the clock
         at arrival (a function of the input), the same however events are batched into `advance`.
+        `role` is the role the rules give a chat event's sender (a conversation's sender field is
+        its role). An event that no pattern could be in effect for is not kept.
         """
         time = event.time
         assert time is not None, "events are timed before pattern matching"
@@ -330,9 +401,12 @@ class PatternBook:
         if time < self.arrival_mark or (time <= released[0] and (time, event.offset) < released):
             self.skipped_late += 1
             return
-        self.buffer.append((time, event.offset, event))
+        if not self.patterns and not self._matchers and (rules is None or not rules.patterns_span(time)[0]):
+            return
+        resolved = role if role is not None and event.shape == "chat" else role_of(event)
+        self.buffer.append((time, event.offset, event, resolved))
 
-    def advance(self, now: float | None) -> list[Alert]:
+    def advance(self, now: float | None, rules: PatternRules | None = None) -> list[Alert]:
         """Move the watermark to `now - out_of_orderness`; match what it passed, fire due absences."""
         if now is None or now - self.out_of_orderness <= self.watermark:
             return []
@@ -346,19 +420,19 @@ class PatternBook:
             if cut:
                 ready = buffer[:cut]
                 del buffer[:cut]
-                self._release(ready, alerts)
-        self._fire(mark, alerts, inclusive=False)
+                self._release(ready, alerts, rules)
+        self._fire(mark, alerts, rules, inclusive=False)
         if mark - self.swept_at >= SWEEP_EVERY_SECONDS:
             self._sweep()
         return alerts
 
-    def flush(self) -> list[Alert]:
+    def flush(self, rules: PatternRules | None = None) -> list[Alert]:
         """End of input: match every buffered event, then fire every waiting absence."""
         alerts: list[Alert] = []
         ready = sorted(self.buffer)
         self.buffer.clear()
-        self._release(ready, alerts)
-        self._fire(math.inf, alerts, inclusive=True)
+        self._release(ready, alerts, rules)
+        self._fire(math.inf, alerts, rules, inclusive=True)
         for matcher in self._matchers:
             matcher.states.clear()
             if matcher.seen is not None:
@@ -370,15 +444,20 @@ class PatternBook:
         """Keys with state, and keys remembered as seen, over all patterns."""
         return sum(len(m.states) + len(m.seen or ()) for m in self._matchers)
 
-    def _release(self, ready: list[tuple[float, int, Event]], alerts: list[Alert]) -> None:
+    def _release(self, ready: list[_Buffered], alerts: list[Alert], rules: PatternRules | None) -> None:
         """Match events in time order, firing each absence whose deadline comes before the next event."""
-        deadlines, routes = self.deadlines, self._routes
-        for time, _, event in ready:
+        deadlines = self.deadlines
+        self._check_rules(rules)
+        lo, hi = self._span
+        for time, _, event, role in ready:
             if deadlines and deadlines[0][0] < time:
-                self._fire(time, alerts, inclusive=False)
-            route = routes.get((event.kind, event.shape, event.sender == "rm"))
+                self._fire(time, alerts, rules, inclusive=False)
+            if rules is not None and not lo <= time < hi:
+                self._follow(rules, time)
+                lo, hi = self._span
+            route = self._routes.get((event.kind, event.shape, role))
             if route is None:
-                route = self._route(event)
+                route = self._route(event, role)
             session, user = event.session_id, None
             for matcher, by_user, tests, absence, can_start, touches in route:
                 if not by_user:
@@ -410,25 +489,41 @@ class PatternBook:
         if ready:
             self.released = ready[-1][:2]
 
-    def _route(self, event: Event) -> tuple[_Route, ...]:
-        """Build (once per class of event) the routes of `event`'s kind, shape and role to the patterns.
+    def _check_rules(self, rules: PatternRules | None) -> None:
+        """Forget the span of the definitions in effect if rules came since it was looked up."""
+        if rules is not None and rules.version() != self._rules_version:
+            self._rules_version = rules.version()
+            self._span = (math.inf, -math.inf)
 
-        With no rules-stream lookup, `role_of` depends only on the shape and whether the sender is `rm`.
-        """
-        kind, role, user_scope = event.kind, role_of(event), event.shape in self.user_shapes
+    def _follow(self, rules: PatternRules, time: float) -> None:
+        """Run the patterns in effect at `time`: the start-up ones, overridden by id by the rules'."""
+        from_rules, lo, hi = rules.patterns_span(time)
+        by_id = {p.id: p for p in self.patterns}
+        by_id.update((p.id, p) for p in from_rules)
+        self.set_patterns(by_id.values())
+        self._span = (lo, hi)
+
+    def _route(self, event: Event, role: ResolvedRole) -> tuple[_Route, ...]:
+        """Build (once per class of event) the routes of `event`'s kind, shape and role to the patterns."""
+        kind, user_scope = event.kind, event.shape in self.user_shapes
         route = tuple(
             r for m in self._matchers
-            if m.pattern.enabled and (user_scope or not m.by_user) and (r := m.route(kind, role)) is not None
+            if (user_scope or not m.by_user) and (r := m.route(kind, role)) is not None
         )
-        self._routes[(kind, event.shape, event.sender == "rm")] = route
+        self._routes[(kind, event.shape, role)] = route
         return route
 
-    def _fire(self, until: float, alerts: list[Alert], *, inclusive: bool) -> None:
-        """Fire waiting absences whose deadline is before `until` (at or before, if inclusive)."""
+    def _fire(self, until: float, alerts: list[Alert], rules: PatternRules | None, *, inclusive: bool) -> None:
+        """Fire waiting absences whose deadline is before `until` (at or before, if inclusive) and
+        whose pattern is in effect at their deadline."""
         deadlines = self.deadlines
+        self._check_rules(rules)
         while deadlines and (deadlines[0][0] <= until if inclusive else deadlines[0][0] < until):
-            deadline, _, index, key = heapq.heappop(deadlines)
-            matcher = self._matchers[index]
+            deadline, _, matcher, key = heapq.heappop(deadlines)
+            if rules is not None and not self._span[0] <= deadline < self._span[1]:
+                self._follow(rules, deadline)
+            if matcher.retired:
+                continue
             state = matcher.states.get(key)
             if state is None:
                 continue

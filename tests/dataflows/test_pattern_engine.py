@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from dataflows.events import Event, iso
 from connectors.pattern_files import load_patterns
-from dataflows.patterns.definitions import PatternDef, pattern_from_dict
+from dataflows.patterns.definitions import PatternDef, ResolvedRole, pattern_from_dict
 from dataflows.patterns.engine import Alert, PatternBook
+from dataflows.rules import Rule, RuleBook, rule_from_dict
 
 PATTERNS = {p.id: p for p in load_patterns(Path(__file__).parent.parent.parent / "samples" / "patterns.yaml")}
 T0 = 1_704_103_200.0
@@ -22,32 +23,35 @@ T0 = 1_704_103_200.0
 class Feed:
     """Builds events with increasing offsets and feeds them to a book for one pattern."""
 
-    def __init__(self, *patterns: str, ooo: float = 5.0) -> None:
-        self.book = PatternBook(tuple(PATTERNS[p] for p in patterns), ooo)
+    def __init__(self, *patterns: str | PatternDef, ooo: float = 5.0, rules: RuleBook | None = None) -> None:
+        self.book = PatternBook(tuple(PATTERNS[p] if isinstance(p, str) else p for p in patterns), ooo)
+        self.rules = rules
         self.offset = 0
         self.alerts: list[Alert] = []
 
-    def chat(self, t: float, user: str, kind: str = "USER_MESSAGE", text: str = "hi", room: str | None = "room-1") -> Event:
-        return self._add(t, room or user, user, kind, text, "chat", user)
+    def chat(self, t: float, user: str, kind: str = "USER_MESSAGE", text: str = "hi", room: str | None = "room-1",
+             role: ResolvedRole | None = None) -> Event:
+        return self._add(t, room or user, user, kind, text, "chat", user, role)
 
     def convo(self, t: float, session: str, sender: str, text: str) -> Event:
-        return self._add(t, session, sender, "message", text, "conversation", None)
+        return self._add(t, session, sender, "message", text, "conversation", None, None)
 
-    def _add(self, t: float, session: str, sender: str, kind: str, text: str, shape: str, username: str | None) -> Event:
+    def _add(self, t: float, session: str, sender: str, kind: str, text: str, shape: str, username: str | None,
+             role: ResolvedRole | None) -> Event:
         self.offset += 1
         event = Event(f"in:{self.offset}", session, sender, kind, text, T0 + t, "event", shape, "in", self.offset,
                       self.offset, None, username, iso(T0 + t))
-        self.book.add(event, None)
+        self.book.add(event, None, role, self.rules)
         return event
 
     def at(self, t: float) -> list[Alert]:
         """Advance the clock to T0 + t and collect what fired."""
-        fired = self.book.advance(T0 + t)
+        fired = self.book.advance(T0 + t, self.rules)
         self.alerts.extend(fired)
         return fired
 
     def end(self) -> list[Alert]:
-        fired = self.book.flush()
+        fired = self.book.flush(self.rules)
         self.alerts.extend(fired)
         return fired
 
@@ -265,3 +269,92 @@ def test_a_mute_holds_for_an_event_that_arrives_after_the_watermark_passed_it() 
     book.add(event(47.5, "message", 3), T0 + 48)
     alerts += book.flush()
     assert [(a.pattern, a.detected_at - T0) for a in alerts] == [("talk", 0.0)]
+
+
+# patterns that change while the flow runs
+
+BURST_OF_3 = {"id": "burst", "key": "user", "within_seconds": 10,
+              "steps": [{"name": "said", "where": {"message": True}, "times": 3}]}
+
+
+def pattern_rule(body: dict[str, object], t: float, version: int = 1, rule_id: str = "pat-1",
+                 **fields: object) -> Rule:
+    """A global `pattern` rule defining `body`, effective from T0 + t."""
+    return rule_from_dict({"id": rule_id, "kind": "pattern", "version": version, "scope": "global",
+                           "effective_from": T0 + t, "body": body, **fields})
+
+
+def test_a_pattern_rule_matches_only_events_from_its_effective_time() -> None:
+    feed = Feed(rules=RuleBook([pattern_rule(BURST_OF_3, 100)]))
+    for t in (97, 98, 99, 100, 101):
+        feed.chat(t, "eve")
+    feed.at(200)
+    for t in (300, 301, 302):
+        feed.chat(t, "ann")
+    feed.end()
+    assert [(a.key, [e.time - T0 for e in a.events]) for a in feed.alerts] == [
+        ("ann", [300, 301, 302])], "eve's messages before 100 cannot count towards a burst from 100 on"
+
+
+def test_an_unchanged_pattern_keeps_its_partial_matches_when_another_arrives() -> None:
+    burst = pattern_from_dict(BURST_OF_3)
+    feed = Feed(burst, rules=RuleBook([pattern_rule({**BURST_OF_3, "id": "other"}, 100)]))
+    for t in (98, 99, 100):
+        feed.chat(t, "eve")
+    feed.end()
+    assert [(a.pattern, [e.time - T0 for e in a.events]) for a in feed.alerts] == [("burst", [98, 99, 100])]
+
+
+def test_a_redefined_pattern_starts_afresh_and_alerts_by_its_new_definition() -> None:
+    burst = pattern_from_dict(BURST_OF_3)
+    feed = Feed(burst, rules=RuleBook([pattern_rule({**BURST_OF_3, "severity": "critical"}, 100)]))
+    for t in (98, 99, 100, 101, 102):
+        feed.chat(t, "eve")
+    feed.end()
+    assert [(a.severity, [e.time - T0 for e in a.events]) for a in feed.alerts] == [("critical", [100, 101, 102])]
+
+
+def test_a_pattern_switched_off_by_a_rule_does_not_fire_its_waiting_absence() -> None:
+    disabled = {**PATTERNS["abandonment"].model_dump(mode="json"), "enabled": False}
+    off_at_60 = Feed("abandonment", rules=RuleBook([pattern_rule(disabled, 60)]))
+    off_at_130 = Feed("abandonment", rules=RuleBook([pattern_rule(disabled, 130)]))
+    for feed in (off_at_60, off_at_130):
+        feed.chat(0, "zoe", kind="USER_JOINED", text="")
+        feed.chat(100, "max", kind="USER_JOINED", text="")
+        feed.end()
+    assert off_at_60.alerts == []
+    assert [(a.key, a.detected_at - T0) for a in off_at_130.alerts] == [("zoe", 120)]
+
+
+def test_a_tombstone_brings_back_the_start_up_definition() -> None:
+    disabled = {**PATTERNS["abandonment"].model_dump(mode="json"), "enabled": False}
+    rules = RuleBook([pattern_rule(disabled, 0), rule_from_dict(
+        {"id": "pat-1", "kind": "pattern", "version": 2, "deleted": True, "effective_from": T0 + 300})])
+    feed = Feed("abandonment", rules=rules)
+    feed.chat(10, "zoe", kind="USER_JOINED", text="")
+    feed.chat(310, "max", kind="USER_JOINED", text="")
+    feed.end()
+    assert [(a.key, a.detected_at - T0) for a in feed.alerts] == [("max", 430)]
+
+
+def test_a_role_from_the_rules_makes_a_chat_user_an_agent() -> None:
+    answered = pattern_from_dict({"id": "answered", "key": "session", "within_seconds": 60, "steps": [
+        {"name": "asked", "where": {"message": True, "role": "user"}},
+        {"name": "answer", "where": {"message": True, "role": "rm"}}]})
+    feeds = Feed(answered), Feed(answered)
+    for feed, joe in zip(feeds, ("agent", None), strict=True):
+        feed.chat(0, "ana", text="anyone?")
+        feed.chat(1, "bob", text="me, a user")
+        feed.chat(2, "joe", text="I am the RM", role=joe)
+        feed.end()
+    (alert,) = feeds[0].alerts
+    assert [e.sender for e in alert.events] == ["ana", "joe"]
+    assert feeds[1].alerts == []
+
+
+def test_a_book_with_no_patterns_keeps_no_events_until_a_rule_defines_one() -> None:
+    feed = Feed(rules=RuleBook([pattern_rule(BURST_OF_3, 100)]))
+    feed.chat(50, "eve")
+    assert feed.book.buffer == []
+    feed.chat(150, "eve")
+    assert len(feed.book.buffer) == 1

@@ -473,18 +473,20 @@ def test_patterns_at_follows_effect_and_disabling() -> None:
     book.add(pattern(version=2, enabled=False, body=..., effective_from=at("11:00")))
     assert [p.id for p in book.patterns_at(at("10:30"))] == ["spam_burst"]
     assert book.patterns_at(at("11:00")) == ()
+    assert book.patterns_span(at("10:30")) == (book.patterns_at(at("10:30")), at("10:00"), at("11:00"))
 
 
-def test_patterns_at_returns_enabled_patterns_one_per_id() -> None:
+def test_patterns_at_returns_one_definition_per_id_disabled_ones_too() -> None:
     book = RuleBook([
         pattern("p-1", {**SPAM_BURST, "severity": "info"}, effective_from=at("09:00")),
         pattern("p-2", {**SPAM_BURST, "severity": "critical"}, effective_from=at("10:00")),
         pattern("p-3", {**SPAM_BURST, "id": "quiet", "enabled": False}),
         pattern("p-4", {**SPAM_BURST, "enabled": False}, effective_from=at("11:00")),
     ])
-    assert [(p.id, p.severity) for p in book.patterns_at(at("09:30"))] == [("spam_burst", "info")]
-    assert [(p.id, p.severity) for p in book.patterns_at(at("10:30"))] == [("spam_burst", "critical")]
-    assert book.patterns_at(at("11:30")) == ()
+    at_0930, at_1030, at_1130 = (book.patterns_at(at(t)) for t in ("09:30", "10:30", "11:30"))
+    assert [(p.id, p.severity, p.enabled) for p in at_0930] == [("quiet", "info", False), ("spam_burst", "info", True)]
+    assert [(p.id, p.severity, p.enabled) for p in at_1030] == [("quiet", "info", False), ("spam_burst", "critical", True)]
+    assert [(p.id, p.enabled) for p in at_1130] == [("quiet", False), ("spam_burst", False)]
 
 
 # --- pruning and snapshots ---------------------------------------------------------------------------------

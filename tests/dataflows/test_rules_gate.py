@@ -54,6 +54,16 @@ def feature(rule_id: str, name: str, enabled: bool, **overrides: Any) -> Rule:
     return rule(rule_id, kind="feature_flag", body={"flag": name, "enabled": enabled}, **overrides)
 
 
+def pattern_rule(rule_id: str, body: dict[str, Any], **overrides: Any) -> Rule:
+    return rule(rule_id, kind="pattern", body=body, **overrides)
+
+
+ANSWERED = {"id": "answered", "key": "session", "within_seconds": 600, "summary": "{senders}", "steps": [
+    {"name": "asked", "where": {"message": True, "role": "user"}},
+    {"name": "answer", "where": {"message": True, "role": "rm"}}]}
+"""A chat user's message, then an RM's: chat senders are RMs only by a `user_permission` rule."""
+
+
 def event(time: float | None, line: int = 1, session: str = "s-1") -> Event:
     ref = LineRef("in.jsonl", line, line * 100)
     return Event(ref.event_id, session, "customer", "message", f"line {line}", time, "event", "conversation", *ref)
@@ -393,7 +403,8 @@ def mixed_input(message: Callable[..., dict], chat: Callable[..., dict]) -> list
     chats = [chat(username=user, text=f"buy {i} heck", room=f"r-{i % 2}", timestamp=at(f"10:0{i // 10}:{(i * 7) % 60:02d}"))
              for i, user in enumerate(["eve", "zoe"] * 20)]
     bursts = [chat(username="max", text=f"now {i}", room=room, timestamp=at(clock) + i)
-              for room, clock in [("r-0", "10:01"), ("r-1", "10:01:40"), ("r-1", "10:03")] for i in range(6)]
+              for room, clock in [("r-0", "10:01"), ("r-1", "10:01:40"), ("r-1", "10:03"), ("r-0", "10:03:20")]
+              for i in range(6)]
     timeline = sorted([*conversations, *chats, *bursts], key=lambda e: parse_timestamp(e["timestamp"]))
     straggler = message("darn, late", "10:00:50", session_id="s-1")
     return jsonl(*timeline[:40], straggler, *timeline[40:], "not json")
@@ -418,6 +429,8 @@ def late_rules() -> list[Rule | DeadLetter]:
         rule("bw-scam", version=2, deleted=True, body=..., effective_from=iso("10:03:30")),
         feature("ff-spam", "pattern:spam_burst", False, scope={"room": "r-1"}, effective_from=iso("10:02:30")),
         permission("perm-zoe", "zoe", "customer", version=2, effective_from=iso("10:04:10")),
+        pattern_rule("pat-answered", ANSWERED, effective_from=iso("10:02:40")),
+        permission("perm-max", "max", "rm", effective_from=iso("10:02:50")),
     ]
 
 
@@ -455,8 +468,11 @@ def test_the_same_input_gives_the_same_outputs_whenever_rules_arrive_and_with_an
     assert all(expected[k] for k in ("messages", "moderated", "windows", "dead_letter", "alerts"))
     actions = {orjson.loads(m)["moderation"]["action"] for m in expected["messages"] + expected["moderated"]}
     assert actions == {"allow", "mask", "flag", "block"}
-    bursts = sorted(a["detected_at"][11:19] for a in map(orjson.loads, expected["alerts"]) if a["pattern"] == "spam_burst")
-    assert bursts == ["10:01:04", "10:01:44"], "the burst after the room's flag went off is dropped"
+    alerts = list(map(orjson.loads, expected["alerts"]))
+    bursts = sorted(a["detected_at"][11:19] for a in alerts if a["pattern"] == "spam_burst")
+    assert bursts == ["10:01:04", "10:01:44"], "the burst after the room's flag went off is dropped, max is an RM by 10:03:20"
+    answered = [(a["key"], a["summary"], a["detected_at"][11:19]) for a in alerts if a["pattern"] == "answered"]
+    assert answered == [("r-0", "eve, max", "10:03:20")], "a pattern rule and the RM role reach the matchers"
 
 
 @pytest.mark.parametrize("workers", [2, 3])
