@@ -159,6 +159,7 @@ def _moderation(i: Callable[[], int]) -> NestedField:
         NestedField(i(), "reasons", ListType(i(), StringType(), element_required=True)),
         NestedField(i(), "flags", MapType(i(), StringType(), i(), BooleanType(), value_required=False)),
         _str(i, "role"),
+        NestedField(i(), "models", MapType(i(), StringType(), i(), StringType(), value_required=False)),
     ))
 
 

@@ -221,7 +221,8 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
                 late = book.add(event)
                 record = event.as_record()
                 if verdict is not None:
-                    record["moderation"] = _allowed(verdict.flags, verdict.role) if verdict.action == "allow" else verdict.as_record()
+                    record["moderation"] = (_allowed(verdict.flags, verdict.role, verdict.models)
+                                            if verdict.action == "allow" else verdict.as_record())
                 out.messages.append(record)
                 if late is not None:
                     out.late.append(late.as_record())
@@ -287,12 +288,12 @@ _NO_RULES = Moderation("allow", "")
 
 
 @functools.lru_cache(maxsize=256)
-def _allowed(flags: tuple[tuple[str, bool], ...], role: str | None) -> Record:
+def _allowed(flags: tuple[tuple[str, bool], ...], role: str | None, models: tuple[tuple[str, str], ...]) -> Record:
     """The `moderation` of an allowed message: the same few values again and again, so built once each.
 
     Shared by the records that carry it, which are serialised and never changed.
     """
-    return Moderation("allow", "", (), (), flags, role).as_record()
+    return Moderation("allow", "", (), (), flags, role, models).as_record()
 
 
 def _judge(book: RuleBook, event: Event) -> Moderation:

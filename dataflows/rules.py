@@ -320,6 +320,8 @@ class Moderation(NamedTuple):
     reasons: tuple[str, ...] = ()
     flags: tuple[tuple[str, bool], ...] = ()
     role: str | None = None
+    models: tuple[tuple[str, str], ...] = ()
+    """The `language_model` rules in force: (language, model), read by the LLM stage."""
 
     def as_record(self) -> dict[str, Any]:
         return {
@@ -328,6 +330,7 @@ class Moderation(NamedTuple):
             "reasons": list(self.reasons),
             "flags": dict(self.flags),
             "role": self.role,
+            "models": dict(self.models),
         }
 
 
@@ -337,7 +340,7 @@ _Held = tuple[str, str, int]  # (role, rule id, version)
 class _Scoped:
     """What the rules in effect amount to for events of one (tenant, room)."""
 
-    __slots__ = ("flag_map", "flags", "lists", "models", "roles")
+    __slots__ = ("flag_map", "flags", "lists", "model_pairs", "models", "roles")
 
     def __init__(self, levels: Sequence[Sequence[Rule]], lists: tuple[BlockList, ...]) -> None:
         self.lists = lists
@@ -354,6 +357,7 @@ class _Scoped:
                 elif isinstance(body, LanguageModel):
                     self.models[body.language] = body.model
         self.flags = tuple(sorted(self.flag_map.items()))
+        self.model_pairs = tuple(sorted(self.models.items()))
 
 
 class _InEffect:
@@ -487,8 +491,8 @@ class RuleBook:
             matches.sort(key=_position)
         held = scoped.roles.get(user)
         if not matches and (held is None or held[0] != "muted"):
-            return Moderation("allow", text, (), (), scoped.flags, None if held is None else held[0])
-        return _verdict(text, user, matches, held, scoped.flags)
+            return Moderation("allow", text, (), (), scoped.flags, None if held is None else held[0], scoped.model_pairs)
+        return _verdict(text, user, matches, held, scoped)
 
     def flags_at(self, time: float, *, room: str, tenant: str | None = None) -> dict[str, bool]:
         """The feature flags some rule sets for events of this room and tenant; unmentioned flags are absent."""
@@ -590,8 +594,7 @@ def _position(match: Match) -> tuple[int, int]:
     return (match.start, -match.end)
 
 
-def _verdict(text: str, user: str, matches: Sequence[Match], held: _Held | None,
-             flags: tuple[tuple[str, bool], ...]) -> Moderation:
+def _verdict(text: str, user: str, matches: Sequence[Match], held: _Held | None, scoped: _Scoped) -> Moderation:
     rules: dict[tuple[str, int], None] = {}
     reasons: dict[str, None] = {}
     muted = held is not None and held[0] == "muted"
@@ -603,7 +606,7 @@ def _verdict(text: str, user: str, matches: Sequence[Match], held: _Held | None,
         reasons[f"blocked word {m.term!r} (rule {m.rule_id} v{m.version})"] = None
     action: Verdict = "block" if muted else strictest(matches) or "allow"
     return Moderation(action, mask(text, matches) if action == "mask" else text, tuple(rules), tuple(reasons),
-                      flags, None if held is None else held[0])
+                      scoped.flags, None if held is None else held[0], scoped.model_pairs)
 
 
 def describe(rule: Rule) -> str:

@@ -566,7 +566,8 @@ def test_nested_columns_added_to_the_declared_schema_reach_an_existing_table(
     partition.write_batch([[{**record, "user_context": {"total_messages": 1}}]])
     partition.close()
     rows = {r["event_id"]: r for r in table.refresh().scan().to_arrow().to_pylist()}
-    assert rows["old-1"]["moderation"] == {"action": "flag", "role": None, "rules": None, "reasons": None, "flags": None}
+    assert rows["old-1"]["moderation"] == {"action": "flag", "role": None, "rules": None, "reasons": None, "flags": None,
+                                           "models": None}
     assert rows["old-1"]["user_context"] is None and rows["old-1"]["text"] is None
     assert rows["chat.jsonl:1"]["moderation"]["role"] == "muted"
     assert rows["chat.jsonl:1"]["user_context"]["total_messages"] == 1

@@ -382,6 +382,15 @@ def test_model_for_takes_the_most_specific_scope_and_any_case() -> None:
     assert book.model_for("fr", time=at("12:00"), room="r1") is None
 
 
+def test_every_verdict_carries_the_models_in_force_for_its_scope() -> None:
+    book = RuleBook([model("lm-es", "es", "qwen2.5-7b-instruct"), model("lm-fr", "fr", "mistral"),
+                     model("lm-es-r1", "ES", "llama-3-8b", scope={"room": "r1"}, effective_from=at("10:00")),
+                     words("bw-1", "darn")])
+    assert judge(book, "hello", room="r1").models == (("es", "llama-3-8b"), ("fr", "mistral"))
+    assert judge(book, "oh darn", room="r1").as_record()["models"] == {"es": "llama-3-8b", "fr": "mistral"}
+    assert judge(book, "hello", room="r2").as_record()["models"] == {"es": "qwen2.5-7b-instruct", "fr": "mistral"}
+
+
 def test_role_of_takes_the_most_specific_scope() -> None:
     book = RuleBook([permission("p-g", "eve", "customer"), permission("p-t", "eve", "rm", scope={"tenant": "acme"})])
     assert book.role_of("eve", time=at("12:00")) == "customer"
@@ -459,7 +468,8 @@ def test_moderation_record() -> None:
     book = RuleBook([words("bw-1", "darn", version=2), flag("ff", "translation", True)])
     assert judge(book).as_record() == {
         "action": "mask", "rules": [{"id": "bw-1", "version": 2}],
-        "reasons": ["blocked word 'darn' (rule bw-1 v2)"], "flags": {"translation": True}, "role": None}
+        "reasons": ["blocked word 'darn' (rule bw-1 v2)"], "flags": {"translation": True}, "role": None,
+        "models": {}}
 
 
 # --- patterns ----------------------------------------------------------------------------------------------
