@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 from dataclasses import dataclass
 from enum import StrEnum
@@ -20,6 +21,7 @@ from connectors.replay import check_readable, first_event_time
 from connectors.kafka_outputs import OutputTopics
 from connectors.llm_config import LlmConfig
 from connectors.llm_stage import LlmStage
+from connectors.recovery import Recovery, RecoveryState
 from connectors.runner import OUTPUT_FILES, FlowJob, KafkaRun, LakeConfig, ReplayRun, run_job
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
@@ -157,6 +159,16 @@ def run(
     llm_rate_limit: Annotated[
         float | None, typer.Option(min=0.01, rich_help_panel="LLM", help="Requests per second per worker (default: unpaced).")
     ] = None,
+    recovery_dir: Annotated[
+        Path | None,
+        typer.Option(rich_help_panel="Recovery", help="Snapshot state here; the same command resumes after a crash."),
+    ] = None,
+    snapshot_interval: Annotated[
+        float, typer.Option(min=0.05, rich_help_panel="Recovery", help="Seconds between snapshots (at most this much is redone).")
+    ] = 5.0,
+    backup_interval: Annotated[
+        float, typer.Option(min=0.0, rich_help_panel="Recovery", help="Seconds superseded snapshots are kept (for backups).")
+    ] = 0.0,
     block_kib: Annotated[
         int, typer.Option(min=1, help="Size of the file blocks dealt to partitions, in KiB.", hidden=True)
     ] = 1024,
@@ -165,6 +177,9 @@ def run(
     if (input_path is None) == (kafka_brokers is None):
         msg = "give either --input FILE to replay a file or --kafka-brokers HOST:PORT to read a topic"
         raise ConvoflowError(msg)
+    recovery = None
+    if recovery_dir is not None:
+        recovery = Recovery(recovery_dir.resolve(), timedelta(seconds=snapshot_interval), timedelta(seconds=backup_interval))
     window = _window_config(window_size, max_out_of_orderness)
     pattern_defs = () if no_patterns else load_patterns(patterns)
     llm_config = LlmConfig.from_env(
@@ -182,7 +197,21 @@ def run(
         live = _kafka_input(kafka_brokers, input_topic, topics, None if rules else rules_topic, create_topics, settings)
     lake = lake or catalog is not None or lake_dir is not None
     embedded = lake and catalog is None
-    if out_dir is not None:
+    resuming = False
+    if recovery is not None:
+        job_id = _job_identity(input_path, kafka_brokers, input_topic, out_dir, lake, lake_dir, catalog, rules,
+                               window, () if no_patterns else patterns, processes, workers, block_kib)
+        recovered = recovery.open(job_id, partitions=processes * workers)
+        if recovered is RecoveryState.FINISHED:
+            typer.echo(f"nothing to do: this job finished at {recovery.finished_at()} (--recovery-dir {recovery_dir}); "
+                       "delete that folder to run it again")
+            return
+        resuming = recovered is RecoveryState.RESUME
+    if out_dir is not None and resuming:
+        if not out_dir.is_dir():
+            msg = f"--out-dir {out_dir} of the run being resumed is gone; delete --recovery-dir {recovery_dir} to start over"
+            raise ConvoflowError(msg)
+    elif out_dir is not None:
         prepare_out_dir(out_dir, OUTPUT_FILES, overwrite=overwrite, dirs=(DEFAULT_LAKE,) if embedded and lake_dir is None else ())
     if embedded and out_dir is None and lake_dir is None:
         msg = "--lake needs --out-dir, --lake-dir or --catalog to know where the tables go"
@@ -214,6 +243,7 @@ def run(
                 lake=lake_config,
                 rules_path=rules.resolve() if rules else None,
                 stages=stages,
+                recovery=recovery,
             )
             destination = str(out_dir)
         else:
@@ -224,13 +254,33 @@ def run(
                 kafka_config=live.settings, from_beginning=from_beginning, tail=not stop_at_end,
                 out_dir=out_dir.resolve() if out_dir else None, state_dir=state_dir, lake=lake_config,
                 rules_path=rules.resolve() if rules else None, rules_topic=live.rules_topic,
-                rules_partitions=live.rules_partitions, rules_grace=rules_grace, stages=stages,
+                rules_partitions=live.rules_partitions, rules_grace=rules_grace, stages=stages, recovery=recovery,
             )
             destination = f"Kafka topics {', '.join(live.topics.all())}" + (f" and {out_dir}" if out_dir else "")
         stats = RunStats(state_dir, destination)
+        if resuming:
+            console.print(f"resuming from the last snapshot in {recovery_dir}")
         with LiveView(stats, console, enabled=console.is_terminal and not quiet) as view:
             run_job(job, processes, workers, poll=view.poll)
+    if recovery is not None:
+        recovery.mark_finished()
     typer.echo(stats.summary() + (f"; {lake_config.describe()}" if lake_config else ""))
+
+
+def _job_identity(input_path: Path | None, brokers: str | None, input_topic: str, out_dir: Path | None, lake: bool,
+                  lake_dir: Path | None, catalog: str | None, rules: Path | None, window: WindowConfig,
+                  patterns: Path | tuple[()], processes: int, workers: int, block_kib: int) -> dict[str, Any]:
+    """What a resumed run must share with the one that crashed: its input, outputs, partitions and flow."""
+    def path(p: Path | None) -> str | None:
+        return None if p is None else str(p.resolve())
+
+    return {
+        "input": path(input_path) if input_path else f"kafka://{brokers}/{input_topic}",
+        "out_dir": path(out_dir), "lake": lake, "lake_dir": path(lake_dir), "catalog": catalog, "rules": path(rules),
+        "window_size": window.size, "max_out_of_orderness": window.out_of_orderness,
+        "patterns": path(patterns) if patterns else None, "processes": processes, "workers": workers,
+        "block_kib": block_kib,
+    }
 
 
 def _lake_stages(lake: LakeConfig, profiles: bool, refresh: float, as_of: str | None) -> tuple[Stage, ...]:

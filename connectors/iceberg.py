@@ -199,7 +199,8 @@ def windows_schema() -> Schema:
         _str(i, "session_id", True), _ts(i, "window_start", True), _ts(i, "window_end", True),
         NestedField(i(), "messages", ListType(i(), message, element_required=True)),
         NestedField(i(), "counts", MapType(i(), StringType(), i(), IntegerType(), value_required=False)),
-        _ts(i, "first_event_time"), _ts(i, "last_event_time"), _assistant(i), _participants(i), _hash(i),
+        _ts(i, "first_event_time"), _ts(i, "last_event_time"), NestedField(i(), "truncated", BooleanType()),
+        NestedField(i(), "overflow", LongType()), _str(i, "closed_early"), _assistant(i), _participants(i), _hash(i),
     )
 
 

@@ -23,6 +23,7 @@ from bytewax.testing import cluster_main, run_main
 
 from connectors.jsonl import JsonlSink, json_lines
 from connectors.progress import GAUGES_FILE, GaugeSink, TallySink, tally_of
+from connectors.recovery import Recovery
 from connectors.replay import ReplaySource
 from connectors.rules_source import RulesFileSource
 from dataflows.clock import ReplayClock
@@ -48,7 +49,7 @@ class ReplayRun:
     rules_path: Path | None = None
     stages: tuple[Stage, ...] = ()
     batch_size: int = 1000
-    epoch_interval: timedelta = timedelta(seconds=5)
+    recovery: Recovery | None = None
 
     def build(self) -> Dataflow:
         """The flow with its real connectors: JSONL files, and Iceberg tables when `lake` is set."""
@@ -83,7 +84,7 @@ class KafkaRun:
     rules_grace: float = 1.0
     stages: tuple[Stage, ...] = ()
     batch_size: int = 1000
-    epoch_interval: timedelta = timedelta(seconds=5)
+    recovery: Recovery | None = None
 
     def build(self) -> Dataflow:
         """The flow reading `input_topic` live and writing every output kind to its topic."""
@@ -166,14 +167,22 @@ def free_addresses(count: int) -> list[str]:
             s.close()
 
 
+EPOCH_INTERVAL = timedelta(seconds=5)
+"""How often Bytewax closes an epoch (and snapshots, with recovery) when the job has no `recovery`."""
+
+
 def _run_process(run: FlowJob, addresses: list[str], process_id: int, workers: int) -> None:
     flow = run.build()
+    recovery = run.recovery
+    epoch = EPOCH_INTERVAL if recovery is None else recovery.snapshot_interval
+    config = None if recovery is None else recovery.bytewax()
     try:
         if not addresses and workers == 1:
             # cluster_main's waiting thread contends for the GIL: measured 25% slower for one worker.
-            run_main(flow, epoch_interval=run.epoch_interval)
+            run_main(flow, epoch_interval=epoch, recovery_config=config)
         else:
-            cluster_main(flow, addresses, process_id, worker_count_per_proc=workers, epoch_interval=run.epoch_interval)
+            cluster_main(flow, addresses, process_id, worker_count_per_proc=workers, epoch_interval=epoch,
+                         recovery_config=config)
     finally:
         for stage in run.stages:
             stage.close()

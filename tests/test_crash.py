@@ -1,0 +1,98 @@
+"""Crash recovery through the CLI: runs killed with SIGKILL at random points, then restarted with the
+same command until one finishes, write what one uninterrupted run writes: every message, window,
+alert, late event and dead letter exactly once, in the JSONL files and in the lake."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from cli import main
+from connectors.iceberg import open_catalog
+from samples.generate import SampleSpec, write_sample
+
+ROOT = Path(__file__).parent.parent
+pytestmark = [pytest.mark.crash, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("crash") / "conversations.jsonl"
+    write_sample(path, SampleSpec(sessions=400, chat_users=100, seed=5))
+    return path
+
+
+def run_args(sample: Path, out: Path, *extra: str) -> list[str]:
+    return ["run", "--input", str(sample), "--out-dir", str(out), "--speed-factor", "0", "--quiet", "--lake", *extra]
+
+
+def jsonl_outputs(out: Path) -> dict[str, Counter[bytes]]:
+    return {p.name: Counter(p.read_bytes().splitlines()) for p in sorted(out.glob("*.jsonl"))}
+
+
+def lake_rows(out: Path) -> dict[str, Counter[int]]:
+    """Each table's record hashes with their counts (a duplicate counts 2)."""
+    catalog = open_catalog("convoflow", (out / "lake").resolve())
+    return {name: Counter(catalog.load_table(("convoflow", name)).scan(selected_fields=("record_hash",))
+                          .to_arrow().column("record_hash").to_pylist())
+            for _, name in catalog.list_tables("convoflow")}
+
+
+def crash_until_done(args: list[str], rnd: random.Random, window: tuple[float, float]) -> int:
+    """Start the CLI with `args` and SIGKILL it after a random delay in `window`, again and again,
+    until a run ends by itself; return how many runs were killed."""
+    kills = 0
+    env = {**os.environ, "RUST_BACKTRACE": "0"}
+    for _ in range(40):
+        proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            proc.wait(timeout=rnd.uniform(*window))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            continue
+        _, err = proc.communicate()
+        assert proc.returncode == 0, err.decode()[-2000:]
+        return kills
+    raise AssertionError("40 runs were all killed: the flow makes no progress between snapshots")
+
+
+def test_runs_killed_at_random_points_resume_to_the_outputs_of_one_uninterrupted_run(sample: Path, tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    started = time.perf_counter()
+    assert main(run_args(sample, straight)) == 0
+    took = time.perf_counter() - started
+    crashed, recovery = tmp_path / "crashed", tmp_path / "recovery"
+    args = run_args(sample, crashed, "--recovery-dir", str(recovery), "--snapshot-interval", "0.2")
+    # A child process needs ~2 s to import what a run needs before it reads anything.
+    kills = crash_until_done(args, random.Random(3), (1.5, 2.5 + took))
+    assert kills >= 2, "the test must kill runs mid-way to test anything"
+    expected = jsonl_outputs(straight)
+    assert sum(map(len, expected.values())) > 5_000
+    assert jsonl_outputs(crashed) == expected
+    got, want = lake_rows(crashed), lake_rows(straight)
+    assert {name: max(rows.values(), default=1) for name, rows in got.items()} == {name: 1 for name in want}, "duplicates"
+    assert got == want
+    done = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, capture_output=True, text=True,
+                          check=True)
+    assert "nothing to do: this job finished" in done.stdout
+    assert jsonl_outputs(crashed) == expected
+
+
+def test_a_recovery_folder_of_another_job_is_refused(sample: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    recovery = tmp_path / "recovery"
+    assert main(run_args(sample, tmp_path / "a", "--recovery-dir", str(recovery), "--no-lake")) == 0
+    assert main(run_args(sample, tmp_path / "b", "--recovery-dir", str(recovery), "--no-lake")) == 2
+    err = capsys.readouterr().err
+    assert "holds a run of another job" in err and "out_dir" in err
