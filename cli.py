@@ -22,6 +22,7 @@ from connectors.kafka_outputs import OutputTopics
 from connectors.llm_config import LlmConfig
 from connectors.llm_stage import LlmStage
 from connectors.recovery import Recovery, RecoveryState
+from connectors.stopping import RunAborted
 from connectors.runner import OUTPUT_FILES, FlowJob, KafkaRun, LakeConfig, ReplayRun, run_job
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
@@ -260,11 +261,21 @@ def run(
         stats = RunStats(state_dir, destination)
         if resuming:
             console.print(f"resuming from the last snapshot in {recovery_dir}")
-        with LiveView(stats, console, enabled=console.is_terminal and not quiet) as view:
-            run_job(job, processes, workers, poll=view.poll)
+        try:
+            with LiveView(stats, console, enabled=console.is_terminal and not quiet) as view:
+                signals = run_job(job, processes, workers, poll=view.poll)
+        except RunAborted as stop:
+            then = ("rerun the same command to resume from the last snapshot" if recovery
+                    else "outputs end where the stop found them")
+            typer.echo(f"{stop}: {then}", err=True)
+            raise typer.Exit(stop.exit_code) from None
+    typer.echo(stats.summary() + (f"; {lake_config.describe()}" if lake_config else ""))
+    if signals.received:
+        typer.echo(f"stopped by {signals.received[0]}: the input was read up to the stop, and every window, "
+                   "alert and output buffer was flushed", err=True)
+        raise typer.Exit(signals.exit_code)
     if recovery is not None:
         recovery.mark_finished()
-    typer.echo(stats.summary() + (f"; {lake_config.describe()}" if lake_config else ""))
 
 
 def _job_identity(input_path: Path | None, brokers: str | None, input_topic: str, out_dir: Path | None, lake: bool,

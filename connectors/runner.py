@@ -9,21 +9,23 @@ clock's anchors, so they replay in step.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import socket
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bytewax.dataflow import Dataflow
-from bytewax.inputs import Source
+from bytewax.inputs import FixedPartitionedSource
 from bytewax.testing import cluster_main, run_main
 
 from connectors.jsonl import JsonlSink, json_lines
 from connectors.progress import GAUGES_FILE, GaugeSink, TallySink, tally_of
 from connectors.recovery import Recovery
+from connectors.stopping import RunAborted, Signals, StopFlag, StoppableSource, stop_on_signals
 from connectors.replay import ReplaySource
 from connectors.rules_source import RulesFileSource
 from dataflows.clock import ReplayClock
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
     from connectors.kafka_outputs import OutputTopics
 
 OUTPUT_FILES = tuple(JsonlSink.file_name(k) for k in OutputKind)
+X = TypeVar("X")
+S = TypeVar("S")
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,9 @@ class ReplayRun:
         source = ReplaySource(self.input_path, layout=self.flow.layout, clock=self.clock, batch_size=self.batch_size)
         outputs = _file_outputs(self.out_dir, self.lake) + _tally(self.state_dir)
         rules = RulesFileSource(self.rules_path, self.clock) if self.rules_path else None
-        return build_flow(source, outputs, self.flow, gauges=_gauges(self.state_dir), rules=rules, stages=self.stages)
+        flag = stop_flag(self)
+        return build_flow(_stoppable(source, flag), outputs, self.flow, gauges=_gauges(self.state_dir),
+                          rules=None if rules is None else _stoppable(rules, flag), stages=self.stages)
 
 
 @dataclass(frozen=True)
@@ -97,10 +103,11 @@ class KafkaRun:
         )
         outputs = [kafka_output(self.brokers, self.topics, self.kafka_config)]
         outputs += _file_outputs(self.out_dir, self.lake) + _tally(self.state_dir)
-        return build_flow(source, outputs, self.flow, gauges=_gauges(self.state_dir), rules=self._rules(),
-                          stages=self.stages)
+        flag, rules = stop_flag(self), self._rules()
+        return build_flow(_stoppable(source, flag), outputs, self.flow, gauges=_gauges(self.state_dir),
+                          rules=None if rules is None else _stoppable(rules, flag), stages=self.stages)
 
-    def _rules(self) -> Source[RulesSourceItem] | None:
+    def _rules(self) -> FixedPartitionedSource[RulesSourceItem, Any] | None:
         if self.rules_path is not None:
             # A rules file in a live run is sent at once: its rules take effect by their effective_from.
             return RulesFileSource(self.rules_path, ReplayClock(0.0, 0.0, 0.0))
@@ -113,6 +120,16 @@ class KafkaRun:
 
 
 FlowJob = ReplayRun | KafkaRun
+
+
+def stop_flag(run: FlowJob) -> StopFlag | None:
+    """How a signal stops `run`: by draining (a flag in its state folder), or, with recovery or
+    without a state folder, by aborting (None; see `connectors.stopping`)."""
+    return StopFlag(run.state_dir / "stop") if run.state_dir is not None and run.recovery is None else None
+
+
+def _stoppable(source: FixedPartitionedSource[X, S], flag: StopFlag | None) -> FixedPartitionedSource[X, S]:
+    return source if flag is None else StoppableSource(source, flag)
 
 
 @dataclass(frozen=True)
@@ -171,7 +188,10 @@ EPOCH_INTERVAL = timedelta(seconds=5)
 """How often Bytewax closes an epoch (and snapshots, with recovery) when the job has no `recovery`."""
 
 
-def _run_process(run: FlowJob, addresses: list[str], process_id: int, workers: int) -> None:
+def _run_process(run: FlowJob, addresses: list[str], process_id: int, workers: int, child: bool = False) -> None:
+    if child and stop_flag(run) is not None:
+        # The parent turns the terminal's Ctrl-C into the stop flag that drains every process.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     flow = run.build()
     recovery = run.recovery
     epoch = EPOCH_INTERVAL if recovery is None else recovery.snapshot_interval
@@ -218,11 +238,30 @@ def run_job(
     *,
     poll: Callable[[], None] | None = None,
     interval: float = 0.25,
-) -> None:
-    """Run `run` to completion, calling `poll` every `interval` s; raise `ConvoflowError` if it fails.
+) -> Signals:
+    """Run `run` to its end, calling `poll` every `interval` s; return the stop signals received.
 
     One process runs the flow on this thread; more form a local cluster of spawned processes.
+    SIGINT and SIGTERM drain the flow, or abort it (see `connectors.stopping`).
+
+    Raises:
+        ConvoflowError: the flow failed.
+        RunAborted: a signal aborted the run.
     """
+    with stop_on_signals(stop_flag(run)) as signals:
+        try:
+            _run(run, processes, workers, poll, interval)
+        except KeyboardInterrupt:
+            raise RunAborted(signals.received[0] if signals.received else "SIGINT") from None
+        except ConvoflowError:
+            # The interrupt raised in a step's code reaches here as that step's failure.
+            if signals.received:
+                raise RunAborted(signals.received[0]) from None
+            raise
+    return signals
+
+
+def _run(run: FlowJob, processes: int, workers: int, poll: Callable[[], None] | None, interval: float) -> None:
     if processes == 1:
         with _Poller(poll, interval):
             try:
@@ -234,7 +273,7 @@ def run_job(
     ctx = multiprocessing.get_context("spawn")
     addresses = free_addresses(processes)
     procs = [
-        ctx.Process(target=_run_process, args=(run, addresses, pid, workers), name=f"convoflow-{pid}")
+        ctx.Process(target=_run_process, args=(run, addresses, pid, workers, True), name=f"convoflow-{pid}")
         for pid in range(processes)
     ]
     for proc in procs:

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import orjson
 import pytest
 
 from cli import main
@@ -87,6 +88,41 @@ def test_runs_killed_at_random_points_resume_to_the_outputs_of_one_uninterrupted
                           check=True)
     assert "nothing to do: this job finished" in done.stdout
     assert jsonl_outputs(crashed) == expected
+
+
+def stop_with_sigterm(args: list[str], after: float) -> subprocess.CompletedProcess[str]:
+    """Run the CLI with `args`, send it SIGTERM `after` seconds in, and wait for it to stop."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, text=True,
+                            env={**os.environ, "RUST_BACKTRACE": "0"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(after)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_sigterm_without_recovery_drains_the_flow_so_every_output_is_whole(sample: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    stopped = stop_with_sigterm(run_args(sample, out, "--speed-factor", "300"), after=4.0)
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert "stopped by SIGTERM" in stopped.stderr and "events in" in stopped.stdout
+    records = {p.name: [orjson.loads(line) for line in p.read_bytes().splitlines()] for p in out.glob("*.jsonl")}
+    messages = len(records["messages.jsonl"])
+    assert 0 < messages < len(sample.read_bytes().splitlines()), "stopped part-way"
+    windowed = sum(len(w["messages"]) for w in records["windows.jsonl"])
+    assert windowed + len(records["late.jsonl"]) == messages, "every open window was emitted"
+    assert lake_rows(out)["chat_messages"].total() == messages
+
+
+def test_sigterm_with_recovery_leaves_the_rest_to_the_next_run(sample: Path, tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    assert main(run_args(sample, straight, "--no-lake")) == 0
+    args = run_args(sample, tmp_path / "out", "--no-lake", "--recovery-dir", str(tmp_path / "recovery"),
+                    "--snapshot-interval", "0.2")
+    stopped = stop_with_sigterm([*args, "--speed-factor", "300"], after=4.0)
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert "rerun the same command to resume" in stopped.stderr
+    assert main([*args, "--speed-factor", "300"]) == 0
+    assert jsonl_outputs(tmp_path / "out") == jsonl_outputs(straight)
 
 
 def test_a_recovery_folder_of_another_job_is_refused(sample: Path, tmp_path: Path,
