@@ -66,10 +66,12 @@ class StoppablePartition(StatefulSourcePartition[X, S], Generic[X, S]):
         return self.inner.next_batch()
 
     def next_awake(self) -> datetime | None:
-        """The inner partition's wake-up, but soon enough to notice a stop."""
-        soon = datetime.now(timezone.utc) + CHECK_EVERY
+        """The inner partition's wake-up (None: at once), but soon enough to notice a stop."""
         wanted = self.inner.next_awake()
-        return soon if wanted is None or wanted > soon else wanted
+        if wanted is None:
+            return None
+        soon = datetime.now(timezone.utc) + CHECK_EVERY
+        return soon if wanted > soon else wanted
 
     def snapshot(self) -> S:
         return self.inner.snapshot()

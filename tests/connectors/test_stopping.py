@@ -61,6 +61,8 @@ def test_a_waiting_input_wakes_soon_enough_to_see_the_flag(tmp_path: Path) -> No
     part.inner.n = 10**9 + 1  # type: ignore[attr-defined]
     awake = part.next_awake()
     assert awake is not None and awake - datetime.now(timezone.utc) <= CHECK_EVERY
+    part.inner.n = 0  # type: ignore[attr-defined]
+    assert part.next_awake() is None, "an input with more to read at once is not slowed down"
 
 
 def test_a_first_signal_sets_the_flag_and_a_second_aborts(tmp_path: Path) -> None:
