@@ -23,7 +23,7 @@ from connectors.llm_config import LlmConfig
 from connectors.llm_stage import LlmStage
 from connectors.recovery import Recovery, RecoveryState
 from connectors.stopping import RunAborted
-from connectors.runner import OUTPUT_FILES, FlowJob, KafkaRun, LakeConfig, ReplayRun, run_job
+from connectors.runner import OUTPUT_FILES, Cluster, FlowJob, KafkaRun, LakeConfig, ReplayRun, run_job
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
 from dataflows.events import DeadLetter
@@ -74,6 +74,13 @@ def run(
     max_out_of_orderness: Annotated[float, typer.Option(help="Watermark delay in seconds.")] = 5.0,
     processes: Processes = 1,
     workers: Workers = 1,
+    addresses: Annotated[
+        str | None,
+        typer.Option(rich_help_panel="Cluster", help="host:port of every process of a cluster across machines, comma-separated."),
+    ] = None,
+    process_id: Annotated[
+        int | None, typer.Option(min=0, rich_help_panel="Cluster", help="This process's index in --addresses.")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace the outputs of an earlier run in --out-dir.")] = False,
     quiet: Annotated[bool, typer.Option(help="No live view; print only the summary.")] = False,
     patterns: Annotated[
@@ -178,6 +185,9 @@ def run(
     if (input_path is None) == (kafka_brokers is None):
         msg = "give either --input FILE to replay a file or --kafka-brokers HOST:PORT to read a topic"
         raise ConvoflowError(msg)
+    cluster = _cluster(addresses, process_id, processes)
+    if cluster is not None:
+        processes = len(cluster.addresses)
     recovery = None
     if recovery_dir is not None:
         recovery = Recovery(recovery_dir.resolve(), timedelta(seconds=snapshot_interval), timedelta(seconds=backup_interval))
@@ -212,6 +222,8 @@ def run(
         if not out_dir.is_dir():
             msg = f"--out-dir {out_dir} of the run being resumed is gone; delete --recovery-dir {recovery_dir} to start over"
             raise ConvoflowError(msg)
+    elif out_dir is not None and cluster is not None and cluster.process_id > 0:
+        out_dir.mkdir(parents=True, exist_ok=True)  # process 0 prepares a shared out-dir; this one only writes
     elif out_dir is not None:
         prepare_out_dir(out_dir, OUTPUT_FILES, overwrite=overwrite, dirs=(DEFAULT_LAKE,) if embedded and lake_dir is None else ())
     if embedded and out_dir is None and lake_dir is None:
@@ -263,7 +275,7 @@ def run(
             console.print(f"resuming from the last snapshot in {recovery_dir}")
         try:
             with LiveView(stats, console, enabled=console.is_terminal and not quiet) as view:
-                signals = run_job(job, processes, workers, poll=view.poll)
+                signals = run_job(job, processes, workers, poll=view.poll, cluster=cluster)
         except RunAborted as stop:
             then = ("rerun the same command to resume from the last snapshot" if recovery
                     else "outputs end where the stop found them")
@@ -276,6 +288,27 @@ def run(
         raise typer.Exit(signals.exit_code)
     if recovery is not None:
         recovery.mark_finished()
+
+
+def _cluster(addresses: str | None, process_id: int | None, processes: int) -> Cluster | None:
+    """The cluster this process joins, from --addresses and --process-id (both or neither)."""
+    if addresses is None and process_id is None:
+        return None
+    if addresses is None or process_id is None:
+        msg = "--addresses and --process-id go together: every process of the cluster gets the same --addresses and its own --process-id"
+        raise ConvoflowError(msg)
+    if processes != 1:
+        msg = "--processes starts a local cluster; with --addresses each process is started by hand (one per address)"
+        raise ConvoflowError(msg)
+    listed = [a.strip() for a in addresses.split(",") if a.strip()]
+    bad = [a for a in listed if a.rpartition(":")[0] == "" or not a.rpartition(":")[2].isdigit()]
+    if bad or not listed:
+        msg = f"--addresses {addresses!r}: expected host:port[,host:port...], got {', '.join(bad) or 'nothing'}"
+        raise ConvoflowError(msg)
+    if process_id >= len(listed):
+        msg = f"--process-id {process_id} is out of range for {len(listed)} addresses (0 to {len(listed) - 1})"
+        raise ConvoflowError(msg)
+    return Cluster(tuple(listed), process_id)
 
 
 def _job_identity(input_path: Path | None, brokers: str | None, input_topic: str, out_dir: Path | None, lake: bool,

@@ -231,6 +231,14 @@ class _Poller:
         self.thread.join()
 
 
+@dataclass(frozen=True)
+class Cluster:
+    """A cluster across machines: every process's address, and which one this process is."""
+
+    addresses: tuple[str, ...]
+    process_id: int
+
+
 def run_job(
     run: FlowJob,
     processes: int = 1,
@@ -238,10 +246,12 @@ def run_job(
     *,
     poll: Callable[[], None] | None = None,
     interval: float = 0.25,
+    cluster: Cluster | None = None,
 ) -> Signals:
     """Run `run` to its end, calling `poll` every `interval` s; return the stop signals received.
 
-    One process runs the flow on this thread; more form a local cluster of spawned processes.
+    One process runs the flow on this thread; more form a local cluster of spawned processes;
+    with `cluster`, this process is one of a cluster whose other processes are started elsewhere.
     SIGINT and SIGTERM drain the flow, or abort it (see `connectors.stopping`).
 
     Raises:
@@ -250,7 +260,11 @@ def run_job(
     """
     with stop_on_signals(stop_flag(run)) as signals:
         try:
-            _run(run, processes, workers, poll, interval)
+            if cluster is not None:
+                with _Poller(poll, interval):
+                    _run_in_cluster(run, cluster, workers)
+            else:
+                _run(run, processes, workers, poll, interval)
         except KeyboardInterrupt:
             raise RunAborted(signals.received[0] if signals.received else "SIGINT") from None
         except ConvoflowError:
@@ -259,6 +273,14 @@ def run_job(
                 raise RunAborted(signals.received[0]) from None
             raise
     return signals
+
+
+def _run_in_cluster(run: FlowJob, cluster: Cluster, workers: int) -> None:
+    try:
+        _run_process(run, list(cluster.addresses), cluster.process_id, workers)
+    except Exception as exc:
+        msg = f"the dataflow failed in process {cluster.process_id} of {len(cluster.addresses)}: {exc}"
+        raise ConvoflowError(msg) from exc
 
 
 def _run(run: FlowJob, processes: int, workers: int, poll: Callable[[], None] | None, interval: float) -> None:
