@@ -11,7 +11,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -132,3 +134,43 @@ def test_a_recovery_folder_of_another_job_is_refused(sample: Path, tmp_path: Pat
     assert main(run_args(sample, tmp_path / "b", "--recovery-dir", str(recovery), "--no-lake")) == 2
     err = capsys.readouterr().err
     assert "holds a run of another job" in err and "out_dir" in err
+
+
+def content(records: list[dict[str, Any]]) -> Counter[tuple[Any, ...]]:
+    """Messages by what they say, not by id (a file line and a topic offset name the same event differently)."""
+    return Counter((r["session_id"], r["sender"], r["text"], r["timestamp"]) for r in records)
+
+
+def windows_by_content(records: list[dict[str, Any]]) -> Counter[tuple[Any, ...]]:
+    return Counter((w["session_id"], w["window_start"], tuple((m["sender"], m["text"], m["timestamp"]) for m in w["messages"]))
+                   for w in records)
+
+
+def records_of(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+@pytest.mark.kafka
+def test_kafka_runs_killed_at_random_points_resume_with_every_message_once(
+    tmp_path: Path, kafka_bootstrap: str, kafka_topic: Callable[..., str]
+) -> None:
+    timed = tmp_path / "timed.jsonl"
+    write_sample(timed, SampleSpec(sessions=1000, chat_users=200, seed=9, late_fraction=0.0, no_timestamp_fraction=0.0))
+    topic = kafka_topic(partitions=3)
+    assert main(["produce", str(timed), "--kafka-brokers", kafka_bootstrap, "--topic", topic, "--speed-factor", "0"]) == 0
+    replayed = tmp_path / "replayed"
+    started = time.perf_counter()
+    assert main(["run", "--input", str(timed), "--out-dir", str(replayed), "--speed-factor", "0", "--quiet",
+                 "--max-out-of-orderness", "30"]) == 0
+    took = time.perf_counter() - started
+    out = tmp_path / "kafka"
+    args = ["run", "--kafka-brokers", kafka_bootstrap, "--input-topic", topic, "--create-topics",
+            *(flag for kind in ("output", "windows", "alerts", "late", "dead-letter", "moderated", "rules")
+              for flag in (f"--{kind}-topic", f"{topic}.{kind}")),
+            "--stop-at-end", "--max-out-of-orderness", "30", "--out-dir", str(out), "--quiet",
+            "--recovery-dir", str(tmp_path / "recovery"), "--snapshot-interval", "0.2"]
+    kills = crash_until_done(args, random.Random(5), (2.0, 3.0 + 2 * took))
+    assert kills >= 1, "the test must kill a run mid-way to test anything"
+    assert content(records_of(out / "messages.jsonl")) == content(records_of(replayed / "messages.jsonl"))
+    assert windows_by_content(records_of(out / "windows.jsonl")) == windows_by_content(records_of(replayed / "windows.jsonl"))
+    assert len(records_of(out / "dead_letter.jsonl")) == len(records_of(replayed / "dead_letter.jsonl"))
