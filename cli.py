@@ -27,6 +27,7 @@ from connectors.runner import OUTPUT_FILES, Cluster, FlowJob, KafkaRun, LakeConf
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
 from dataflows.events import DeadLetter
+from dataflows.parse import MAX_LINE_BYTES
 from dataflows.flow import FlowConfig, Stage
 from connectors.pattern_files import load_patterns
 from dataflows.sequencing import ReplayLayout
@@ -72,6 +73,15 @@ def run(
     ] = 1.0,
     window_size: Annotated[float, typer.Option(help="Tumbling window length in seconds.")] = 30.0,
     max_out_of_orderness: Annotated[float, typer.Option(help="Watermark delay in seconds.")] = 5.0,
+    max_line_bytes: Annotated[
+        int, typer.Option(min=1, help="Longest input line in bytes; a longer one goes to dead_letter unread.")
+    ] = MAX_LINE_BYTES,
+    max_window_messages: Annotated[
+        int, typer.Option(min=1, help="Messages listed per window record (the earliest); the rest are counted in its overflow.")
+    ] = 10_000,
+    max_open_windows: Annotated[
+        int, typer.Option(min=1, help="Open windows per session; one more closes the session's oldest early.")
+    ] = 1_000,
     processes: Processes = 1,
     workers: Workers = 1,
     addresses: Annotated[
@@ -191,7 +201,7 @@ def run(
     recovery = None
     if recovery_dir is not None:
         recovery = Recovery(recovery_dir.resolve(), timedelta(seconds=snapshot_interval), timedelta(seconds=backup_interval))
-    window = _window_config(window_size, max_out_of_orderness)
+    window = _window_config(window_size, max_out_of_orderness, max_window_messages, max_open_windows)
     pattern_defs = () if no_patterns else load_patterns(patterns)
     llm_config = LlmConfig.from_env(
         {}, api_key=llm_api_key, base_url=llm_base_url, mode=llm.value, model=llm_model, concurrency=llm_concurrency,
@@ -243,7 +253,7 @@ def run(
         if live is None:
             assert input_path is not None and out_dir is not None
             start = time.time()
-            first = first_event_time(input_path)
+            first = first_event_time(input_path, max_line_bytes=max_line_bytes)
             origin = start if first is None else first
             layout = ReplayLayout(partitions=processes * workers, block_bytes=block_kib * 1024)
             job = ReplayRun(
@@ -257,6 +267,7 @@ def run(
                 rules_path=rules.resolve() if rules else None,
                 stages=stages,
                 recovery=recovery,
+                max_line_bytes=max_line_bytes,
             )
             destination = str(out_dir)
         else:
@@ -560,9 +571,10 @@ def samples(
     typer.echo(f"wrote {lines:,} lines ({count:,} sessions, seed {seed}) to {out}")
 
 
-def _window_config(size: float, out_of_orderness: float) -> WindowConfig:
+def _window_config(size: float, out_of_orderness: float, max_messages: int, max_open_windows: int) -> WindowConfig:
     try:
-        return WindowConfig(size=size, out_of_orderness=out_of_orderness)
+        return WindowConfig(size=size, out_of_orderness=out_of_orderness, max_messages=max_messages,
+                            max_open_windows=max_open_windows)
     except ValueError as exc:
         raise ConvoflowError(str(exc)) from None
 

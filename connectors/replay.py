@@ -6,10 +6,14 @@ share of the file. All partitions pace themselves against one `ReplayClock`, and
 ends with a `Progress` marker that lets the flow's sequencer restore file order
 (see `dataflows.sequencing`). A partition that waits for its next line's time sleeps through
 `next_awake`: nothing spins.
+
+A line longer than `max_line_bytes` becomes a dead letter without being parsed; reading it holds
+at most the limit plus one 1 MiB chunk in memory, whatever its length.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,12 +26,13 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
 from dataflows.events import DeadLetter, Event, LineRef
-from dataflows.parse import parse_line
+from dataflows.parse import MAX_LINE_BYTES, RAW_EXCERPT_CHARS, oversized, parse_line
 from dataflows.sequencing import DONE, BlockStamper, Progress, ReplayLayout, Stamped
 
 Item = Stamped | DeadLetter | Progress
 Parser = Callable[[bytes, LineRef], Event | DeadLetter]
 _COUNT_CHUNK = 1 << 20
+_SKIP_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -56,16 +61,35 @@ def check_readable(path: Path) -> None:
         raise ConvoflowError(msg) from exc
 
 
-def first_event_time(path: Path, parse: Parser = parse_line, max_lines: int = 10_000) -> float | None:
-    """The timestamp of the file's first timed event (the replay clock's origin), if any."""
+def first_event_time(
+    path: Path, parse: Parser = parse_line, max_lines: int = 10_000, max_line_bytes: int = MAX_LINE_BYTES
+) -> float | None:
+    """The timestamp of the file's first timed event (the replay clock's origin), if any.
+
+    Lines over `max_line_bytes` are skipped unread.
+    """
     with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
+        for number in range(1, max_lines + 1):
+            raw = f.readline(max_line_bytes + 1)
+            if not raw:
+                break
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                _skip_line(f)
+                continue
             item = parse(raw.rstrip(b"\r\n"), LineRef(path.name, number, 0))
             if isinstance(item, Event) and item.time is not None:
                 return item.time
-            if number >= max_lines:
-                break
     return None
+
+
+def _skip_line(file: BinaryIO) -> tuple[int, bool]:
+    """Read past the rest of the current line in bounded chunks: the bytes read and whether a newline ended them."""
+    skipped = 0
+    while chunk := file.readline(_SKIP_CHUNK):
+        skipped += len(chunk)
+        if chunk.endswith(b"\n"):
+            return skipped, True
+    return skipped, False
 
 
 class ReplaySource(FixedPartitionedSource[Item, PartitionState]):
@@ -77,16 +101,20 @@ class ReplaySource(FixedPartitionedSource[Item, PartitionState]):
         *,
         layout: ReplayLayout,
         clock: ReplayClock,
-        parse: Parser = parse_line,
+        parse: Parser | None = None,
         batch_size: int = 1000,
         tick_seconds: float = 0.25,
-        max_line_bytes: int = 1 << 20,
+        max_line_bytes: int = MAX_LINE_BYTES,
         wall: Callable[[], float] = time.time,
     ) -> None:
+        """`parse` reads one line (default `parse_line` with `max_line_bytes`); longer lines never reach it."""
+        if max_line_bytes < 1:
+            msg = f"max_line_bytes must be >= 1, got {max_line_bytes}"
+            raise ValueError(msg)
         self.path = path
         self.layout = layout
         self.clock = clock
-        self.parse = parse
+        self.parse: Parser = parse or functools.partial(parse_line, max_bytes=max_line_bytes)
         self.batch_size = batch_size
         self.tick_seconds = tick_seconds
         self.max_line_bytes = max_line_bytes
@@ -123,6 +151,7 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
         self.done = False
         self.buffer = b""
         self.buffer_start = 0
+        self.line_end = 0  # the end of the last line skipped past its block's end (see `_align`)
         if self.line:
             self._load_block()
 
@@ -193,12 +222,18 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
         return self.peeked
 
     def _align(self) -> None:
-        """Move from a block's first byte to its first line start, and number that line."""
-        if self.offset > 0:
+        """Move from a block's first byte to its first line start, and number that line.
+
+        A block inside a line already skipped to its end (`line_end`) jumps there unread, so a line
+        spanning many blocks is read once per partition, and never held whole.
+        """
+        if 0 < self.offset < self.line_end:
+            self.offset = self.line_end
+        elif self.offset > 0:
             self.file.seek(self.offset - 1)
             if self.file.read(1) != b"\n":
-                self.file.readline()
-                self.offset = self.file.tell()
+                _skip_line(self.file)
+                self.offset = self.line_end = self.file.tell()
         counted_offset, newlines = self.counted
         self.file.seek(counted_offset)
         while counted_offset < self.offset:
@@ -220,12 +255,14 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
         at = self.offset - self.buffer_start
         if at < len(self.buffer):
             newline = self.buffer.index(b"\n", at)
-            return self._parse(self.buffer[at:newline], ref), self.offset + newline - at + 1
+            end = self.offset + newline - at + 1
+            limit = self.src.max_line_bytes
+            if newline - at > limit:
+                return oversized(self.buffer[at : min(newline, at + RAW_EXCERPT_CHARS)], newline - at, limit, ref), end
+            return self._parse(self.buffer[at:newline], ref), end
         return self._read_line_past_block(ref)
 
     def _parse(self, body: bytes, ref: LineRef) -> Event | DeadLetter:
-        if len(body) > self.src.max_line_bytes:
-            return DeadLetter(ref, "", f"line is longer than the {self.src.max_line_bytes}-byte limit")
         body = body.rstrip(b"\r")
         if not body.strip():
             return DeadLetter(ref, "", "empty line")
@@ -237,7 +274,7 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
         self.file.seek(self.offset)
         raw = self.file.readline(limit + 1)
         if len(raw) > limit and not raw.endswith(b"\n"):
-            while raw and not raw.endswith(b"\n"):
-                raw = self.file.readline(_COUNT_CHUNK)
-            return DeadLetter(ref, "", f"line is longer than the {limit}-byte limit"), self.file.tell()
+            skipped, newline = _skip_line(self.file)
+            self.line_end = self.file.tell()
+            return oversized(raw, len(raw) + skipped - newline, limit, ref), self.line_end
         return self._parse(raw.rstrip(b"\n"), ref), self.offset + len(raw)

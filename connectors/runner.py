@@ -30,6 +30,7 @@ from connectors.replay import ReplaySource
 from connectors.rules_source import RulesFileSource
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
+from dataflows.parse import MAX_LINE_BYTES
 from dataflows.flow import FlowConfig, FlowOutput, OutputKind, RulesSourceItem, Stage, build_flow
 
 if TYPE_CHECKING:
@@ -54,10 +55,12 @@ class ReplayRun:
     stages: tuple[Stage, ...] = ()
     batch_size: int = 1000
     recovery: Recovery | None = None
+    max_line_bytes: int = MAX_LINE_BYTES
 
     def build(self) -> Dataflow:
         """The flow with its real connectors: JSONL files, and Iceberg tables when `lake` is set."""
-        source = ReplaySource(self.input_path, layout=self.flow.layout, clock=self.clock, batch_size=self.batch_size)
+        source = ReplaySource(self.input_path, layout=self.flow.layout, clock=self.clock, batch_size=self.batch_size,
+                              max_line_bytes=self.max_line_bytes)
         outputs = _file_outputs(self.out_dir, self.lake) + _tally(self.state_dir)
         rules = RulesFileSource(self.rules_path, self.clock) if self.rules_path else None
         flag = stop_flag(self)

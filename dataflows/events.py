@@ -138,13 +138,23 @@ class DeadLetter:
 
 @dataclass(frozen=True, slots=True)
 class WindowRecord:
-    """One closed event-time window of one session: its messages in time order."""
+    """One closed event-time window of one session: its messages in time order.
+
+    `messages` holds at most `WindowConfig.max_messages` events, the earliest; `overflow` counts
+    the window's later events left out of it (they are still in the messages output). `counts`
+    and the first and last event times cover every event of the window, listed or not: `last`,
+    when set, is the latest of them (an unlisted one). `closed_early` says why the window was
+    emitted before the watermark reached its end, if it was.
+    """
 
     session_id: str
     start: float
     end: float
     messages: tuple[Event, ...]
     counts: dict[str, int] = field(hash=False)
+    overflow: int = 0
+    last: Event | None = None
+    closed_early: str | None = None
 
     def as_record(self) -> dict[str, Any]:
         return {
@@ -154,25 +164,35 @@ class WindowRecord:
             "messages": [m.as_window_message() for m in self.messages],
             "counts": self.counts,
             "first_event_time": self.messages[0].timestamp,
-            "last_event_time": self.messages[-1].timestamp,
+            "last_event_time": (self.last or self.messages[-1]).timestamp,
+            "truncated": self.overflow > 0,
+            "overflow": self.overflow,
+            "closed_early": self.closed_early,
         }
+
+
+LATE_REASON = "window already emitted"
 
 
 @dataclass(frozen=True, slots=True)
 class LateEvent:
-    """An event whose window had already been emitted when it arrived."""
+    """An event whose window had already been emitted when it arrived, and why that window was.
+
+    `watermark` is -inf when none has been set yet (a window closed early can precede it): null in JSON.
+    """
 
     event: Event
     window_start: float
     window_end: float
     watermark: float
+    reason: str = LATE_REASON
 
     def as_record(self) -> dict[str, Any]:
         return {
             "session_id": self.event.session_id,
             "window_start": iso(self.window_start),
             "window_end": iso(self.window_end),
-            "watermark": iso(self.watermark),
-            "reason": "window already emitted",
+            "watermark": iso(self.watermark) if math.isfinite(self.watermark) else None,
+            "reason": self.reason,
             "event": self.event.as_record(),
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from datetime import datetime, timezone
 
 # Epoch values at or above this are milliseconds: 1e11 s is the year 5138, 1e11 ms is 1973.
@@ -22,7 +23,7 @@ def parse_timestamp(value: object) -> float:
         TimestampError: naming the value and why it is not a timestamp.
     """
     if isinstance(value, bool):
-        msg = f"timestamp {value!r} is a boolean, not a time"
+        msg = f"timestamp {_shown(value)} is a boolean, not a time"
         raise TimestampError(msg)
     if isinstance(value, (int, float)):
         return _from_epoch(float(value), value)
@@ -39,16 +40,16 @@ def parse_timestamp(value: object) -> float:
         try:
             number = float(text)
         except ValueError:
-            msg = f"timestamp {value!r} is neither ISO-8601 nor epoch seconds/milliseconds"
+            msg = f"timestamp {_shown(value)} is neither ISO-8601 nor epoch seconds/milliseconds"
             raise TimestampError(msg) from None
         return _from_epoch(number, value)
-    msg = f"timestamp {value!r} has type {type(value).__name__}; expected a string or a number"
+    msg = f"timestamp {_shown(value)} has type {type(value).__name__}; expected a string or a number"
     raise TimestampError(msg)
 
 
 def _from_epoch(number: float, original: object) -> float:
     if number != number or number in (float("inf"), float("-inf")):
-        msg = f"timestamp {original!r} is not a finite number"
+        msg = f"timestamp {_shown(original)} is not a finite number"
         raise TimestampError(msg)
     seconds = number / 1000.0 if abs(number) >= _MILLIS_THRESHOLD else number
     return _in_range(seconds, original)
@@ -56,6 +57,11 @@ def _from_epoch(number: float, original: object) -> float:
 
 def _in_range(seconds: float, original: object) -> float:
     if not _MIN_EPOCH <= seconds <= _MAX_EPOCH:
-        msg = f"timestamp {original!r} is outside 1970-2200"
+        msg = f"timestamp {_shown(original)} is outside 1970-2200"
         raise TimestampError(msg)
     return seconds
+
+
+def _shown(value: object) -> str:
+    """`value` for an error message: depth and length bounded, whatever the input nests."""
+    return reprlib.repr(value)

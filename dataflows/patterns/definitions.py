@@ -145,7 +145,7 @@ class Predicate(_Model):
     def _compile(cls, value: object) -> object:
         try:
             return re.compile(value) if isinstance(value, str) else value
-        except re.error as exc:
+        except (re.error, OverflowError, RecursionError) as exc:  # the last two: repeats and nesting too deep
             raise PydanticCustomError("regex", "invalid regular expression '{regex}': {error}",
                                       {"regex": value, "error": str(exc)}) from None
 

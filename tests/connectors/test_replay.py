@@ -98,7 +98,7 @@ def test_blocks_are_dealt_round_robin_and_cover_every_line_once(tmp_path: Path) 
 def test_overlong_and_empty_lines_are_dead_letters(tmp_path: Path) -> None:
     items = drain(partition(tmp_path, [timed(0), "x" * 5000, "", timed(1)], max_line_bytes=1000))
     dead = {d.ref.line: d.reason for d in items if isinstance(d, DeadLetter)}
-    assert dead == {2: "line is longer than the 1000-byte limit", 3: "empty line"}
+    assert dead == {2: "line is 5,000 bytes, over the limit of 1,000", 3: "empty line"}
     assert [i.event.ref.line for i in items if isinstance(i, Stamped)] == [1, 4]
 
 

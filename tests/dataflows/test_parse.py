@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dataflows.events import DeadLetter, Event, LineRef
-from dataflows.parse import parse_line
+from dataflows.parse import MAX_JSON_DEPTH, RAW_EXCERPT_CHARS, REASON_CHARS, dead_letter, parse_line
 
 REF = LineRef("in.jsonl", 7, 123)
 
@@ -93,3 +93,45 @@ def test_any_bytes_give_an_event_or_a_reasoned_dead_letter(raw: bytes) -> None:
 def test_any_object_of_known_fields_never_raises(obj: dict[str, Any]) -> None:
     result = parse_line(json.dumps(obj).encode(), REF)
     assert isinstance(result, (Event, DeadLetter))
+
+
+@pytest.mark.parametrize("field", ["timestamp", "session_id", "extra"])
+def test_nesting_1000_deep_is_a_dead_letter_not_a_recursion_error(field: str) -> None:
+    """Was a crash: the timestamp error repr'd a 1,000-deep list and raised RecursionError."""
+    line = '{"session_id": "s", "sender": "rm", "message": "x", "' + field + '": ' + "[" * 1000 + "]" * 1000 + "}"
+    dead = parse(line)
+    assert isinstance(dead, DeadLetter)
+    assert dead.reason == f"JSON nested more than {MAX_JSON_DEPTH} levels deep"
+
+
+def test_nesting_beyond_orjsons_own_limit_says_so_too() -> None:
+    dead = parse("[" * 100_000 + "]" * 100_000)
+    assert isinstance(dead, DeadLetter)
+    assert dead.reason == f"JSON nested more than {MAX_JSON_DEPTH} levels deep"
+    assert len(dead.raw) == RAW_EXCERPT_CHARS
+
+
+def test_nesting_up_to_the_limit_is_read(conversation: Callable[..., dict]) -> None:
+    deep: Any = "x"
+    for _ in range(MAX_JSON_DEPTH - 1):
+        deep = [deep]
+    assert isinstance(parse(conversation(extra=deep)), Event)
+
+
+def test_line_over_the_limit_is_a_dead_letter_unparsed(conversation: Callable[..., dict]) -> None:
+    line = orjson.dumps(conversation(message="x" * (2 << 20)))
+    dead = parse_line(line, REF)
+    assert isinstance(dead, DeadLetter)
+    assert dead.reason == f"line is {len(line):,} bytes, over the limit of 1,048,576"
+    assert dead.raw == line[:RAW_EXCERPT_CHARS].decode()
+    assert isinstance(parse_line(line, REF, max_bytes=len(line)), Event)
+    small = parse_line(b"[1]", REF, max_bytes=2)
+    assert isinstance(small, DeadLetter) and small.reason == "line is 3 bytes, over the limit of 2"
+
+
+def test_a_reason_quoting_a_huge_value_is_cut(conversation: Callable[..., dict]) -> None:
+    dead = parse(conversation(timestamp="9" * 50_000 + "x"))
+    assert isinstance(dead, DeadLetter)
+    assert len(dead.reason) <= 200 and dead.reason.startswith("timestamp '999") and "neither ISO-8601" in dead.reason
+    long_reason = dead_letter("{}", REF, "x" * 50_000)
+    assert len(long_reason.reason) == REASON_CHARS and long_reason.reason.endswith("…")
