@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO
@@ -144,6 +144,8 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
         self.line = resume.line
         self.stamper = BlockStamper(self.block)
         self.stamper.latest = resume.latest
+        # A resumed replay goes on from where it was, not from the file's first event time.
+        self.clock = source.clock if resume.latest is None else replace(source.clock, event_origin=resume.latest)
         self.counted = (0, 0) if resume.line == 0 else (resume.offset, resume.line - 1)
         self.finished: list[tuple[int, float | None]] = []
         self.peeked: tuple[Event | DeadLetter, int] | None = None
@@ -167,7 +169,7 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
                 self.done = True
                 break
             item, end = peeked
-            if isinstance(item, Event) and item.time is not None and self.src.clock.wall_time_for(item.time) > now:
+            if isinstance(item, Event) and item.time is not None and self.clock.wall_time_for(item.time) > now:
                 self.waiting_since = now
                 break
             batch.append(self.stamper.stamp(item))
@@ -182,7 +184,7 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
             return None
         item = self.peeked[0]
         assert isinstance(item, Event) and item.time is not None
-        due = min(self.src.clock.wall_time_for(item.time), self.waiting_since + self.src.tick_seconds)
+        due = min(self.clock.wall_time_for(item.time), self.waiting_since + self.src.tick_seconds)
         return datetime.fromtimestamp(due, timezone.utc)
 
     def snapshot(self) -> PartitionState:
@@ -195,7 +197,7 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
         finished, self.finished = tuple(self.finished), []
         if self.done:
             return Progress(self.partition, DONE, finished)
-        clock = self.src.clock.event_time_at(now) if self.waiting_since is not None else None
+        clock = self.clock.event_time_at(now) if self.waiting_since is not None else None
         return Progress(self.partition, self.offset, finished, clock)
 
     def _peek(self) -> tuple[Event | DeadLetter, int] | None:

@@ -113,6 +113,19 @@ def test_resume_continues_after_the_snapshot(tmp_path: Path) -> None:
     assert first + rest == list(range(1, 11))
 
 
+def test_a_resumed_paced_replay_goes_on_from_its_snapshot_not_from_the_first_event(tmp_path: Path) -> None:
+    part = partition(tmp_path, [timed(i) for i in range(10)], batch_size=4)
+    part.next_batch()
+    state = part.snapshot()
+    assert state.latest is not None and state.latest > T0
+    source = part.src
+    source.clock = ReplayClock(event_origin=T0, wall_origin=1_000.0, speed=2.0)
+    resumed = source.build_part("read", source.list_parts()[0], state)
+    assert isinstance(resumed, ReplayPartition)
+    assert resumed.clock.wall_time_for(state.latest) == 1_000.0, "the event the run had reached is due at once"
+    assert source.build_part("read", source.list_parts()[0], None).clock == source.clock
+
+
 def test_first_event_time_skips_untimed_and_bad_lines(tmp_path: Path) -> None:
     path = write(tmp_path / "in.jsonl", ["junk", {"username": "bob", "type": "USER_JOINED"}, timed(3)])
     assert first_event_time(path) == T0 + 3
