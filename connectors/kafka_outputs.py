@@ -5,7 +5,7 @@ so a session's messages, windows and alerts stay on one partition and in order. 
 the chat pipeline's envelope (`envelope`). Delivery is at-least-once: the sink flushes after
 every batch, and a message the brokers finally refuse stops the run with the reason
 (`undelivered`) instead of vanishing; while brokers are away librdkafka keeps retrying for
-`message.timeout.ms`.
+`message.timeout.ms`. Only failed deliveries are reported back (`PRODUCER_DEFAULTS`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -21,6 +22,15 @@ from confluent_kafka import Producer
 
 from dataflows.errors import ConvoflowError
 from dataflows.flow import FlowOutput, OutputKind, Record
+
+ONLY_ERRORS = "delivery.report.only.error"
+PRODUCER_DEFAULTS: Mapping[str, Any] = MappingProxyType({ONLY_ERRORS: True})
+"""librdkafka settings of the sink's producer, before the run's own (`--kafka-config`).
+
+librdkafka's own defaults (`linger.ms=5`, 10,000 messages a request) measured as fast as any
+tried for these outputs; what costs is a Python delivery callback per message, so only failures
+are reported."""
+
 
 @dataclass(frozen=True)
 class OutputTopics:
@@ -79,8 +89,10 @@ Keyed = tuple[bytes | None, bytes]
 
 def encode_for_kafka(kind: str, records: list[Record]) -> list[Keyed]:
     """The flow's encoder for Kafka: each record keyed by session, messages in the envelope."""
-    wrap = envelope if kind == OutputKind.MESSAGES else None
-    return [(_key(r), orjson.dumps(wrap(r) if wrap else r)) for r in records]
+    dumps = orjson.dumps
+    if kind == OutputKind.MESSAGES:
+        return [(_key(r), dumps(envelope(r))) for r in records]
+    return [(_key(r), dumps(r)) for r in records]
 
 
 def _key(record: Record) -> bytes | None:
@@ -110,8 +122,15 @@ class KafkaTopicsSink(DynamicSink[tuple[str, list[Keyed]]]):
         self.config = dict(config or {})
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _TopicsPartition:
-        producer = Producer({**self.config, "bootstrap.servers": self.brokers, "on_delivery": undelivered})
-        return _TopicsPartition(producer, self.topics)
+        return _TopicsPartition(Producer(self.producer_config()), self.topics)
+
+    def producer_config(self) -> dict[str, Any]:
+        """The defaults, the run's own settings, then the brokers and the delivery callback."""
+        config = {**PRODUCER_DEFAULTS, **self.config, "bootstrap.servers": self.brokers, "on_delivery": undelivered}
+        only_errors = config[ONLY_ERRORS]
+        if isinstance(only_errors, str):  # from --kafka-config; confluent-kafka takes only a bool here
+            config[ONLY_ERRORS] = only_errors.strip().lower() in ("true", "1")
+        return config
 
 
 class _TopicsPartition(StatelessSinkPartition[tuple[str, list[Keyed]]]):

@@ -9,7 +9,16 @@ from typing import Any
 import orjson
 import pytest
 
-from connectors.kafka_outputs import OutputTopics, _TopicsPartition, encode_for_kafka, envelope, undelivered
+from connectors.kafka_outputs import (
+    ONLY_ERRORS,
+    PRODUCER_DEFAULTS,
+    KafkaTopicsSink,
+    OutputTopics,
+    _TopicsPartition,
+    encode_for_kafka,
+    envelope,
+    undelivered,
+)
 from dataflows.errors import ConvoflowError
 from dataflows.events import Event, iso
 from dataflows.flow import OutputKind
@@ -163,3 +172,17 @@ def test_undelivered_message_stops_the_run_naming_its_topic() -> None:
 
 def test_delivered_message_is_fine() -> None:
     undelivered(None, FakeMessage("late_events"))
+
+
+def test_the_producer_reports_only_failed_deliveries_unless_the_run_says_otherwise() -> None:
+    config = KafkaTopicsSink("b1:9092", OutputTopics()).producer_config()
+    assert {k: config[k] for k in PRODUCER_DEFAULTS} == dict(PRODUCER_DEFAULTS)
+    assert config[ONLY_ERRORS] is True
+    assert (config["bootstrap.servers"], config["on_delivery"]) == ("b1:9092", undelivered)
+
+
+@pytest.mark.parametrize(("given", "expected"), [("false", False), ("true", True), (False, False)])
+def test_the_runs_own_producer_settings_win_and_a_text_switch_becomes_a_bool(given: Any, expected: bool) -> None:
+    config = KafkaTopicsSink("b1:9092", OutputTopics(), {ONLY_ERRORS: given, "linger.ms": "50"}).producer_config()
+    assert config[ONLY_ERRORS] is expected
+    assert config["linger.ms"] == "50"

@@ -1,17 +1,28 @@
-"""The Kafka source's broker-free parts: message refs, parsing, stamping and marks per partition."""
+"""The Kafka source: message refs, parsing, stamping and marks per partition, offsets and resume.
+
+Broker-free except the last tests (marked `kafka`), which read a real topic and resume from a snapshot.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import pytest
-from bytewax.connectors.kafka import KafkaError, KafkaSourceMessage
-from bytewax.inputs import StatefulSourcePartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Producer, TopicPartition
 from confluent_kafka import KafkaError as ConfluentKafkaError
 
-from connectors.kafka_source import LivePartition, LiveResume, kafka_ref
+from connectors.kafka_source import (
+    CONSUMER_DEFAULTS,
+    KafkaPosition,
+    LiveKafkaSource,
+    LivePartition,
+    LiveResume,
+    ReadSettings,
+    kafka_ref,
+)
 from dataflows.events import DeadLetter, Event, LineRef, iso
 from dataflows.live import LiveStamper
 from dataflows.sequencing import LiveMark, Stamped
@@ -23,11 +34,35 @@ TOPIC = "chat"
 PARTITION = 1
 TICK = 0.25
 
-Message = KafkaSourceMessage[bytes | None, bytes | None]
+
+@dataclass(frozen=True)
+class FakeMessage:
+    """What `confluent_kafka.Consumer.consume` hands out: a message, or an error event."""
+
+    offset_: int | None
+    value_: bytes | None = None
+    error_: ConfluentKafkaError | None = None
+
+    def error(self) -> ConfluentKafkaError | None:
+        return self.error_
+
+    def value(self) -> bytes | None:
+        return self.value_
+
+    def offset(self) -> int | None:
+        return self.offset_
 
 
-def message(offset: int, value: bytes | None) -> Message:
-    return KafkaSourceMessage(None, value, topic=TOPIC, partition=PARTITION, offset=offset)
+def message(offset: int, value: bytes | None) -> FakeMessage:
+    return FakeMessage(offset, value)
+
+
+def kafka_error(code: int, offset: int | None = None, value: bytes | None = None) -> FakeMessage:
+    return FakeMessage(offset, value, ConfluentKafkaError(code))
+
+
+def end_of_partition() -> FakeMessage:
+    return kafka_error(ConfluentKafkaError._PARTITION_EOF, offset=None)
 
 
 def line(t: float, text: str = "hi") -> bytes:
@@ -35,25 +70,21 @@ def line(t: float, text: str = "hi") -> bytes:
 
 
 @dataclass
-class FakeInner(StatefulSourcePartition[Any, int | None]):
-    """Bytewax's Kafka partition: hands out `batches`, then ends; its snapshot is the next offset."""
+class FakeConsumer:
+    """A consumer that hands out `batches` (one per `consume`), then empty batches."""
 
-    batches: list[list[Any]]
-    offset: int | None = None
+    batches: list[list[FakeMessage]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    assigned: list[TopicPartition] = field(default_factory=list)
+    asked: list[tuple[int, float]] = field(default_factory=list)
     closed: bool = False
 
-    def next_batch(self) -> list[Any]:
-        if not self.batches:
-            raise StopIteration
-        batch = self.batches.pop(0)
-        for m in batch:
-            offset = (m.msg if isinstance(m, KafkaError) else m).offset
-            assert offset is not None
-            self.offset = offset + 1
-        return batch
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        self.assigned = partitions
 
-    def snapshot(self) -> int | None:
-        return self.offset
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[FakeMessage]:
+        self.asked.append((num_messages, timeout))
+        return self.batches.pop(0) if self.batches else []
 
     def close(self) -> None:
         self.closed = True
@@ -69,9 +100,12 @@ class Wall:
         return self.now
 
 
-def partition(*batches: list[Any], wall: Wall | None = None) -> tuple[LivePartition, FakeInner]:
-    inner = FakeInner(list(batches))
-    return LivePartition(inner, LiveStamper(PARTITION, started=W0), TICK, wall or Wall()), inner
+def partition(*batches: list[FakeMessage], wall: Wall | None = None,
+              read: ReadSettings = ReadSettings()) -> tuple[LivePartition, FakeConsumer]:
+    consumer = FakeConsumer(list(batches))
+    part = LivePartition(consumer, KafkaPosition(TOPIC, PARTITION), LiveStamper(PARTITION, started=W0), TICK,
+                         wall or Wall(), read)
+    return part, consumer
 
 
 def test_kafka_ref_names_topic_partition_and_offset() -> None:
@@ -109,14 +143,24 @@ def test_unreadable_message_becomes_a_dead_letter_naming_where_it_came_from(valu
 
 
 def test_kafka_error_becomes_a_dead_letter_of_the_read_step() -> None:
-    err = KafkaError(ConfluentKafkaError(ConfluentKafkaError._MSG_TIMED_OUT), message(4, b"partial"))
-    part, _ = partition([err])
+    part, _ = partition([kafka_error(ConfluentKafkaError._MSG_TIMED_OUT, offset=4, value=b"partial")])
     dead, _ = part.next_batch()
     assert isinstance(dead, DeadLetter)
     record = dead.as_record()
     assert (record["topic"], record["partition"], record["offset"], record["step"]) == (TOPIC, PARTITION, 4, "read")
     assert record["reason"].startswith("Kafka error:")
     assert record["raw"] == "partial"
+    assert part.snapshot().offset == 5, "a message that came as an error is not read again"
+
+
+def test_kafka_error_of_no_message_is_a_dead_letter_at_the_partitions_position_and_moves_no_offset() -> None:
+    part, _ = partition([message(6, line(1))], [kafka_error(ConfluentKafkaError._TRANSPORT)])
+    part.next_batch()
+    dead, _ = part.next_batch()
+    assert isinstance(dead, DeadLetter)
+    record = dead.as_record()
+    assert (record["topic"], record["partition"], record["offset"], record["step"]) == (TOPIC, PARTITION, 7, "read")
+    assert part.snapshot().offset == 7
 
 
 def test_a_mark_follows_every_non_empty_batch() -> None:
@@ -149,7 +193,7 @@ def test_first_empty_batch_reports_the_partition_at_once() -> None:
 
 def test_end_of_partition_gives_one_final_idle_mark_then_stops() -> None:
     wall = Wall()
-    part, _ = partition([message(0, line(1))], wall=wall)
+    part, _ = partition([message(0, line(1)), end_of_partition()], wall=wall)
     part.next_batch()
     wall.now = W0 + 2
     assert part.next_batch() == [LiveMark(PARTITION, T0 + 3, True)]
@@ -159,10 +203,126 @@ def test_end_of_partition_gives_one_final_idle_mark_then_stops() -> None:
         part.next_batch()
 
 
-def test_snapshot_is_the_kafka_offset_and_the_latest_event_time() -> None:
-    part, inner = partition([message(0, line(5)), message(1, line(2)), message(2, None)])
+def test_the_batch_that_reaches_the_end_keeps_its_messages_and_nothing_after_the_end() -> None:
+    part, consumer = partition([message(0, line(1)), message(1, line(2)), end_of_partition(), message(2, line(3))])
+    items = part.next_batch()
+    assert [i.event.offset for i in items if isinstance(i, Stamped)] == [0, 1]
+    assert isinstance(items[-1], LiveMark) and not items[-1].idle
+    assert part.snapshot().offset == 2, "a message after the end is not counted as read"
+    assert part.next_batch() == [LiveMark(PARTITION, T0 + 2, True)]
+    assert len(consumer.asked) == 1, "no read after the end"
+
+
+def test_an_end_reached_in_an_empty_batch_is_reported_on_the_next_read() -> None:
+    part, _ = partition([message(0, line(1))], [end_of_partition()])
+    part.next_batch()
+    assert part.next_batch() == []
+    assert part.next_batch() == [LiveMark(PARTITION, T0 + 1, True)]
+    with pytest.raises(StopIteration):
+        part.next_batch()
+
+
+def test_snapshot_is_the_next_offset_and_the_latest_event_time() -> None:
+    part, consumer = partition([message(0, line(5)), message(1, line(2)), message(2, None)])
     assert part.snapshot() == LiveResume(None, None)
     part.next_batch()
     assert part.snapshot() == LiveResume(3, T0 + 5)
     part.close()
-    assert inner.closed
+    assert consumer.closed
+
+
+def test_each_read_asks_for_at_most_a_batch_and_waits_briefly() -> None:
+    part, consumer = partition([], read=ReadSettings(batch_size=250, wait_s=0.002))
+    part.next_batch()
+    assert consumer.asked == [(250, 0.002)]
+
+
+def source(consumers: list[FakeConsumer], **options: Any) -> LiveKafkaSource:
+    def factory(config: dict[str, Any]) -> FakeConsumer:
+        consumer = FakeConsumer(config=config)
+        consumers.append(consumer)
+        return consumer
+
+    parts = [f"{i}-{TOPIC}" for i in range(3)]
+    return LiveKafkaSource(["b1:9092", "b2:9092"], TOPIC, parts, consumer_factory=factory, wall=Wall(), **options)
+
+
+@pytest.mark.parametrize(("from_beginning", "start"), [(True, OFFSET_BEGINNING), (False, OFFSET_END)])
+def test_a_new_partition_is_assigned_where_the_run_starts(from_beginning: bool, start: int) -> None:
+    consumers: list[FakeConsumer] = []
+    part = source(consumers, from_beginning=from_beginning).build_part("read", f"2-{TOPIC}", None)
+    [assigned] = consumers[0].assigned
+    assert (assigned.topic, assigned.partition, assigned.offset) == (TOPIC, 2, start)
+    assert part.snapshot() == LiveResume(None, None)
+    assert part.stamper.partition == 2
+
+
+def test_a_resumed_partition_reads_on_from_its_snapshot_with_its_clock() -> None:
+    consumers: list[FakeConsumer] = []
+    part = source(consumers).build_part("read", f"1-{TOPIC}", LiveResume(42, T0 + 7))
+    [assigned] = consumers[0].assigned
+    assert (assigned.topic, assigned.partition, assigned.offset) == (TOPIC, 1, 42)
+    assert part.snapshot() == LiveResume(42, T0 + 7), "a snapshot before any read gives the same resume state"
+    assert part.stamper.clock(W0) == T0 + 7
+
+
+def test_consumer_settings_take_the_runs_own_over_the_defaults() -> None:
+    consumers: list[FakeConsumer] = []
+    config = {"max.partition.fetch.bytes": "1048576", "security.protocol": "SSL"}
+    source(consumers, config=config, tail=False).build_part("read", f"0-{TOPIC}", None)
+    got = consumers[0].config
+    assert {k: got[k] for k in CONSUMER_DEFAULTS if k != "max.partition.fetch.bytes"} == {
+        k: v for k, v in CONSUMER_DEFAULTS.items() if k != "max.partition.fetch.bytes"}
+    assert (got["max.partition.fetch.bytes"], got["security.protocol"]) == ("1048576", "SSL")
+    assert (got["bootstrap.servers"], got["enable.partition.eof"]) == ("b1:9092,b2:9092", True)
+
+
+def test_a_tailing_source_does_not_stop_at_the_end() -> None:
+    consumers: list[FakeConsumer] = []
+    source(consumers, tail=True).build_part("read", f"0-{TOPIC}", None)
+    assert consumers[0].config["enable.partition.eof"] is False
+
+
+def test_a_partition_of_another_topic_is_refused() -> None:
+    with pytest.raises(ValueError, match="not a partition of topic"):
+        source([]).build_part("read", "0-other", None)
+
+
+def read_to_end(part: LivePartition) -> list[Any]:
+    items: list[Any] = []
+    while True:
+        try:
+            items += part.next_batch()
+        except StopIteration:
+            return items
+
+
+@pytest.mark.kafka
+def test_a_real_partition_reads_to_its_end_and_resumes_from_its_snapshot(
+    kafka_bootstrap: str, kafka_topic: Callable[..., str]
+) -> None:
+    topic = kafka_topic(partitions=1)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    for i in range(5):
+        producer.produce(topic, line(i, f"m{i}") if i != 2 else b"{not json")
+    assert producer.flush(10) == 0
+
+    def build(resume: LiveResume | None) -> LivePartition:
+        live = LiveKafkaSource([kafka_bootstrap], topic, [f"0-{topic}"], tail=False, batch_size=2)
+        return live.build_part("read", f"0-{topic}", resume)
+
+    first = build(None)
+    items = read_to_end(first)
+    snapshot = first.snapshot()
+    first.close()
+    assert [i.event.text for i in items if isinstance(i, Stamped)] == ["m0", "m1", "m3", "m4"]
+    [dead] = [i.as_record() for i in items if isinstance(i, DeadLetter)]
+    assert (dead["topic"], dead["partition"], dead["offset"]) == (topic, 0, 2)
+    assert items[-1] == LiveMark(0, items[-1].clock, True)
+    assert snapshot == LiveResume(5, T0 + 4)
+
+    resumed = build(LiveResume(3, T0 + 2))
+    again = read_to_end(resumed)
+    resumed.close()
+    assert [i.event.offset for i in again if isinstance(i, Stamped)] == [3, 4]
+    assert resumed.snapshot() == LiveResume(5, T0 + 4)
