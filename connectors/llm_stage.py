@@ -3,7 +3,7 @@
 `LlmStage` is a `dataflows.flow.Stage`: `build_flow(..., stages=[LlmStage(config)])` runs it with
 `flat_map_batch` on every list of `(kind, records)` batches before the outputs. Per call it sends
 the model every window and every message to translate of the whole list at once, through one
-`LlmClient` per worker (`concurrency` calls in flight; retries, rate limit and cache are
+`LlmClient` per worker (`concurrency` requests in flight; retries, rate limit and cache are
 LangChain's and the openai SDK's, see `connectors.llm`), waits for them all and returns the same
 batches, in the same order, with every record enriched in place; none is dropped, and a failure
 becomes the record's `status: "error"`. Other kinds pass through untouched.
@@ -36,9 +36,10 @@ reader, since a record has a single `translated`.
 Rules. A message whose `moderation.flags` has `"translation": false` (a `feature_flag` rule for
 its room, tenant or everywhere, as the flow attaches it) is skipped with that reason. The model of
 a translation is, first match wins: the record's `language_model` (a model name, or a mapping
-language → model looked up by the target's full tag, then its primary subtag, case-insensitively,
-like `language_model` rules; the flow attaches none yet), the stage's `models` mapping (same
-lookup), the config's model.
+language → model looked up by the target's full tag, then its primary subtag, case-insensitively),
+else the `language_model` rules in force for the message (`moderation.models`, which the flow
+attaches with a rules stream; same lookup), the stage's `models` mapping (same lookup), the
+config's model.
 
 State. The reader languages are per-worker state kept inside the stage (`ReaderLanguages`, at most
 `max_sessions` sessions, least recently seen dropped first), not a Bytewax state: a session's
@@ -57,10 +58,18 @@ Lifetime. The stage pickles to spawned worker processes holding only its config 
 worker thread builds its own `LlmClient` (event loop and connection pool) on its first batch.
 `close()` closes them all after a run; a `weakref.finalize` closes any left at interpreter exit.
 `concurrency`, the rate limit and the translation cache are per worker.
+
+Heap. Loading LangChain and the openai SDK leaves about 220,000 long-lived objects, which every
+full pass of Python's cyclic garbage collector rescans: 12% of a call's CPU at 64 calls in flight.
+So the first client of a process is followed by `gc.collect()` and `gc.freeze()` (once per
+process): what exists then (modules, classes, the flow's state so far) is left to reference
+counting, and later passes scan only newer objects. A frozen object is still freed when its last
+reference goes; only a reference cycle among objects alive at that moment would never be.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import weakref
@@ -76,6 +85,7 @@ if TYPE_CHECKING:
     from connectors.llm import LlmClient
 
 log = logging.getLogger(__name__)
+_heap_settled = False
 
 Batches = list[tuple[str, list[Record]]]
 TRANSLATION_FLAG: Final = "translation"
@@ -123,11 +133,14 @@ class ReaderLanguages:
 
 
 def model_for(record: Mapping[str, Any], target: str, models: Mapping[str, str]) -> str | None:
-    """The model to translate `record` into `target` with: the record's `language_model` hint, then `models`.
+    """The model to translate `record` into `target` with: the record's `language_model` hint, else the
+    `language_model` rules in force for it (`moderation.models`, attached by the flow), then `models`.
 
     None: the config's model. `models` keys must be case-folded (`LlmStage` folds them).
     """
     hint = record.get("language_model")
+    if hint is None and isinstance(moderation := record.get("moderation"), Mapping):
+        hint = moderation.get("models")
     if isinstance(hint, str) and hint:
         return hint
     if isinstance(hint, Mapping):
@@ -242,6 +255,7 @@ class LlmStage:
                 worker = self._workers[ident] = _Worker(LlmClient(self.config), ReaderLanguages(self.max_sessions))
                 if self._finalizer is None:
                     self._finalizer = weakref.finalize(self, _close_all, self._workers)
+                _settle_heap()
         return worker
 
     def _enrich(self, batches: Batches) -> None:
@@ -307,6 +321,15 @@ def _fill(record: Record, result: Record, source: str | None) -> None:
     body["source"] = source
     body["target"] = result["language"]
     record["translation"] = body
+
+
+def _settle_heap() -> None:
+    """Once per process, move every object alive now out of the cyclic GC's reach (see "Heap" above)."""
+    global _heap_settled
+    if not _heap_settled:
+        _heap_settled = True
+        gc.collect()
+        gc.freeze()
 
 
 def _close_all(workers: dict[int, _Worker]) -> None:

@@ -9,9 +9,12 @@
 
 Faults are queued with `inject(kind, times=..., match=...)` and consumed by the next matching
 requests: `429` and `500` (with `Retry-After` seconds when given), `hang` (sleeps `hang_seconds`
-or until the server stops), `malformed` (HTTP 200 whose content is truncated JSON), `slow` (answers
+or until the server stops), `malformed` (HTTP 200 whose content is truncated JSON), `fenced` (the
+normal content inside a Markdown ```json code fence, as some models answer), `slow` (answers
 normally after `delay` more seconds). The server counts requests, tracks the most requests in
-flight at once and keeps every JSON payload, its headers (names lower-cased) and its arrival time (monotonic).
+flight at once and keeps every JSON payload, its headers (names lower-cased) and its arrival time (monotonic);
+`GET /stats` answers `{"requests", "max_in_flight"}`, for a server in another process (`python
+fake_openai.py [latency]` prints its base URL and serves until interrupted).
 Bound to 127.0.0.1 on a free port; run in a background thread by `start()`, ended by `stop()`.
 """
 
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
-FaultKind = Literal["429", "500", "hang", "malformed", "slow"]
+FaultKind = Literal["429", "500", "hang", "malformed", "fenced", "slow"]
 _LANG = re.compile(r"code '([^']+)'")
 
 
@@ -178,6 +181,15 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's name
         pass
 
+    def do_GET(self) -> None:
+        fake = self.server.fake
+        if self.path.rstrip("/") != "/stats":
+            self._send(404, {"error": {"message": f"no route {self.path}"}})
+            return
+        with fake._lock:
+            stats = {"requests": fake.requests, "max_in_flight": fake.max_in_flight}
+        self._send(200, stats)
+
     def do_POST(self) -> None:
         fake = self.server.fake
         raw = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
@@ -204,6 +216,8 @@ class _Handler(BaseHTTPRequestHandler):
             content = answer_content(payload)
             if fault is not None and fault.kind == "malformed":
                 content = '{"suggested_reply": "cut sh'
+            if fault is not None and fault.kind == "fenced":
+                content = f"```json\n{content}\n```"
             self._send(200, completion(payload.get("model", "fake"), content, number))
         finally:
             fake._leave()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -11,7 +13,10 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from connectors.llm import LlmClient, LlmConfig, TranslationRequest, same_language, transcript, window_prompt
+from connectors.llm import (
+    InlineExecutor, LlmClient, LlmConfig, TranslationRequest, same_language, transcript, translation_prompt,
+    window_prompt,
+)
 from dataflows.errors import ConvoflowError
 from dataflows.events import Event, WindowRecord
 from tests.connectors.fake_openai import FakeOpenAI
@@ -125,6 +130,33 @@ def test_malformed_twice_is_invalid_response_with_raw_text(
     assert out["assistant"]["suggested_reply"] is None and fake.requests == 2
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_json_schema_asks_for_the_strict_schema(fake: FakeOpenAI, make_client: Callable[..., LlmClient]) -> None:
+    [out] = make_client(structured_method="json_schema").assist_windows([CARD_WINDOW])
+    assert out["assistant"]["status"] == "ok" and out["assistant"]["suggested_reply"] == "Re: where is my card?"
+    [payload] = fake.payloads
+    assert payload["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "WindowAssist", "strict": True, "schema": {
+            "description": "The structured answer asked of the model for one window.", "type": "object",
+            "title": "WindowAssist", "additionalProperties": False, "required": ["suggested_reply", "summary"],
+            "properties": {"suggested_reply": {"title": "Suggested Reply", "type": "string"},
+                           "summary": {"title": "Summary", "type": "string"}}}}}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize(("method", "status", "calls"), [("json_mode", "ok", 1), ("json_schema", "invalid_response", 2)])
+def test_a_fenced_answer_passes_in_json_mode_only(
+    fake: FakeOpenAI, make_client: Callable[..., LlmClient], method: str, status: str, calls: int
+) -> None:
+    fake.inject("fenced", times=2)
+    [out] = make_client(structured_method=method).assist_windows([CARD_WINDOW])
+    assert out["assistant"]["status"] == status and fake.requests == calls
+    if status == "ok":
+        assert out["assistant"]["suggested_reply"] == "Re: where is my card?"
+    else:
+        assert out["assistant"]["raw"].startswith("```json\n{")
+
+
 def test_429_waits_as_long_as_retry_after_says(fake: FakeOpenAI, make_client: Callable[..., LlmClient]) -> None:
     fake.inject("429", retry_after=1.0)
     [out] = make_client().translate([("hola", "en")])
@@ -168,6 +200,29 @@ def test_a_request_that_times_out_is_retried(make_client: Callable[..., LlmClien
     fake.inject("hang", match="slowpoke")
     [failed] = make_client(timeout=0.3, max_retries=0).translate([("slowpoke", "de")])
     assert failed["translation"]["status"] == "error" and "timed out" in failed["translation"]["error"]
+
+
+def test_the_client_loop_runs_handed_off_work_inline_but_resolves_names_on_a_thread() -> None:
+    executor = InlineExecutor(max_workers=1)
+    try:
+        assert executor.submit(threading.get_ident).result() == threading.get_ident()
+        with pytest.raises(ZeroDivisionError):
+            executor.submit(lambda: 1 / 0).result()
+        resolving = executor.submit(socket.getaddrinfo, "localhost", 80)
+        assert resolving.result(timeout=10) and threading.get_ident() not in {t.ident for t in executor._threads}
+        assert len(executor._threads) == 1
+    finally:
+        executor.shutdown()
+
+
+def test_a_host_name_base_url_is_resolved(fake: FakeOpenAI, make_client: Callable[..., LlmClient]) -> None:
+    [out] = make_client(base_url=fake.base_url.replace("127.0.0.1", "localhost")).translate([("hola", "en")])
+    assert out["translated"] == "[en] hola"
+
+
+def test_translation_prompts_share_one_system_message_per_language() -> None:
+    first, second = translation_prompt("hola", "en"), translation_prompt("adiós", "en")
+    assert first[0] is second[0] and first[1].content == "hola" and translation_prompt("hola", "de")[0] is not first[0]
 
 
 def test_translations_are_cached_for_the_run(fake: FakeOpenAI, make_client: Callable[..., LlmClient]) -> None:
@@ -218,6 +273,15 @@ def test_concurrency_is_bounded_and_used(fake: FakeOpenAI, make_client: Callable
     out = make_client(concurrency=concurrency).translate([(f"text {i}", "es") for i in range(12)])
     assert [o["translated"] for o in out] == [f"[es] text {i}" for i in range(12)]
     assert fake.max_in_flight == concurrency
+
+
+def test_a_call_waiting_for_a_connection_is_not_timed_out_by_the_wait(
+    fake: FakeOpenAI, make_client: Callable[..., LlmClient]
+) -> None:
+    fake.latency = 0.25
+    out = make_client(concurrency=2, timeout=0.4, max_retries=0).translate([(f"text {i}", "es") for i in range(6)])
+    assert [o["translation"]["status"] for o in out] == ["ok"] * 6
+    assert fake.max_in_flight == 2 and fake.requests == 6
 
 
 def test_results_keep_input_order_when_calls_finish_out_of_order(fake: FakeOpenAI, make_client: Callable[..., LlmClient]) -> None:

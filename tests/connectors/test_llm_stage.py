@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 import pickle
@@ -14,6 +15,7 @@ import orjson
 import pytest
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 
+from connectors import llm_stage
 from connectors.llm import LlmConfig
 from connectors.llm_stage import FLAG_OFF, NO_READER, NO_SOURCE, LlmStage, ReaderLanguages, model_for
 from dataflows.events import DeadLetter, Event, WindowRecord, iso
@@ -257,6 +259,15 @@ def test_the_model_follows_the_record_hint_then_the_stage_models(fake: FakeOpenA
     assert model_for({}, "pt-br", stage.models) == "qwen-ptbr" and model_for({}, "es-MX", stage.models) == "qwen-es"
 
 
+def test_language_model_rules_on_the_verdict_choose_the_model(fake: FakeOpenAI, make_stage: Callable[..., LlmStage]) -> None:
+    verdict = {"action": "allow", "rules": [], "reasons": [], "flags": {}, "role": None, "models": {"es": "qwen-es"}}
+    room = [message("hola", sender="alice", language="es", line=1, moderation=verdict),
+            message("hi", sender="bob", language="en", line=2, moderation=verdict),
+            message("hi", sender="bob", language="en", line=3, moderation={**verdict, "models": {}})]
+    [(_, out)] = make_stage()([(OutputKind.MESSAGES, room)])
+    assert [m["translation"]["model"] for m in out[1:]] == ["qwen-es", "gpt-4o-mini"]
+
+
 def test_a_failed_translation_keeps_the_record_and_its_language(fake: FakeOpenAI, make_stage: Callable[..., LlmStage]) -> None:
     fake.inject("500", times=2, match="doomed", retry_after=0.05)
     room = conversation_of(("bob", "en", "hi"), ("alice", "es", "doomed"), ("alice", "es", "bien"))
@@ -312,6 +323,19 @@ def test_the_stage_pickles_without_its_clients_and_closes_them(fake: FakeOpenAI,
     assert worker.client._loop is not None and worker.client._loop.is_closed() and stage._workers == {}
     stage([(OutputKind.WINDOWS, [window()])])  # reopens
     assert fake.requests == 2
+
+
+def test_the_first_client_of_a_process_leaves_the_loaded_heap_to_reference_counting(
+    fake: FakeOpenAI, make_stage: Callable[..., LlmStage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(llm_stage, "_heap_settled", False)
+    gc.unfreeze()
+    loaded = ["alive before the first batch"]
+    make_stage()([(OutputKind.WINDOWS, [window()])])
+    assert gc.get_freeze_count() > 0 and not any(o is loaded for o in gc.get_objects())
+    frozen = gc.get_freeze_count()
+    make_stage()([(OutputKind.WINDOWS, [window()])])
+    assert gc.get_freeze_count() == frozen, "once per process"
 
 
 # --- in a flow ---------------------------------------------------------------------------------
