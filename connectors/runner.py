@@ -263,11 +263,10 @@ def run_job(
     """
     with stop_on_signals(stop_flag(run)) as signals:
         try:
-            if cluster is not None:
-                with _Poller(poll, interval):
-                    _run_in_cluster(run, cluster, workers)
+            if cluster is not None or processes == 1:
+                _run_here(run, workers, poll, interval, cluster)
             else:
-                _run(run, processes, workers, poll, interval)
+                _run_local_cluster(run, processes, workers, poll, interval)
         except KeyboardInterrupt:
             raise RunAborted(signals.received[0] if signals.received else "SIGINT") from None
         except ConvoflowError:
@@ -278,23 +277,22 @@ def run_job(
     return signals
 
 
-def _run_in_cluster(run: FlowJob, cluster: Cluster, workers: int) -> None:
-    try:
-        _run_process(run, list(cluster.addresses), cluster.process_id, workers)
-    except Exception as exc:
-        msg = f"the dataflow failed in process {cluster.process_id} of {len(cluster.addresses)}: {exc}"
-        raise ConvoflowError(msg) from exc
+def _run_here(run: FlowJob, workers: int, poll: Callable[[], None] | None, interval: float,
+              cluster: Cluster | None) -> None:
+    """Run on this thread the whole flow, or this process's part of `cluster`."""
+    addresses, process_id = ([], 0) if cluster is None else (list(cluster.addresses), cluster.process_id)
+    where = "" if cluster is None else f" in process {process_id} of {len(addresses)}"
+    with _Poller(poll, interval):
+        try:
+            _run_process(run, addresses, process_id, workers)
+        except Exception as exc:
+            msg = f"the dataflow failed{where}: {exc}"
+            raise ConvoflowError(msg) from exc
 
 
-def _run(run: FlowJob, processes: int, workers: int, poll: Callable[[], None] | None, interval: float) -> None:
-    if processes == 1:
-        with _Poller(poll, interval):
-            try:
-                _run_process(run, [], 0, workers)
-            except Exception as exc:
-                msg = f"the dataflow failed: {exc}"
-                raise ConvoflowError(msg) from exc
-        return
+def _run_local_cluster(run: FlowJob, processes: int, workers: int, poll: Callable[[], None] | None,
+                       interval: float) -> None:
+    """Spawn `processes` local processes forming one cluster and watch them until they end."""
     ctx = multiprocessing.get_context("spawn")
     addresses = free_addresses(processes)
     procs = [

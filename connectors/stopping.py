@@ -88,8 +88,13 @@ class Signals:
 
     @property
     def exit_code(self) -> int:
-        """The shell's convention: 128 + the first signal's number."""
-        return 128 + signal.Signals[self.received[0]].value if self.received else 0
+        """The first signal's exit code (`exit_code_of`), or 0 without one."""
+        return exit_code_of(self.received[0]) if self.received else 0
+
+
+def exit_code_of(signal_name: str) -> int:
+    """The shell's convention for a process stopped by a signal: 128 + its number."""
+    return 128 + signal.Signals[signal_name].value
 
 
 @contextmanager
@@ -121,4 +126,4 @@ class RunAborted(Exception):
     def __init__(self, signal_name: str) -> None:
         super().__init__(f"stopped by {signal_name}")
         self.signal_name = signal_name
-        self.exit_code = 128 + signal.Signals[signal_name].value
+        self.exit_code = exit_code_of(signal_name)

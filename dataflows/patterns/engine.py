@@ -354,11 +354,6 @@ class PatternBook:
         self._routes = {}
         self._span = (math.inf, -math.inf)
 
-    @property
-    def running(self) -> tuple[PatternDef, ...]:
-        """The patterns being matched now (at the time of the last event or deadline matched)."""
-        return tuple(m.pattern for m in self._matchers)
-
     def set_patterns(self, patterns: Iterable[PatternDef]) -> None:
         """Match `patterns` (those enabled and keyed by one of `keys`) from now on.
 
