@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -11,7 +13,9 @@ from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, cluster_main, run_main
 from hypothesis import settings
 
+from dataflows.events import DeadLetter, LineRef
 from dataflows.flow import FlowOutput, OutputKind
+from dataflows.parse import RAW_EXCERPT_CHARS, REASON_CHARS
 
 pytest_plugins = ["tests.kafka_broker"]
 
@@ -70,3 +74,25 @@ def run_by_kind(build: Callable[[FlowOutput], Dataflow], workers: int = 1) -> Re
     for kind, records in out:
         by_kind[kind].extend(records)
     return by_kind
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL output file."""
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def jsonl_counts(out_dir: Path) -> dict[str, Counter[bytes]]:
+    """Every JSONL output file of `out_dir`, as its lines with their counts: two runs compared this
+    way agree when they wrote the same records, in any order, each as many times."""
+    return {p.name: Counter(p.read_bytes().splitlines()) for p in sorted(out_dir.glob("*.jsonl"))}
+
+
+def check_dead_letter(result: object, ref: LineRef, step: str, *fragments: str) -> DeadLetter:
+    """`result` is a dead letter of the line at `ref`, from `step`, within the size bounds, whose reason
+    contains one of `fragments` ("" for any)."""
+    assert isinstance(result, DeadLetter), f"accepted: {result}"
+    assert result.ref == ref and result.step == step
+    assert result.reason and len(result.reason) <= REASON_CHARS
+    assert len(result.raw) <= RAW_EXCERPT_CHARS
+    assert any(f in result.reason for f in fragments), result.reason
+    return result

@@ -9,10 +9,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import orjson
 import pytest
 
 from cli import main
+from tests.conftest import read_jsonl
 from connectors.runner import ReplayRun, run_job
 from dataflows.clock import ReplayClock
 from dataflows.flow import FlowConfig
@@ -21,9 +21,6 @@ from samples.generate import SampleSpec, write_sample
 ROOT = Path(__file__).parent.parent
 T0 = 1_704_103_200.0
 
-
-def lines_of(path: Path) -> list[dict]:
-    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +35,11 @@ def test_run_writes_every_output_file(sample: Path, tmp_path: Path, capsys: pyte
     assert main(["run", "--input", str(sample), "--out-dir", str(out), "--speed-factor", "0", "--quiet"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
         "alerts.jsonl", "dead_letter.jsonl", "late.jsonl", "messages.jsonl", "moderated.jsonl", "windows.jsonl"]
-    assert {a["pattern"] for a in lines_of(out / "alerts.jsonl")} >= {"abandonment", "conversation_completion"}
-    accepted, dead = lines_of(out / "messages.jsonl"), lines_of(out / "dead_letter.jsonl")
+    assert {a["pattern"] for a in read_jsonl(out / "alerts.jsonl")} >= {"abandonment", "conversation_completion"}
+    accepted, dead = read_jsonl(out / "messages.jsonl"), read_jsonl(out / "dead_letter.jsonl")
     assert len(accepted) + len(dead) == len(sample.read_bytes().splitlines())
-    windowed = sum(len(w["messages"]) for w in lines_of(out / "windows.jsonl"))
-    assert windowed + len(lines_of(out / "late.jsonl")) == len(accepted)
+    windowed = sum(len(w["messages"]) for w in read_jsonl(out / "windows.jsonl"))
+    assert windowed + len(read_jsonl(out / "late.jsonl")) == len(accepted)
     assert "accepted" in capsys.readouterr().out
 
 
@@ -185,8 +182,8 @@ def test_lake_tables_hold_what_the_files_hold(sample: Path, tmp_path: Path) -> N
     catalog = open_catalog(lake_dir=out / "lake")
     for kind, spec in TABLES.items():
         rows = catalog.load_table(("convoflow", spec.name)).scan().to_arrow().num_rows
-        assert rows == len(lines_of(out / f"{kind}.jsonl")), kind
+        assert rows == len(read_jsonl(out / f"{kind}.jsonl")), kind
     assert main([*args, "--overwrite"]) == 0, "overwrite starts a fresh lake, not a second copy"
     catalog = open_catalog(lake_dir=out / "lake")
     messages = catalog.load_table(("convoflow", TABLES["messages"].name)).scan().to_arrow().num_rows
-    assert messages == len(lines_of(out / "messages.jsonl"))
+    assert messages == len(read_jsonl(out / "messages.jsonl"))

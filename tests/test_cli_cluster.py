@@ -13,6 +13,7 @@ import pytest
 
 from cli import main
 from connectors.runner import free_addresses
+from tests.conftest import jsonl_counts
 
 ROOT = Path(__file__).parent.parent
 SAMPLE = ROOT / "samples" / "conversations.jsonl"
@@ -24,15 +25,11 @@ def run_args(out: Path, *extra: str) -> list[str]:
             "--quiet", *extra]
 
 
-def outputs(out: Path) -> dict[str, Counter[bytes]]:
-    return {p.name: Counter(p.read_bytes().splitlines()) for p in sorted(out.glob("*.jsonl"))}
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Counter[bytes]]:
     out = tmp_path_factory.mktemp("cluster") / "1x1"
     assert main(run_args(out)) == 0
-    found = outputs(out)
+    found = jsonl_counts(out)
     assert all(found[f"{kind}.jsonl"] for kind in ("messages", "windows", "alerts", "moderated", "dead_letter"))
     return found
 
@@ -44,7 +41,7 @@ def test_windows_alerts_and_moderation_do_not_depend_on_processes_and_workers(
 ) -> None:
     out = tmp_path / f"{processes}x{workers}"
     assert main(run_args(out, "--processes", str(processes), "--workers", str(workers))) == 0
-    assert outputs(out) == reference
+    assert jsonl_counts(out) == reference
 
 
 @pytest.mark.slow
@@ -59,7 +56,7 @@ def test_a_cluster_started_by_hand_writes_what_one_process_writes(
              for pid in (0, 1)]
     results = [proc.communicate(timeout=120) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], [err[-1500:] for _, err in results]
-    assert outputs(out) == reference
+    assert jsonl_counts(out) == reference
 
 
 @pytest.mark.parametrize(("extra", "fragment"), [

@@ -19,6 +19,7 @@ import pytest
 from confluent_kafka import Producer
 
 from cli import main
+from tests.conftest import read_jsonl
 from samples.generate import SampleSpec, write_sample
 from tests.kafka_broker import consume_all
 
@@ -27,9 +28,6 @@ KINDS = ("messages", "windows", "alerts", "late", "dead_letter")
 OUT_OF_ORDERNESS = "30"
 T_LOST = 1_709_542_800.0
 
-
-def lines_of(path: Path) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
 
 
 def topic_flags(base: str) -> list[str]:
@@ -90,7 +88,7 @@ def test_a_kafka_run_gives_what_the_file_replay_gives(
     replayed = tmp_path / "replayed"
     assert main(["run", "--input", str(timed_sample), "--out-dir", str(replayed), "--speed-factor", "0",
                  "--max-out-of-orderness", OUT_OF_ORDERNESS, "--quiet"]) == 0
-    expected = {kind: lines_of(replayed / f"{kind}.jsonl") for kind in KINDS}
+    expected = {kind: read_jsonl(replayed / f"{kind}.jsonl") for kind in KINDS}
     assert expected["late"] == [] and expected["dead_letter"] and expected["alerts"]
 
     assert main(["run", "--kafka-brokers", kafka_bootstrap, "--input-topic", topic, *topic_flags(topic),
@@ -142,8 +140,8 @@ def test_bad_bytes_on_the_input_topic_are_dead_letters_naming_topic_partition_of
     assert "not valid UTF-8" in dead[0]["reason"]
     assert "not JSON" in dead[1]["reason"]
     assert "expected a JSON object, got an array" in dead[2]["reason"]
-    assert lines_of(out / "dead_letter.jsonl") == dead, "the JSONL output holds the same dead letters"
-    assert [m["text"] for m in lines_of(out / "messages.jsonl")] == ["hi", "again"]
+    assert read_jsonl(out / "dead_letter.jsonl") == dead, "the JSONL output holds the same dead letters"
+    assert [m["text"] for m in read_jsonl(out / "messages.jsonl")] == ["hi", "again"]
 
 
 @pytest.mark.kafka

@@ -15,12 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
 from cli import main
 from connectors.iceberg import open_catalog
 from samples.generate import SampleSpec, write_sample
+from tests.conftest import jsonl_counts, read_jsonl
 
 ROOT = Path(__file__).parent.parent
 pytestmark = [pytest.mark.crash, pytest.mark.slow]
@@ -35,10 +35,6 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_args(sample: Path, out: Path, *extra: str) -> list[str]:
     return ["run", "--input", str(sample), "--out-dir", str(out), "--speed-factor", "0", "--quiet", "--lake", *extra]
-
-
-def jsonl_outputs(out: Path) -> dict[str, Counter[bytes]]:
-    return {p.name: Counter(p.read_bytes().splitlines()) for p in sorted(out.glob("*.jsonl"))}
 
 
 def lake_rows(out: Path) -> dict[str, Counter[int]]:
@@ -80,16 +76,16 @@ def test_runs_killed_at_random_points_resume_to_the_outputs_of_one_uninterrupted
     # A child process needs ~2 s to import what a run needs before it reads anything.
     kills = crash_until_done(args, random.Random(3), (1.5, 2.5 + took))
     assert kills >= 2, "the test must kill runs mid-way to test anything"
-    expected = jsonl_outputs(straight)
+    expected = jsonl_counts(straight)
     assert sum(map(len, expected.values())) > 5_000
-    assert jsonl_outputs(crashed) == expected
+    assert jsonl_counts(crashed) == expected
     got, want = lake_rows(crashed), lake_rows(straight)
     assert {name: max(rows.values(), default=1) for name, rows in got.items()} == {name: 1 for name in want}, "duplicates"
     assert got == want
     done = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, capture_output=True, text=True,
                           check=True)
     assert "nothing to do: this job finished" in done.stdout
-    assert jsonl_outputs(crashed) == expected
+    assert jsonl_counts(crashed) == expected
 
 
 def stop_with_sigterm(args: list[str], after: float) -> subprocess.CompletedProcess[str]:
@@ -107,7 +103,7 @@ def test_sigterm_without_recovery_drains_the_flow_so_every_output_is_whole(sampl
     stopped = stop_with_sigterm(run_args(sample, out, "--speed-factor", "300"), after=4.0)
     assert stopped.returncode == 143, stopped.stderr[-2000:]
     assert "stopped by SIGTERM" in stopped.stderr and "events in" in stopped.stdout
-    records = {p.name: [orjson.loads(line) for line in p.read_bytes().splitlines()] for p in out.glob("*.jsonl")}
+    records = {p.name: read_jsonl(p) for p in out.glob("*.jsonl")}
     messages = len(records["messages.jsonl"])
     assert 0 < messages < len(sample.read_bytes().splitlines()), "stopped part-way"
     windowed = sum(len(w["messages"]) for w in records["windows.jsonl"])
@@ -124,7 +120,7 @@ def test_sigterm_with_recovery_leaves_the_rest_to_the_next_run(sample: Path, tmp
     assert stopped.returncode == 143, stopped.stderr[-2000:]
     assert "rerun the same command to resume" in stopped.stderr
     assert main([*args, "--speed-factor", "300"]) == 0
-    assert jsonl_outputs(tmp_path / "out") == jsonl_outputs(straight)
+    assert jsonl_counts(tmp_path / "out") == jsonl_counts(straight)
 
 
 def test_a_recovery_folder_of_another_job_is_refused(sample: Path, tmp_path: Path,
@@ -144,10 +140,6 @@ def content(records: list[dict[str, Any]]) -> Counter[tuple[Any, ...]]:
 def windows_by_content(records: list[dict[str, Any]]) -> Counter[tuple[Any, ...]]:
     return Counter((w["session_id"], w["window_start"], tuple((m["sender"], m["text"], m["timestamp"]) for m in w["messages"]))
                    for w in records)
-
-
-def records_of(path: Path) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
 
 
 @pytest.mark.kafka
@@ -170,6 +162,6 @@ def test_kafka_runs_killed_at_random_points_resume_with_every_message_once(
     # A Kafka run takes 2-3 s to start and several more to read 22k events: kill within that.
     kills = crash_until_done(args, random.Random(5), (2.0, 4.5))
     assert kills >= 1, "the test must kill a run mid-way to test anything"
-    assert content(records_of(out / "messages.jsonl")) == content(records_of(replayed / "messages.jsonl"))
-    assert windows_by_content(records_of(out / "windows.jsonl")) == windows_by_content(records_of(replayed / "windows.jsonl"))
-    assert len(records_of(out / "dead_letter.jsonl")) == len(records_of(replayed / "dead_letter.jsonl"))
+    assert content(read_jsonl(out / "messages.jsonl")) == content(read_jsonl(replayed / "messages.jsonl"))
+    assert windows_by_content(read_jsonl(out / "windows.jsonl")) == windows_by_content(read_jsonl(replayed / "windows.jsonl"))
+    assert len(read_jsonl(out / "dead_letter.jsonl")) == len(read_jsonl(replayed / "dead_letter.jsonl"))

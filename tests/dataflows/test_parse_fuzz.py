@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dataflows.events import DeadLetter, Event, LineRef, iso
-from dataflows.parse import MAX_JSON_DEPTH, RAW_EXCERPT_CHARS, REASON_CHARS, parse_line
+from dataflows.parse import MAX_JSON_DEPTH, parse_line
+from tests.conftest import check_dead_letter
 
 REF = LineRef("in.jsonl", 3, 40)
 FAST = settings(max_examples=50, deadline=None)
@@ -57,12 +58,7 @@ def encode(obj: dict[str, Any]) -> bytes:
 
 
 def check_dead(result: Event | DeadLetter, *fragments: str) -> DeadLetter:
-    assert isinstance(result, DeadLetter), f"accepted: {result}"
-    assert result.reason and len(result.reason) <= REASON_CHARS
-    assert len(result.raw) <= RAW_EXCERPT_CHARS
-    assert result.ref == REF and result.step == "parse"
-    assert any(f in result.reason for f in fragments), result.reason
-    return result
+    return check_dead_letter(result, REF, "parse", *fragments)
 
 
 def check_event(result: Event | DeadLetter, time: float | None) -> Event:

@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dataflows.events import DeadLetter, LineRef
-from dataflows.parse import MAX_JSON_DEPTH, REASON_CHARS
+from dataflows.parse import MAX_JSON_DEPTH
 from dataflows.rules import KINDS, BlockedWords, FeatureFlag, LanguageModel, Rule, UserPermission, parse_rule
+from tests.conftest import check_dead_letter
 
 REF = LineRef("rules.jsonl", 2, 80)
 FAST = settings(max_examples=50, deadline=None)
@@ -64,11 +65,7 @@ def valid_rules(draw: st.DrawFn) -> tuple[dict[str, Any], float | None]:
 
 
 def check_dead(result: Rule | DeadLetter, *fragments: str) -> DeadLetter:
-    assert isinstance(result, DeadLetter), f"accepted: {result}"
-    assert result.step == "rules" and result.ref == REF
-    assert result.reason and len(result.reason) <= REASON_CHARS
-    assert any(f in result.reason for f in fragments), result.reason
-    return result
+    return check_dead_letter(result, REF, "rules", *fragments)
 
 
 @FAST
