@@ -23,7 +23,8 @@ Everything else it does is kept: one consumer per partition assigned at the resu
 `--from-beginning`/`--from-latest`) with a dummy group and no commits, `consume` of at most a
 batch with a 1 ms wait, `enable.partition.eof` to stop at the end with `tail=False` (messages after
 the end in the same batch are left unread), and a Kafka error delivered as data (a dead letter of
-the `read` step), not an exception.
+the `read` step), not an exception. Reading live (`tail=True`), the end of the partition is news
+too: it tells the partition's clock that the backlog is read and the wall clock may move it on.
 """
 
 from __future__ import annotations
@@ -59,10 +60,10 @@ nothing is committed; larger fetches read a backlog in fewer round trips.
 
 
 class LiveResume(NamedTuple):
-    """A partition's snapshot: the next offset to read (None: none read yet) and the latest event time."""
+    """A partition's snapshot: the next offset to read (None: none read yet) and its clock then."""
 
     offset: int | None
-    latest: float | None
+    clock: float | None
 
 
 def kafka_ref(topic: str, partition: int, offset: int) -> LineRef:
@@ -150,14 +151,13 @@ class LiveKafkaSource(FixedPartitionedSource[Item, LiveResume]):
         consumer.assign([TopicPartition(topic, int(index), self.starting_offset if offset is None else offset)])
         stamper = LiveStamper(self.parts.index(for_part), started=self.wall(), idle_after=self.idle_after)
         if resume_state is not None:
-            stamper.resume(resume_state.latest, self.wall())
+            stamper.resume(resume_state.clock)
         return LivePartition(consumer, KafkaPosition(topic, int(index), offset), stamper, self.tick, self.wall,
-                             self.read)
+                             self.read, tail=self.tail)
 
     def consumer_config(self) -> dict[str, Any]:
         """Each partition's consumer settings: the defaults, the run's own, then what the source needs."""
-        return {**CONSUMER_DEFAULTS, **self.config, "bootstrap.servers": self.brokers,
-                "enable.partition.eof": not self.tail}
+        return {**CONSUMER_DEFAULTS, **self.config, "bootstrap.servers": self.brokers, "enable.partition.eof": True}
 
 
 @dataclass
@@ -191,6 +191,8 @@ class LivePartition(StatefulSourcePartition[Item, LiveResume]):
         tick: float,
         wall: WallClock,
         read: ReadSettings = ReadSettings(),
+        *,
+        tail: bool = False,
     ) -> None:
         self.consumer = consumer
         self.position = position
@@ -199,6 +201,7 @@ class LivePartition(StatefulSourcePartition[Item, LiveResume]):
         self.tick = tick
         self.wall = wall
         self.read = read
+        self.tail = tail
         self.marked_at = float("-inf")
         self.at_end = False
         self.done = False
@@ -218,7 +221,7 @@ class LivePartition(StatefulSourcePartition[Item, LiveResume]):
         return items
 
     def _items(self, messages: list[MessageLike], now: float) -> list[Item]:
-        """Parse and stamp `messages` up to the end of the partition, if they reach it."""
+        """Parse and stamp `messages`; at the partition's end stop there, or, live, tell the clock."""
         stamp, parse, source, position = self.stamper.stamp, self._parse, self.source, self.position
         items: list[Item] = []
         for message in messages:
@@ -227,6 +230,9 @@ class LivePartition(StatefulSourcePartition[Item, LiveResume]):
             if error is None and offset is not None:
                 items.append(stamp(parse(message.value(), LineRef(source, offset, offset)), now))
             elif error is not None and error.code() == KafkaError._PARTITION_EOF:
+                if self.tail:
+                    self.stamper.caught_up(now)
+                    continue
                 self.at_end = True
                 break
             else:
@@ -255,7 +261,7 @@ class LivePartition(StatefulSourcePartition[Item, LiveResume]):
         return None
 
     def snapshot(self) -> LiveResume:
-        return LiveResume(self.position.offset, self.stamper.latest)
+        return LiveResume(self.position.offset, self.stamper.base)
 
     def close(self) -> None:
         self.consumer.close()

@@ -6,12 +6,16 @@ own pace, and one may be far ahead of another while a backlog is read. So, as Fl
 Kafka sources, every input partition keeps its own clock and the flow's clock is the minimum:
 
 - `LiveStamper` (one per input partition, on the worker that reads it): the partition's clock is
-  the latest event time it has read plus the wall time elapsed since it read it, so event time
-  keeps moving when traffic stops and windows still close (the system-clock fallback). An event
-  without a timestamp gets that clock; before any other event, the wall clock, which then
-  becomes the partition's clock. After each
-  batch the partition sends a `LiveMark`; a partition that has read nothing for `idle_after`
-  seconds since it started is marked idle and no longer holds the others back.
+  the latest event time it has read; once it has read everything there is (the consumer reports
+  the partition's end), the clock moves on with the wall time since, so event time keeps moving
+  when traffic stops and windows still close (the system-clock fallback). While a partition
+  still has messages to read (a backlog, or a consumer still connecting after a restart) its
+  clock does not move with the wall: wall time spent reading says nothing about event time, and
+  counting it would make a slow reader's own events late. An event without a timestamp gets the
+  partition's clock; before any other event, the wall clock, which then becomes the partition's
+  clock. After each batch the partition sends a `LiveMark`; a partition found empty, or that has
+  reported nothing for `idle_after` seconds since it started, is marked idle and no longer holds
+  the others back.
 - `LiveMerger` (one per shard): marks are replicated to every shard and travel behind the events
   on the same FIFO channel. Events are released in arrival order, each with the flow's clock at
   that point: the minimum over the partitions that are not idle, None while any of them has not
@@ -30,7 +34,8 @@ from dataclasses import dataclass, field
 from dataflows.events import DeadLetter, Event
 from dataflows.sequencing import LiveMark, Progress, Stamped, later
 
-IDLE_AFTER_S = 5.0
+IDLE_AFTER_S = 30.0
+"""How long a partition that has neither read a message nor reached its end may hold the clock."""
 
 
 @dataclass
@@ -40,34 +45,42 @@ class LiveStamper:
     partition: int
     started: float
     idle_after: float = IDLE_AFTER_S
-    latest: float | None = None
-    latest_at: float = 0.0
+    base: float | None = None
+    """The clock when the partition last read a message: the newest event time read, or later."""
+    caught_up_at: float | None = None
+    """The wall time the partition reached its end (nothing left to read); None while it has more."""
 
     def clock(self, now: float) -> float | None:
-        if self.latest is None:
-            return None
-        return self.latest + max(0.0, now - self.latest_at)
+        if self.base is None or self.caught_up_at is None:
+            return self.base
+        return self.base + max(0.0, now - self.caught_up_at)
 
     def stamp(self, item: Event | DeadLetter, now: float) -> Stamped | DeadLetter:
         """The event with the partition's clock before it; an untimed event is timed by that clock."""
+        clock = self.clock(now)
+        self.base, self.caught_up_at = clock, None
         if isinstance(item, DeadLetter):
             return item
-        clock = self.clock(now)
         if item.time is None:
             if clock is None:  # only the system clock to go by: it becomes the partition's clock
-                self.latest, self.latest_at = now, now
+                self.base = now
             return Stamped(item.timed(now if clock is None else clock), self.partition, clock)
-        if self.latest is None or item.time > self.latest:
-            self.latest, self.latest_at = item.time, now
+        if clock is None or item.time > clock:
+            self.base = item.time
         return Stamped(item, self.partition, clock)
 
-    def mark(self, now: float, *, done: bool = False) -> LiveMark:
-        idle = done or (self.latest is None and now - self.started >= self.idle_after)
-        return LiveMark(self.partition, self.clock(now), idle)
+    def caught_up(self, now: float) -> None:
+        """The partition has nothing more to read for now: from here its clock follows the wall."""
+        if self.caught_up_at is None:
+            self.caught_up_at = now
 
-    def resume(self, latest: float | None, now: float) -> None:
-        """Continue from a snapshot: the latest event time read before, as if read just now."""
-        self.latest, self.latest_at = latest, now
+    def mark(self, now: float, *, done: bool = False) -> LiveMark:
+        silent = self.caught_up_at is not None or now - self.started >= self.idle_after
+        return LiveMark(self.partition, self.clock(now), done or (self.base is None and silent))
+
+    def resume(self, clock: float | None) -> None:
+        """Continue from a snapshot's clock; it moves with the wall again once the partition catches up."""
+        self.base, self.caught_up_at = clock, None
 
 
 @dataclass

@@ -100,11 +100,11 @@ class Wall:
         return self.now
 
 
-def partition(*batches: list[FakeMessage], wall: Wall | None = None,
-              read: ReadSettings = ReadSettings()) -> tuple[LivePartition, FakeConsumer]:
+def partition(*batches: list[FakeMessage], wall: Wall | None = None, read: ReadSettings = ReadSettings(),
+              tail: bool = False) -> tuple[LivePartition, FakeConsumer]:
     consumer = FakeConsumer(list(batches))
     part = LivePartition(consumer, KafkaPosition(TOPIC, PARTITION), LiveStamper(PARTITION, started=W0), TICK,
-                         wall or Wall(), read)
+                         wall or Wall(), read, tail=tail)
     return part, consumer
 
 
@@ -174,7 +174,7 @@ def test_a_mark_follows_every_non_empty_batch() -> None:
 
 def test_empty_batches_give_a_mark_once_tick_seconds_have_passed() -> None:
     wall = Wall()
-    part, _ = partition([message(0, line(1))], [], [], [], [], wall=wall)
+    part, _ = partition([message(0, line(1)), end_of_partition()], [], [], [], [], wall=wall, tail=True)
     assert part.next_batch()[-1] == LiveMark(PARTITION, T0 + 1, False)
     wall.now = W0 + TICK - 0.01
     assert part.next_batch() == []
@@ -196,7 +196,7 @@ def test_end_of_partition_gives_one_final_idle_mark_then_stops() -> None:
     part, _ = partition([message(0, line(1)), end_of_partition()], wall=wall)
     part.next_batch()
     wall.now = W0 + 2
-    assert part.next_batch() == [LiveMark(PARTITION, T0 + 3, True)]
+    assert part.next_batch() == [LiveMark(PARTITION, T0 + 1, True)]
     with pytest.raises(StopIteration):
         part.next_batch()
     with pytest.raises(StopIteration):
@@ -277,10 +277,28 @@ def test_consumer_settings_take_the_runs_own_over_the_defaults() -> None:
     assert (got["bootstrap.servers"], got["enable.partition.eof"]) == ("b1:9092,b2:9092", True)
 
 
-def test_a_tailing_source_does_not_stop_at_the_end() -> None:
-    consumers: list[FakeConsumer] = []
-    source(consumers, tail=True).build_part("read", f"0-{TOPIC}", None)
-    assert consumers[0].config["enable.partition.eof"] is False
+def test_a_tailing_partition_reads_on_past_the_end_and_its_clock_follows_the_wall_only_there() -> None:
+    wall = Wall()
+    part, _ = partition([message(0, line(1))], [message(1, line(2))], [end_of_partition()], [],
+                        [end_of_partition(), message(2, line(3))], [], wall=wall, tail=True)
+    part.next_batch()
+    wall.now = W0 + 60
+    assert part.next_batch()[-1] == LiveMark(PARTITION, T0 + 2, False), "a backlog read slowly keeps its clock"
+    assert part.next_batch() == [], "the end reached, no tick since the last mark"
+    wall.now = W0 + 61
+    assert part.next_batch() == [LiveMark(PARTITION, T0 + 3, False)], "read to the end: the wall moves it on"
+    wall.now = W0 + 70
+    items = part.next_batch()
+    assert [i.event.offset for i in items if isinstance(i, Stamped)] == [2], "messages after the end are read"
+    assert items[-1] == LiveMark(PARTITION, T0 + 12, False)
+    wall.now = W0 + 75
+    assert part.next_batch() == [LiveMark(PARTITION, T0 + 12, False)], "reading again stopped the wall's clock"
+    assert part.snapshot() == LiveResume(3, T0 + 12)
+
+
+def test_a_tailing_partition_found_empty_is_idle_at_once() -> None:
+    part, _ = partition([end_of_partition()], tail=True)
+    assert part.next_batch() == [LiveMark(PARTITION, None, True)]
 
 
 def test_a_partition_of_another_topic_is_refused() -> None:

@@ -57,12 +57,15 @@ class Reader:
     def __post_init__(self) -> None:
         self.stamper = LiveStamper(self.partition, started=self.started, idle_after=self.idle_after)
 
-    def batch(self, now: float, *lines: dict[str, Any] | bytes) -> list[LiveItem]:
+    def batch(self, now: float, *lines: dict[str, Any] | bytes, at_end: bool = True) -> list[LiveItem]:
+        """The batch read at wall time `now`; `at_end`: the lines reach the end of the partition."""
         items: list[LiveItem] = []
         for line in lines:
             raw = line if isinstance(line, bytes) else orjson.dumps(line)
             items.append(self.stamper.stamp(parse_line(raw, kafka_ref(TOPIC, self.partition, self.offset)), now))
             self.offset += 1
+        if at_end:
+            self.stamper.caught_up(now)
         return [*items, self.stamper.mark(now)]
 
 
@@ -91,38 +94,53 @@ def test_stamper_has_no_clock_before_any_event_then_an_untimed_one_starts_it_on_
     assert stamper.clock(W0) is None
     assert stamper.mark(W0 + 1) == LiveMark(0, None, False)
     stamper.stamp(make_event(t=None), W0 + 1)
+    stamper.caught_up(W0 + 1)
     assert stamper.clock(W0 + 2) == W0 + 2, "with nothing else to go by, the partition follows the wall clock"
     assert stamper.mark(W0 + 9) == LiveMark(0, W0 + 9, False), "a partition that read something is not idle"
 
 
-def test_stamper_clock_is_latest_event_time_plus_wall_time_since_it_was_read() -> None:
+def test_stamper_clock_is_latest_event_time_then_moves_with_the_wall_once_the_partition_is_read() -> None:
     stamper = LiveStamper(0, started=W0)
     first = stamper.stamp(make_event(t=10), W0)
     assert first == Stamped(make_event(t=10), 0, None), "the clock before the first timed event is None"
-    assert stamper.clock(W0) == T0 + 10
-    assert stamper.clock(W0 + 3) == T0 + 13, "system-clock fallback: event time moves with the wall"
-    assert stamper.clock(W0 - 1) == T0 + 10, "a wall clock that steps back never lowers the clock"
-    second = stamp(stamper, W0 + 1, offset=1, t=12)
-    assert second.clock_before == T0 + 11
-    assert stamper.clock(W0 + 1) == T0 + 12, "a newer event restarts the fallback from its own time"
+    assert stamper.clock(W0 + 3) == T0 + 10, "more to read: wall time says nothing about event time"
+    stamper.caught_up(W0 + 1)
+    stamper.caught_up(W0 + 2)
+    assert stamper.clock(W0 + 4) == T0 + 13, "system-clock fallback from the moment it was read to its end"
+    assert stamper.clock(W0) == T0 + 10, "a wall clock that steps back never lowers the clock"
+    second = stamp(stamper, W0 + 5, offset=1, t=12)
+    assert second.clock_before == T0 + 14
+    assert stamper.clock(W0 + 9) == T0 + 14, "reading again stops the fallback where it had got to"
+    third = stamp(stamper, W0 + 9, offset=2, t=20)
+    assert (third.clock_before, stamper.clock(W0 + 9)) == (T0 + 14, T0 + 20), "a newer event moves the clock"
+
+
+def test_a_backlog_read_slowly_keeps_its_own_events_in_time() -> None:
+    """Minutes of wall time between batches of a backlog (a loaded machine, a restart) make no event late."""
+    stamper = LiveStamper(0, started=W0)
+    stamper.stamp(make_event(t=100), W0)
+    held_back = stamp(stamper, W0 + 300, offset=1, t=96)
+    assert held_back.clock_before == T0 + 100
 
 
 def test_stamper_ignores_an_older_event_for_its_clock() -> None:
     stamper = LiveStamper(0, started=W0)
     stamper.stamp(make_event(t=10), W0)
+    stamper.caught_up(W0)
     older = stamp(stamper, W0 + 2, offset=1, t=4)
     assert (older.event.time, older.clock_before) == (T0 + 4, T0 + 12)
-    assert (stamper.latest, stamper.clock(W0 + 2)) == (T0 + 10, T0 + 12)
+    assert stamper.clock(W0 + 5) == T0 + 12
 
 
 def test_untimed_event_takes_the_partition_clock_and_stays_system_timed() -> None:
     stamper = LiveStamper(3, started=W0)
     stamper.stamp(make_event(t=10), W0)
+    stamper.caught_up(W0)
     stamped = stamp(stamper, W0 + 4, offset=1, t=None)
     assert (stamped.block, stamped.clock_before) == (3, T0 + 14)
     event = stamped.event
     assert (event.time, event.timestamp, event.time_source) == (T0 + 14, iso(T0 + 14), "system")
-    assert stamper.latest == T0 + 10, "the time it was given is not an event time"
+    assert stamp(stamper, W0 + 6, offset=2, t=None).event.time == T0 + 14, "read on without reaching the end"
 
 
 def test_untimed_event_before_any_timed_one_takes_the_wall_clock() -> None:
@@ -136,32 +154,38 @@ def test_dead_letter_passes_the_stamper_unchanged() -> None:
     dead = parse_line(b"not json", kafka_ref(TOPIC, 0, 1))
     assert isinstance(dead, DeadLetter)
     assert stamper.stamp(dead, W0 + 1) is dead
-    assert (stamper.latest, stamper.latest_at) == (T0 + 10, W0)
+    assert stamper.clock(W0 + 5) == T0 + 10
 
 
-def test_partition_is_idle_only_after_idle_after_seconds_without_data() -> None:
+def test_partition_is_idle_only_after_idle_after_seconds_without_data_or_once_found_empty() -> None:
     stamper = LiveStamper(1, started=W0, idle_after=5.0)
     assert stamper.mark(W0 + 4.9) == LiveMark(1, None, False)
     assert stamper.mark(W0 + 5.0) == LiveMark(1, None, True)
     stamper.stamp(make_event(partition=1, t=10), W0 + 6)
+    stamper.caught_up(W0 + 6)
     assert stamper.mark(W0 + 100) == LiveMark(1, T0 + 104, False), "a partition that has data keeps its clock"
+    empty = LiveStamper(2, started=W0, idle_after=5.0)
+    empty.caught_up(W0 + 0.1)
+    assert empty.mark(W0 + 0.1) == LiveMark(2, None, True), "read to its end with nothing in it"
 
 
 def test_done_partition_is_idle_with_its_clock() -> None:
     stamper = LiveStamper(0, started=W0)
     assert stamper.mark(W0, done=True) == LiveMark(0, None, True)
     stamper.stamp(make_event(t=10), W0)
+    stamper.caught_up(W0)
     assert stamper.mark(W0 + 1, done=True) == LiveMark(0, T0 + 11, True)
 
 
-def test_resume_continues_from_the_snapshot_time_as_if_read_now() -> None:
+def test_resume_continues_from_the_snapshot_clock_and_follows_the_wall_only_once_caught_up() -> None:
     stamper = LiveStamper(0, started=W0)
-    stamper.resume(T0 + 50, W0 + 100)
-    assert stamper.clock(W0 + 100) == T0 + 50
-    assert stamper.clock(W0 + 101) == T0 + 51
-    assert stamp(stamper, W0 + 101, t=51).clock_before == T0 + 51
+    stamper.resume(T0 + 50)
+    assert stamper.clock(W0 + 100) == T0 + 50, "a consumer still connecting moves no clock"
+    assert stamp(stamper, W0 + 101, t=48).clock_before == T0 + 50
+    stamper.caught_up(W0 + 101)
+    assert stamper.clock(W0 + 102) == T0 + 51
     fresh = LiveStamper(0, started=W0)
-    fresh.resume(None, W0 + 100)
+    fresh.resume(None)
     assert fresh.clock(W0 + 200) is None
 
 
@@ -287,13 +311,15 @@ def expected_windows() -> list[tuple[str, str, list[str]]]:
 
 
 def far_ahead_items() -> list[LiveItem]:
-    """Partition 0 read to its end before partition 1 is read at all, three lines a batch."""
-    p0, p1 = Reader(0), Reader(1)
+    """Partition 0 read to its end before partition 1 is read at all, three lines a batch, a minute
+    of wall time between batches (a backlog read on a loaded machine)."""
     items: list[LiveItem] = []
-    for n, start in enumerate(range(0, len(P0_TIMES), 3)):
-        items += p0.batch(W0 + 0.01 * n, *(p0_line(i, P0_TIMES[i]) for i in range(start, min(start + 3, len(P0_TIMES)))))
-    for n, start in enumerate(range(0, len(P1_TIMES), 3)):
-        items += p1.batch(W0 + 0.5 + 0.01 * n, *(p1_line(i, P1_TIMES[i]) for i in range(start, min(start + 3, len(P1_TIMES)))))
+    for reader, lines, wall in ((Reader(0), P0_TIMES, W0), (Reader(1), P1_TIMES, W0 + 3600)):
+        line = p0_line if reader.partition == 0 else p1_line
+        starts = range(0, len(lines), 3)
+        for n, start in enumerate(starts):
+            batch = (line(i, lines[i]) for i in range(start, min(start + 3, len(lines))))
+            items += reader.batch(wall + 60 * n, *batch, at_end=start == starts[-1])
     return items
 
 
