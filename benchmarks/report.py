@@ -110,7 +110,7 @@ def key_for(label: str, keys: Sequence[tuple[str, str]], prefix: str) -> str:
 
 
 REPLAY_KEYS = (("bare", "replay.bare"), ("2 processes", "replay.pipeline2"), ("patterns", "replay.patterns"),
-               ("rules", "replay.rules"), ("1 process", "replay.pipeline"))
+               ("cold", "replay.rules_cold"), ("rules", "replay.rules"), ("1 process", "replay.pipeline"))
 REPLAY_ROW = re.compile(rf"^(?P<label>\S.*?)\s+(?P<seconds>\d+\.\d+)\s+(?P<rate>{_NUMBER})\s+(?P<windows>{_NUMBER})$")
 RATIO_LINE = re.compile(rf"^(?P<what>[^:]+): (?P<value>\d+(?:\.\d+)?) {_VERDICT}$")
 

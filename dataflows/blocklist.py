@@ -9,7 +9,8 @@ digits; three or more single letters joined by single separators (`d a r n`, `d.
 a run (`s c a m  l i n k` is `scam link`). A phrase matches with any separators between its
 words (`SCAM-link`). Terms fold the same way and are indexed by first word: a cheap word-set
 test rejects most messages, the rest cost one dict lookup per word, whatever the term count.
-Every occurrence of every term is reported, once per rule; `strictest` picks the action.
+A block list remembers the matches of the last texts it was asked about (a list is immutable, so
+they never go stale), as chat repeats itself. Every occurrence of every term is reported, once per rule; `strictest` picks the action.
 
 Not caught, by design: leetspeak (`d4rn`), repeated letters (`daaarn`), split words (`da rn`),
 spaced-out words of one or two letters, and look-alikes outside `CONFUSABLES` (a small table,
@@ -33,6 +34,9 @@ ACTIONS: Final = frozenset(get_args(Action))
 STRICTNESS: Final = {"flag": 0, "mask": 1, "block": 2}
 MASK: Final = "***"
 MIN_SPACED_LETTERS: Final = 3
+MEMO_TEXTS: Final = 16384
+"""Texts whose matches a block list remembers; chat repeats itself (greetings, thanks, canned replies)."""
+MEMO_TEXT_CHARS: Final = 512
 
 CONFUSABLES: Final = {
     "a": "АаΑα", "b": "ВвΒβ", "c": "Ссϲ", "d": "Ԁԁ", "e": "ЕеΕε", "h": "НнҺһΗ", "i": "ІіΙι",
@@ -98,12 +102,14 @@ class BlockList:
 
     `ascii_keys` holds the ASCII first words as bytes, so most messages are ruled out on
     bytes without building a string per word; `all_ascii` says whether there are others.
+    `memo` holds the matches of recent texts (up to `MEMO_TEXTS` of `MEMO_TEXT_CHARS` or fewer).
     """
 
     terms: tuple[BlockedTerm, ...]
     index: dict[str, tuple[_Phrase, ...]] = field(repr=False, compare=False)
     ascii_keys: frozenset[bytes] = field(repr=False, compare=False)
     all_ascii: bool = field(repr=False, compare=False)
+    memo: dict[str, tuple[Match, ...]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def compile(cls, terms: Iterable[BlockedTerm]) -> BlockList:
@@ -129,16 +135,21 @@ class BlockList:
         ascii_keys = frozenset(k.encode() for k in index if k.isascii())
         return cls(kept, {w: tuple(p) for w, p in index.items()}, ascii_keys, len(ascii_keys) == len(index))
 
-    def find(self, text: str) -> list[Match]:
+    def find(self, text: str) -> tuple[Match, ...]:
         """Every occurrence of every term in `text`, by start, longest first at one start.
 
         Overlapping occurrences are all reported (`scam` inside `scam link`), and a term in
         several rules gives one match per rule, so a `block` rule is never hidden behind a
         `flag` one: pick the action with `strictest`.
         """
-        if not self.index or not self._may_match(text):
-            return []
-        return self._scan(text)
+        found = self.memo.get(text)
+        if found is None:
+            found = tuple(self._scan(text)) if self.index and self._may_match(text) else ()
+            if len(text) <= MEMO_TEXT_CHARS:
+                if len(self.memo) >= MEMO_TEXTS:
+                    self.memo.clear()
+                self.memo[text] = found
+        return found
 
     def _scan(self, text: str) -> list[Match]:
         folded = normalise(text)

@@ -76,15 +76,19 @@ class FlowConfig:
     layout: ReplayLayout = ReplayLayout()
     time_origin: float = 0.0
     shards: int = 64
+    user_shards: int = 16
+    """Shards of chat users' events for user-keyed patterns: fewer than session shards, as they
+    only match patterns, and every shard costs a copy of each marker and a call per batch."""
     patterns: tuple[PatternDef, ...] = ()
     live: bool = False
     rules: bool = False
     """Whether a rules stream is joined: messages are then judged by it and wait for its clock."""
 
     def __post_init__(self) -> None:
-        if self.shards < 1:
-            msg = f"shards must be >= 1, got {self.shards}"
-            raise ValueError(msg)
+        for name in ("shards", "user_shards"):
+            if getattr(self, name) < 1:
+                msg = f"{name} must be >= 1, got {getattr(self, name)}"
+                raise ValueError(msg)
 
 
 SESSION_SHARD = "shard"
@@ -326,11 +330,11 @@ def _router(config: FlowConfig) -> Callable[[list[SourceItem | RulesSourceItem]]
     preceded them. Dead letters leave as one batch. Grouping cuts the items Bytewax moves
     per event, its main per-event cost.
     """
-    shards = config.shards
+    shards, user_shards = config.shards, config.user_shards
     by_user = _user_shards(config)
     every_shard = [shard_of_index(i) for i in range(shards)]
     if by_user:
-        every_shard += [shard_of_index(i, USER_SHARD) for i in range(shards)]
+        every_shard += [shard_of_index(i, USER_SHARD) for i in range(user_shards)]
 
     def route(items: list[SourceItem | RulesSourceItem]) -> list[tuple[str, Any]]:
         groups: dict[str, list[Wire]] = {}
@@ -340,7 +344,7 @@ def _router(config: FlowConfig) -> Callable[[list[SourceItem | RulesSourceItem]]
                 wire = to_wire(item)
                 groups.setdefault(shard_of(item.event.session_id, shards), []).append(wire)
                 if by_user and item.event.shape == "chat":
-                    user = shard_of(key_of(item.event, "user"), shards, USER_SHARD)
+                    user = shard_of(key_of(item.event, "user"), user_shards, USER_SHARD)
                     groups.setdefault(user, []).append(wire)
             elif isinstance(item, DeadLetter):
                 dead.append(item.as_record())

@@ -482,13 +482,13 @@ class RuleBook:
         if scoped is None:
             scoped = now.build(tenant, room)
         lists = scoped.lists
+        matches: Sequence[Match]
         if not lists:
-            matches: list[Match] = []
+            matches = ()
         elif len(lists) == 1:
             matches = lists[0].find(text)
         else:
-            matches = [m for bl in lists for m in bl.find(text)]
-            matches.sort(key=_position)
+            matches = sorted((m for bl in lists for m in bl.find(text)), key=_position)
         held = scoped.roles.get(user)
         if not matches and (held is None or held[0] != "muted"):
             return Moderation("allow", text, (), (), scoped.flags, None if held is None else held[0], scoped.model_pairs)

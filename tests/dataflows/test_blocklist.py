@@ -4,7 +4,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dataflows.blocklist import Action, BlockedTerm, BlockList, Match, fold, mask, normalise, strictest
+from dataflows.blocklist import (
+    MEMO_TEXT_CHARS,
+    MEMO_TEXTS,
+    Action,
+    BlockedTerm,
+    BlockList,
+    Match,
+    fold,
+    mask,
+    normalise,
+    strictest,
+)
 from dataflows.errors import ConvoflowError
 
 
@@ -101,13 +112,13 @@ def test_a_shorter_term_inside_a_phrase_is_not_hidden() -> None:
 
 
 def test_match_carries_the_rule() -> None:
-    assert BLOCKED.find("darn") == [Match("darn", "bw-1", 2, "mask", 0, 4)]
+    assert BLOCKED.find("darn") == (Match("darn", "bw-1", 2, "mask", 0, 4),)
 
 
 def test_empty_word_lists() -> None:
     empty = BlockList.compile([])
-    assert empty.find("darn it") == []
-    assert BLOCKED.find("") == []
+    assert empty.find("darn it") == ()
+    assert BLOCKED.find("") == ()
     assert strictest([]) is None
 
 
@@ -156,7 +167,8 @@ def test_find_never_raises_and_spans_stay_in_the_text(text: str) -> None:
 @given(st.one_of(st.text(max_size=80), TRICKY))
 def test_quick_rejection_never_hides_a_match(text: str) -> None:
     for blocklist in (BLOCKED, WITH_NON_ASCII_KEY):
-        assert blocklist.find(text) == blocklist._scan(text)
+        assert blocklist._may_match(text) or blocklist._scan(text) == []
+        assert blocklist.find(text) == tuple(blocklist._scan(text))
 
 
 @given(st.one_of(st.text(max_size=80), TRICKY))
@@ -171,3 +183,17 @@ def test_normalise_agrees_with_fold(text: str) -> None:
 def test_masking_without_matches_changes_nothing(text: str) -> None:
     assert mask(text, []) == text
     assert mask(text, [m for m in BLOCKED.find(text) if m.action != "mask"]) == text
+
+
+def test_a_repeated_text_is_answered_from_memory_and_a_long_one_is_not_kept() -> None:
+    blocklist = BlockList.compile([term("darn")])
+    first = blocklist.find("oh darn it")
+    assert blocklist.find("oh darn it") is first
+    assert list(blocklist.memo) == ["oh darn it"]
+    long = "darn " * (MEMO_TEXT_CHARS // 5 + 1)
+    assert len(blocklist.find(long)) == MEMO_TEXT_CHARS // 5 + 1
+    assert long not in blocklist.memo
+    for n in range(MEMO_TEXTS + 1):
+        blocklist.find(f"message {n}")
+    assert len(blocklist.memo) <= MEMO_TEXTS, "the memory is bounded"
+    assert blocklist.find("oh darn it") == first
