@@ -245,12 +245,20 @@ def _key_and_time(line: bytes, key_fields: tuple[str, ...]) -> tuple[bytes | Non
         return None, None
     if not isinstance(obj, dict):
         return None, None
-    key = next((str(obj[f]) for f in key_fields if obj.get(f) not in (None, "")), None)
+    key = next((str(v) for f in key_fields if _usable_key(v := obj.get(f))), None)
     try:
         event_time = None if obj.get("timestamp") is None else parse_timestamp(obj["timestamp"])
     except TimestampError:
         event_time = None
     return (None if key is None else key.encode()), event_time
+
+
+def _usable_key(value: object) -> bool:
+    """A key field's value worth keying by: a non-empty string or a number (never a list or object,
+    which the flow dead-letters anyway and whose text may be huge or too deep to print)."""
+    if isinstance(value, str):
+        return value != ""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _on_delivery(failures: list[str], where: str) -> DeliveryCallback:

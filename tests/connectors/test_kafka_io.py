@@ -202,6 +202,15 @@ def test_lines_go_out_unchanged_with_their_session_as_key(tmp_path: Path, chat: 
     assert {s.topic for s in producer.sent} == {"events"}
 
 
+def test_a_key_field_that_is_no_string_or_number_gives_no_key(tmp_path: Path) -> None:
+    deep = "[" * 1000 + "]" * 1000
+    lines = [f'{{"session_id": {deep}, "sender": "rm", "message": "x"}}', '{"session_id": {"a": 1}, "username": "ann"}',
+             '{"session_id": 42}', '{"session_id": true}']
+    count, producer = replay(tmp_path, lines, speed=0)
+    assert count == 4
+    assert [s.key for s in producer.sent] == [None, b"ann", b"42", None], "the next key field stands in"
+
+
 def test_key_fields_can_be_chosen(tmp_path: Path, chat: Callable[..., dict]) -> None:
     _, producer = replay(tmp_path, jsonl(chat(username="ann", room="lobby")), speed=0, key_fields=("username",))
     assert producer.sent[0].key == b"ann"
