@@ -332,7 +332,8 @@ def _job_identity(input_path: Path | None, brokers: str | None, input_topic: str
     return {
         "input": path(input_path) if input_path else f"kafka://{brokers}/{input_topic}",
         "out_dir": path(out_dir), "lake": lake, "lake_dir": path(lake_dir), "catalog": catalog, "rules": path(rules),
-        "window_size": window.size, "max_out_of_orderness": window.out_of_orderness,
+        "window_size": window.size, "max_out_of_orderness": window.out_of_orderness, "window_align_to": window.align_to,
+        "max_window_messages": window.max_messages, "max_open_windows": window.max_open_windows,
         "patterns": path(patterns) if patterns else None, "processes": processes, "workers": workers,
         "block_kib": block_kib,
     }

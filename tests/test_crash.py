@@ -132,6 +132,14 @@ def test_a_recovery_folder_of_another_job_is_refused(sample: Path, tmp_path: Pat
     assert "holds a run of another job" in err and "out_dir" in err
 
 
+def test_a_rerun_with_other_window_limits_is_another_job(sample: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    args = run_args(sample, tmp_path / "out", "--recovery-dir", str(tmp_path / "recovery"), "--no-lake")
+    assert main(args) == 0
+    assert main([*args, "--max-window-messages", "5"]) == 2
+    assert "max_window_messages" in capsys.readouterr().err
+
+
 def content(records: list[dict[str, Any]]) -> Counter[tuple[Any, ...]]:
     """Messages by what they say, not by id (a file line and a topic offset name the same event differently)."""
     return Counter((r["session_id"], r["sender"], r["text"], r["timestamp"]) for r in records)
