@@ -10,7 +10,8 @@ a run (`s c a m  l i n k` is `scam link`). A phrase matches with any separators 
 words (`SCAM-link`). Terms fold the same way and are indexed by first word: a cheap word-set
 test rejects most messages, the rest cost one dict lookup per word, whatever the term count.
 A block list remembers the matches of the last texts it was asked about (a list is immutable, so
-they never go stale), as chat repeats itself. Every occurrence of every term is reported, once per rule; `strictest` picks the action.
+they never go stale), as chat repeats itself. Every occurrence of every term is reported, once
+per rule; `strictest` picks the action.
 
 Not caught, by design: leetspeak (`d4rn`), repeated letters (`daaarn`), split words (`da rn`),
 spaced-out words of one or two letters, and look-alikes outside `CONFUSABLES` (a small table,
