@@ -122,17 +122,17 @@ def parse_line(raw: bytes, ref: LineRef, max_bytes: int = MAX_LINE_BYTES) -> Eve
         return read
     text, obj = read
     if not isinstance(obj, dict):
-        return _dead(text, ref, f"expected a JSON object, got {json_type(obj)}")
+        return dead_letter(text, ref, f"expected a JSON object, got {json_type(obj)}")
     try:
         if "sender" in obj or "message" in obj:
             return _conversation(_ConversationIn.model_validate(obj), ref)
         if "username" in obj:
             return _chat(_ChatIn.model_validate(obj), ref)
     except ValidationError as exc:
-        return _dead(text, ref, _describe(exc))
+        return dead_letter(text, ref, _describe(exc))
     except (TimestampError, _Rejected) as exc:
-        return _dead(text, ref, str(exc))
-    return _dead(
+        return dead_letter(text, ref, str(exc))
+    return dead_letter(
         text,
         ref,
         "neither a conversation event (session_id, sender, message) nor a chat event (username, type, text)",
@@ -183,10 +183,6 @@ def _event(
         username=username,
         timestamp=None if time is None else iso(time),
     )
-
-
-def _dead(text: str, ref: LineRef, reason: str) -> DeadLetter:
-    return dead_letter(text, ref, reason)
 
 
 def _describe(exc: ValidationError) -> str:
