@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Annotated, Any, cast
 
@@ -41,6 +42,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 DEFAULT_PATTERNS = Path(__file__).parent / "samples" / "patterns.yaml"
 DEFAULT_LAKE = "lake"
 DEFAULT_PARTITIONS = 3
+PROFILES_START = "profiles_start"
+"""The recovery fact naming the lake snapshot a job's user history was first read from."""
+LAKE_START = "lake_start_seqs"
+"""The recovery fact holding each lake table's next commit seq when the job first started."""
 
 Processes = Annotated[int, typer.Option("--processes", min=1, help="Local Bytewax processes forming one cluster.")]
 Workers = Annotated[int, typer.Option("--workers", min=1, help="Worker threads in each process.")]
@@ -241,11 +246,12 @@ def run(
         raise ConvoflowError(msg)
     lake_config = None
     if lake:
-        lake_config = LakeConfig(
+        lake_config = _prepare_lake(LakeConfig(
             (lake_dir or cast(Path, out_dir) / DEFAULT_LAKE).resolve() if embedded else None, catalog or "convoflow",
             lake_commit_rows, lake_commit_interval, lake_keep_snapshots,
-        )
-        stages = (*_lake_stages(lake_config, profiles, profiles_refresh, profiles_as_of), *stages)
+        ), recovery, resuming)
+        if profiles:
+            stages = (_profiles_stage(lake_config, profiles_refresh, profiles_as_of, recovery, resuming), *stages)
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="convoflow-") as state:
         state_dir = Path(state)
@@ -339,19 +345,53 @@ def _job_identity(input_path: Path | None, brokers: str | None, input_topic: str
     }
 
 
-def _lake_stages(lake: LakeConfig, profiles: bool, refresh: float, as_of: str | None) -> tuple[Stage, ...]:
-    """Create the lake's tables, and the stage that reads user history back from it (checked now)."""
-    from connectors.iceberg import ensure_tables, open_catalog  # heavy: only when asked for
-    from connectors.lake_admin import parse_as_of
-    from connectors.profiles import ProfilesStage
+def _prepare_lake(lake: LakeConfig, recovery: Recovery | None, resuming: bool) -> LakeConfig:
+    """Create the lake's tables; with recovery, give the sink where the job's commits began (`job_start`)."""
+    from connectors.iceberg import ensure_tables, next_seqs, open_catalog  # heavy: only when asked for
 
-    ensure_tables(open_catalog(lake.catalog, lake.lake_dir))
-    if not profiles:
-        return ()
-    stage = ProfilesStage(lake_dir=lake.lake_dir, catalog_name=lake.catalog, refresh_seconds=refresh,
-                          as_of=parse_as_of(as_of) if as_of else None)
-    stage.history()
-    return (stage,)
+    catalog = open_catalog(lake.catalog, lake.lake_dir)
+    if recovery is None:
+        ensure_tables(catalog)
+        return lake
+    return replace(lake, job_start=_job_fact(recovery, resuming, LAKE_START, lambda: next_seqs(catalog)))
+
+
+def _profiles_stage(lake: LakeConfig, refresh: float, as_of: str | None, recovery: Recovery | None,
+                    resuming: bool) -> Stage:
+    """The stage that reads user history back from the lake (loaded now, so a bad lake fails early).
+
+    With recovery, the job's first run remembers which snapshot the history was read from and a
+    resumed run starts from it: the rows the crashed run committed are not history to it.
+    """
+    from connectors.lake_admin import parse_as_of
+    from connectors.profiles import HistoryStart, ProfilesStage
+
+    def stage(start: HistoryStart | None) -> ProfilesStage:
+        return ProfilesStage(lake_dir=lake.lake_dir, catalog_name=lake.catalog, refresh_seconds=refresh,
+                             as_of=parse_as_of(as_of) if as_of else None, start=start)
+
+    if recovery is None or as_of is not None:
+        first = stage(None)
+        first.history()
+        return first
+    start = _job_fact(recovery, resuming, PROFILES_START, lambda: stage(None).loaded_from().as_json())
+    return stage(HistoryStart.from_json(start))
+
+
+def _job_fact(recovery: Recovery, resuming: bool, key: str, compute: Callable[[], Any]) -> Any:
+    """What the job's first run found for `key` (computed now and remembered when this is that run).
+
+    A resumed run whose first run kept no such fact (it died before the flow started, or ran
+    without that feature) computes it now: nothing it could have written is in it.
+    """
+    if resuming:
+        try:
+            return recovery.recall(key)
+        except KeyError:
+            pass
+    value = compute()
+    recovery.remember(key, value)
+    return value
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ Kinds map to tables in one namespace: `messages` → `chat_messages`, `windows` 
 nested: lists of structs, a map, a struct); times are `timestamptz`; tables with an event time
 are partitioned by its day and declare a sort order (session, time) that each batch is sorted by
 before it is written. Every table has a `record_hash` column: a 64-bit BLAKE2b of the record's
-canonical JSON.
+canonical JSON, without the fields stages fill from outside the flow (`ENRICHMENT_FIELDS`).
 
 A sink partition turns each incoming batch into Arrow columns at once (records are checked
 against the table's schema there: an unknown field or a missing required one is an error naming
@@ -79,7 +79,7 @@ import logging
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -111,6 +111,7 @@ from pyiceberg.utils.datetime import datetime_to_millis
 
 from connectors.by_kind import KindPartitionedSink
 from dataflows.errors import ConvoflowError
+from dataflows.flow import ENRICHMENT_FIELDS
 
 Record = dict[str, Any]
 Row = dict[str, Any]
@@ -293,15 +294,22 @@ TABLES: dict[str, TableSpec] = {spec.kind: spec for spec in (
 # --- rows --------------------------------------------------------------------------------------
 
 def record_hash(record: Record) -> int:
-    """A 64-bit fingerprint of a record's content, the same in every process and run."""
-    digest = hashlib.blake2b(orjson.dumps(record, option=orjson.OPT_SORT_KEYS), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
+    """A 64-bit fingerprint of a record's content, the same in every process and run.
+
+    Fields a stage fills from outside the flow (`ENRICHMENT_FIELDS`: user history, LLM answers)
+    are left out: a record replayed after a crash is the same record even if its enrichment is not.
+    """
+    return record_hashes([record])[0]
 
 
 def record_hashes(records: Sequence[Record]) -> list[int]:
     """`record_hash` of each record, in one pass."""
-    blake2b, dumps, sort_keys = hashlib.blake2b, orjson.dumps, orjson.OPT_SORT_KEYS
-    digests = b"".join([blake2b(dumps(record, option=sort_keys), digest_size=8).digest() for record in records])
+    blake2b, dumps, sort_keys, enriched = hashlib.blake2b, orjson.dumps, orjson.OPT_SORT_KEYS, ENRICHMENT_FIELDS
+    digests = b"".join([
+        blake2b(dumps({k: v for k, v in record.items() if k not in enriched} if enriched.intersection(record)
+                      else record, option=sort_keys), digest_size=8).digest()
+        for record in records
+    ])
     return list(struct.unpack(f">{len(records)}q", digests))
 
 
@@ -572,6 +580,12 @@ def own_commits(table: Table, partition: str) -> Iterator[tuple[int, Commit]]:
         yield seq, commits[seq]
 
 
+def next_seqs(catalog: Catalog, namespace: str = "convoflow", writer_id: str = "convoflow") -> dict[str, int]:
+    """Each kind's next commit seq for the sink `writer_id` (creating missing tables): a job's `job_start`."""
+    return {kind: next((seq + 1 for seq, _ in own_commits(table, f"{writer_id}/{kind}")), 0)
+            for kind, table in ensure_tables(catalog, namespace).items()}
+
+
 def committed_batches(table: Table, partition: str, from_seq: int = 0) -> list[tuple[int, Commit]]:
     """`partition`'s commits with seq >= `from_seq`, newest first (its seqs only grow along history)."""
     return list(itertools.takewhile(lambda commit: commit[0] >= from_seq, own_commits(table, partition)))
@@ -743,15 +757,21 @@ class IcebergSink(KindPartitionedSink[list[Record], IcebergState]):
 
     `expiry=None` never expires snapshots (then expire them with `expire_snapshots`, which keeps
     the bookkeeping, not with another tool's expiry).
+
+    `job_start` (kind → the partition's next seq when the job's first run began: `next_seqs`)
+    covers a partition that has no Bytewax snapshot of its own in a resumed run: the run was
+    killed before its first snapshot, or the kind's first record came after the last one. Such a
+    partition resumes as if from a snapshot taken at the start, so it skips the commits the job
+    made before, instead of writing them again.
     """
 
     output = "Iceberg"
 
     def __init__(self, catalog: Catalog, *, namespace: str = "convoflow", kinds: Sequence[str] | None = None,
                  writer_id: str = "convoflow", commit_rows: int = 50_000, commit_interval: float = 30.0,
-                 expiry: SnapshotExpiry | None = SnapshotExpiry(),
+                 expiry: SnapshotExpiry | None = SnapshotExpiry(), job_start: Mapping[str, int] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.catalog, self.namespace, self.writer_id = catalog, namespace, writer_id
+        self.catalog, self.namespace, self.writer_id, self.job_start = catalog, namespace, writer_id, job_start
         super().__init__(kinds if kinds is not None else list(TABLES))
         unknown = set(self.kinds) - set(TABLES)
         if unknown:
@@ -763,6 +783,8 @@ class IcebergSink(KindPartitionedSink[list[Record], IcebergState]):
         self.commit_rows, self.commit_interval, self.expiry, self.clock = commit_rows, commit_interval, expiry, clock
 
     def build_part(self, step_id: str, for_part: str, resume_state: IcebergState | None) -> IcebergPartition:
+        if resume_state is None and self.job_start is not None and for_part in self.job_start:
+            resume_state = IcebergState(self.job_start[for_part], None, {})
         table = ensure_tables(self.catalog, self.namespace, [for_part])[for_part]
         return IcebergPartition(table, TABLES[for_part], f"{self.writer_id}/{for_part}", resume_state,
                                 commit_rows=self.commit_rows, commit_interval=self.commit_interval,

@@ -72,13 +72,18 @@ class JsonlSink(KindPartitionedSink[bytes, int]):
 
 
 class JsonlPartition(StatefulSinkPartition[bytes, int]):
-    """Appends JSON lines; resumes by truncating to the snapshotted length."""
+    """Appends JSON lines; resumes by truncating to the snapshotted length.
+
+    Without a snapshot the file starts empty: in a fresh run it is empty anyway (one partition
+    writes it), and in a resumed run every line in it came after the last snapshot (the run died
+    before its first one, or the kind's first record came after it), so it is written again.
+    """
 
     def __init__(self, path: Path, resume_length: int | None) -> None:
+        length = resume_length or 0
         self.file: BinaryIO = path.open("ab")
-        if resume_length is not None:
-            self.file.truncate(resume_length)
-            self.file.seek(resume_length)
+        self.file.truncate(length)
+        self.file.seek(length)
 
     def write_batch(self, values: list[bytes]) -> None:
         self.file.write(b"".join(values))

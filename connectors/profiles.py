@@ -15,6 +15,11 @@ changed, loads again: only the rows appended since when the history in between i
 (the flow's own commits), everything otherwise. `as_of` (a time or a snapshot id) reads the
 lake as it was then, once (time travel). A missing table is an empty history.
 
+`start` pins the first load to a `HistoryStart` (a table and snapshot; `loaded_from()` says
+which one a load read): a run resumed after a crash first reads the lake as its job's first run
+did, not with the rows that run committed before it died, so replayed records get the history
+they had. Later refreshes read the lake as it is then, as in any run.
+
 The user key is the pattern engine's (`dataflows.patterns.definitions.key_of`): a chat record's
 `username`, else `session_id/sender`. The history is what the lake held when it was loaded: a
 message's own row is in it only once the sink has committed it.
@@ -35,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.catalog import Catalog
 from pyiceberg.table import Table
-from pyiceberg.table.snapshots import Operation, ancestors_of
+from pyiceberg.table.snapshots import Operation, Snapshot, ancestors_of
 
 from connectors.iceberg import TABLES, open_catalog
 from connectors.lake_admin import AsOf, snapshot_at
@@ -73,6 +78,21 @@ class _Loaded:
 _EMPTY = _Loaded(None, None, {}, {})
 
 
+@dataclass(frozen=True)
+class HistoryStart:
+    """Which table, at which snapshot, a history was first loaded from (None: none / empty)."""
+
+    table: str | None
+    snapshot_id: int | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"table": self.table, "snapshot_id": self.snapshot_id}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HistoryStart:
+        return cls(data["table"], data["snapshot_id"])
+
+
 class ProfilesStage:
     """Attaches each message's `user_context` from the lake (see the module doc).
 
@@ -84,7 +104,7 @@ class ProfilesStage:
     name = "profiles"
 
     def __init__(self, *, lake_dir: Path | None = None, catalog_name: str = "convoflow", namespace: str = "convoflow",
-                 refresh_seconds: float = 60.0, as_of: AsOf | None = None,
+                 refresh_seconds: float = 60.0, as_of: AsOf | None = None, start: HistoryStart | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if refresh_seconds < 0:
             msg = f"profiles refresh must be >= 0 seconds, got {refresh_seconds}"
@@ -93,7 +113,7 @@ class ProfilesStage:
             msg = f"profiles as-of time {as_of.isoformat()} needs an offset (UTC: +00:00)"
             raise ConvoflowError(msg)
         self.lake_dir, self.catalog_name, self.namespace = lake_dir, catalog_name, namespace
-        self.refresh_seconds, self.as_of, self.clock = refresh_seconds, as_of, clock
+        self.refresh_seconds, self.as_of, self.start, self.clock = refresh_seconds, as_of, start, clock
         self._reset()
 
     def _reset(self) -> None:
@@ -104,7 +124,7 @@ class ProfilesStage:
 
     def __getstate__(self) -> dict[str, Any]:
         return {"lake_dir": self.lake_dir, "catalog_name": self.catalog_name, "namespace": self.namespace,
-                "refresh_seconds": self.refresh_seconds, "as_of": self.as_of, "clock": self.clock}
+                "refresh_seconds": self.refresh_seconds, "as_of": self.as_of, "start": self.start, "clock": self.clock}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -128,6 +148,12 @@ class ProfilesStage:
             if self._catalog is not None:
                 self._catalog.close()
             self._catalog, self._loaded, self._checked = None, None, 0.0
+
+    def loaded_from(self) -> HistoryStart:
+        """The table and snapshot the history in memory was read from (loading it first if need be)."""
+        self.history()
+        loaded = self._loaded or _EMPTY
+        return HistoryStart(loaded.table, loaded.snapshot_id)
 
     def lookup(self, user: str) -> UserContext | None:
         """One user's history (None if the lake has none), e.g. for an assistant prompt."""
@@ -157,16 +183,38 @@ class ProfilesStage:
     def _load(self, loaded: _Loaded | None) -> _Loaded:
         if self._catalog is None:
             self._catalog = open_catalog(self.catalog_name, self.lake_dir)
+        if loaded is None and self.start is not None:
+            return self._load_start(self._catalog, self.start)
         table = self._table(self._catalog)
         if table is None:
             return _EMPTY
+        return self._load_table(table, snapshot_at(table, self.as_of), loaded)
+
+    def _load_start(self, catalog: Catalog, start: HistoryStart) -> _Loaded:
+        """The history as `start` names it; the current one if that table or snapshot is gone (said in the log)."""
+        if start.table is None:
+            return _EMPTY
+        if not catalog.table_exists((self.namespace, start.table)):
+            log.warning("user profiles: %s, the table this job first read, is gone: reading the lake as it is",
+                        start.table)
+            return self._load(_EMPTY)
+        table = catalog.load_table((self.namespace, start.table))
+        if start.snapshot_id is None:
+            return _Loaded(start.table, None, {}, {})
+        snapshot = table.snapshot_by_id(start.snapshot_id)
+        if snapshot is None:
+            log.warning("user profiles: snapshot %s of %s, which this job first read, is expired: reading the "
+                        "table as it is", start.snapshot_id, start.table)
+            snapshot = table.current_snapshot()
+        return self._load_table(table, snapshot, None)
+
+    def _load_table(self, table: Table, snapshot: Snapshot | None, loaded: _Loaded | None) -> _Loaded:
         name = table.name()[-1]
         if name == PROFILES_TABLE:
             missing = [c for c in PROFILE_COLUMNS if c not in {f.name for f in table.schema().fields}]
             if missing:
                 msg = f"{PROFILES_TABLE} lacks the columns {missing}; it needs {list(PROFILE_COLUMNS)}"
                 raise ConvoflowError(msg)
-        snapshot = snapshot_at(table, self.as_of)
         if snapshot is None:
             return _Loaded(name, None, {}, {})
         if loaded is not None and loaded.table == name and loaded.snapshot_id == snapshot.snapshot_id:

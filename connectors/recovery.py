@@ -10,6 +10,9 @@ outputs and flow settings) and says whether it finished. Running the same comman
   on from there; the lake skips the commits it already has);
 - on a folder of a finished run: nothing to do, said plainly (`RecoveryState.FINISHED`);
 - on a folder of another job: refused, naming the settings that differ.
+
+The run file also keeps facts of the job's first run that a resumed run must reuse to give the
+same results (`remember`, `recall`): the lake snapshot the user history was first read from.
 """
 
 from __future__ import annotations
@@ -93,6 +96,15 @@ class Recovery:
     def mark_finished(self) -> None:
         """Record that the job ran to its end: running it again will do nothing."""
         self._write({**self._read(), "finished_at": _now()})
+
+    def remember(self, key: str, value: Any) -> None:
+        """Keep a JSON-ready fact of the job's first run (e.g. the lake snapshot it started from)."""
+        held = self._read()
+        self._write({**held, "facts": {**held.get("facts", {}), key: value}})
+
+    def recall(self, key: str) -> Any:
+        """A fact `remember`ed by the job's first run; KeyError if it kept none under `key`."""
+        return self._read().get("facts", {})[key]
 
     def _read(self) -> dict[str, Any]:
         try:

@@ -148,6 +148,8 @@ class LakeConfig:
     commit_rows: int = 50_000
     commit_interval: float = 30.0
     keep_snapshots: int = 50
+    job_start: Mapping[str, int] | None = None
+    """With recovery: each table's next commit seq when the job first started (`IcebergSink`)."""
 
     def describe(self) -> str:
         return f"Iceberg tables in {self.lake_dir}" if self.lake_dir else f"Iceberg catalog {self.catalog}"
@@ -161,7 +163,8 @@ def _file_outputs(out_dir: Path | None, lake: LakeConfig | None) -> list[FlowOut
         from connectors.iceberg import IcebergSink, SnapshotExpiry, open_catalog
 
         sink = IcebergSink(open_catalog(lake.catalog, lake.lake_dir), kinds=kinds, commit_rows=lake.commit_rows,
-                           commit_interval=lake.commit_interval, expiry=SnapshotExpiry(keep=lake.keep_snapshots))
+                           commit_interval=lake.commit_interval, expiry=SnapshotExpiry(keep=lake.keep_snapshots),
+                           job_start=lake.job_start)
         outputs.append(FlowOutput("lake", sink))
     return outputs
 

@@ -364,12 +364,18 @@ def _router(config: FlowConfig) -> Callable[[list[SourceItem | RulesSourceItem]]
     return route
 
 
+ENRICHMENT_FIELDS = frozenset({"user_context", "assistant", "translated", "translation", "language"})
+"""The top-level fields a `Stage` may set or change. Their values come from outside the flow (the
+lake's history, an LLM's answer), so a run resumed after a crash may give a replayed record other
+values: they are not part of the record's identity (the lake's `record_hash` leaves them out)."""
+
+
 class Stage(Protocol):
     """A step that enriches records on their way to the outputs, a batch at a time (e.g. LLM calls).
 
     Called on each worker with batches of `(kind, records)`; returns them in the same order,
-    records possibly enriched, none dropped. Built in `connectors/` (it may do I/O); it must be
-    picklable, so it opens its clients on first use in the worker.
+    records possibly enriched (only `ENRICHMENT_FIELDS`), none dropped. Built in `connectors/` (it
+    may do I/O); it must be picklable, so it opens its clients on first use in the worker.
     """
 
     name: str

@@ -72,7 +72,10 @@ def test_runs_killed_at_random_points_resume_to_the_outputs_of_one_uninterrupted
     assert main(run_args(sample, straight)) == 0
     took = time.perf_counter() - started
     crashed, recovery = tmp_path / "crashed", tmp_path / "recovery"
-    args = run_args(sample, crashed, "--recovery-dir", str(recovery), "--snapshot-interval", "0.2")
+    # Frequent lake commits: killed runs leave rows in the lake, which a resumed run must neither
+    # write again nor count as user history (profiles) of the records it replays.
+    args = run_args(sample, crashed, "--recovery-dir", str(recovery), "--snapshot-interval", "0.2",
+                    "--lake-commit-interval", "0.5")
     # A child process needs ~2 s to import what a run needs before it reads anything.
     kills = crash_until_done(args, random.Random(3), (1.5, 2.5 + took))
     assert kills >= 2, "the test must kill runs mid-way to test anything"
@@ -86,6 +89,22 @@ def test_runs_killed_at_random_points_resume_to_the_outputs_of_one_uninterrupted
                           check=True)
     assert "nothing to do: this job finished" in done.stdout
     assert jsonl_counts(crashed) == expected
+
+
+def test_runs_killed_before_their_first_snapshot_start_over_without_duplicates(sample: Path, tmp_path: Path) -> None:
+    """No snapshot yet: the outputs the killed run wrote (JSONL lines, lake commits) are replaced, not added to."""
+    straight = tmp_path / "straight"
+    started = time.perf_counter()
+    assert main(run_args(sample, straight)) == 0
+    took = time.perf_counter() - started
+    crashed = tmp_path / "crashed"
+    args = run_args(sample, crashed, "--recovery-dir", str(tmp_path / "recovery"), "--snapshot-interval", "600",
+                    "--lake-commit-interval", "0.2")
+    kills = crash_until_done(args, random.Random(4), (1.5 + took / 2, 2.5 + took))
+    assert kills >= 1, "the test must kill runs mid-way to test anything"
+    assert lake_rows(crashed)["chat_messages"].total() > 0
+    assert jsonl_counts(crashed) == jsonl_counts(straight)
+    assert lake_rows(crashed) == lake_rows(straight)
 
 
 def stop_with_sigterm(args: list[str], after: float) -> subprocess.CompletedProcess[str]:

@@ -25,7 +25,7 @@ from pyiceberg.types import LongType, NestedField, StringType, StructType, Times
 
 from connectors.iceberg import (
     PARTITION_KEY, ROWS_KEY, SEQ_KEY, TABLES, ArrowRows, IcebergPartition, IcebergSink, IcebergState, SnapshotExpiry,
-    committed_batches, ensure_tables, expire_snapshots, ledger, open_catalog, row_converter,
+    committed_batches, ensure_tables, expire_snapshots, ledger, next_seqs, open_catalog, record_hash, row_converter,
 )
 from dataflows.errors import ConvoflowError
 from dataflows.events import DeadLetter, Event, LateEvent, LineRef, WindowRecord, iso
@@ -233,6 +233,45 @@ def test_crash_after_the_commit_skips_what_was_committed_whatever_the_replay_ord
     resumed.close()
     assert event_ids(catalog) == Counter(f"chat.jsonl:{n}" for n in range(1, 9))
     assert [seq for seq, _ in committed_batches(table_of(catalog, "messages"), "convoflow/messages")] == [1, 0]
+
+
+def test_a_replayed_record_with_other_enrichment_is_the_same_record(
+    catalog: Catalog, make_event: Callable[..., Event]
+) -> None:
+    """What stages add (history, LLM answers) may differ after a crash; the record was written already."""
+    first = part(catalog, commit_rows=2)
+    state = first.snapshot()
+    first.write_batch([[{**record, "user_context": None, "translated": "hola"} for record in messages(1, 2, make_event)]])
+    first.wait()
+    replay = [{**record, "user_context": {"total_messages": 2}, "translated": None, "translation": {"status": "error"}}
+              for record in messages(1, 3, make_event)]
+    assert record_hash(replay[0]) == record_hash(messages(1, 1, make_event)[0])
+    assert record_hash(replay[0]) != record_hash(replay[1]), "the flow's own fields are the identity"
+    resumed = part(catalog, state, commit_rows=2)
+    resumed.write_batch([replay])
+    resumed.close()
+    assert event_ids(catalog) == Counter(f"chat.jsonl:{n}" for n in range(1, 4))
+    rows = {row["event_id"]: row["translated"] for row in table_of(catalog, "messages").scan().to_arrow().to_pylist()}
+    assert rows == {"chat.jsonl:1": "hola", "chat.jsonl:2": "hola", "chat.jsonl:3": None}, "the first write stays"
+
+
+def test_a_partition_without_a_snapshot_in_a_resumed_job_skips_the_jobs_commits(
+    catalog: Catalog, make_event: Callable[..., Event]
+) -> None:
+    """Killed before its first Bytewax snapshot, the resumed partition starts from the job's start."""
+    before = part(catalog)
+    before.write_batch([messages(1, 1, make_event)])  # another job, earlier
+    before.close()
+    start = next_seqs(catalog)
+    assert start["messages"] == 1 and start["windows"] == 0
+    first = IcebergSink(catalog, expiry=None, commit_rows=2, job_start=start).build_part("lake", "messages", None)
+    first.write_batch([messages(2, 3, make_event)])  # commits rows 2-4, then dies with no snapshot
+    first.wait()
+    resumed = IcebergSink(catalog, expiry=None, job_start=start).build_part("lake", "messages", None)
+    resumed.write_batch([messages(2, 4, make_event)])
+    resumed.close()
+    assert event_ids(catalog) == Counter(f"chat.jsonl:{n}" for n in range(1, 6))
+    assert [seq for seq, _ in committed_batches(table_of(catalog, "messages"), "convoflow/messages")] == [2, 1, 0]
 
 
 def test_records_delivered_twice_on_purpose_are_written_twice(catalog: Catalog, make_event: Callable[..., Event]) -> None:

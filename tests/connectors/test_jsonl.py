@@ -50,3 +50,15 @@ def test_resume_truncates_what_was_written_after_the_snapshot(tmp_path: Path) ->
     resumed.write_batch([json_line({"n": 2}), json_line({"n": 3})])
     resumed.close()
     assert [orjson.loads(line) for line in (tmp_path / "windows.jsonl").read_bytes().splitlines()] == [{"n": 1}, {"n": 2}, {"n": 3}]
+
+
+def test_a_partition_without_a_snapshot_rewrites_its_file(tmp_path: Path) -> None:
+    """Killed before its first snapshot (or first built after the last one): all of it is replayed."""
+    sink = JsonlSink(tmp_path, ["late"])
+    first = sink.build_part("out", "late", None)
+    first.write_batch([json_line({"n": 1})])
+    first.close()
+    resumed = sink.build_part("out", "late", None)
+    resumed.write_batch([json_line({"n": 1}), json_line({"n": 2})])
+    resumed.close()
+    assert [orjson.loads(line) for line in (tmp_path / "late.jsonl").read_bytes().splitlines()] == [{"n": 1}, {"n": 2}]

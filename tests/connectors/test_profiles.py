@@ -15,7 +15,7 @@ from pyiceberg.types import LongType, NestedField, StringType, TimestamptzType
 
 from connectors.iceberg import IcebergSink, open_catalog
 from connectors.lake_admin import compact, load_table
-from connectors.profiles import ProfilesStage, aggregate_messages, user_key
+from connectors.profiles import HistoryStart, ProfilesStage, aggregate_messages, user_key
 from dataflows.errors import ConvoflowError
 from dataflows.flow import Stage
 from dataflows.events import Event, Shape, iso
@@ -144,6 +144,43 @@ def test_as_of_reads_the_lake_as_it_was(catalog: Catalog, lake_dir: Path, make_e
     assert contexts(before, make_event(9)) == [None]
     with pytest.raises(ConvoflowError, match="has no snapshot 42"):
         ProfilesStage(lake_dir=lake_dir, as_of=42).history()
+
+
+def test_a_pinned_start_is_read_first_then_the_lake_as_it_is(
+    catalog: Catalog, lake_dir: Path, make_event: Callable[..., Event]
+) -> None:
+    write(catalog, [make_event(1)])
+    first_run = ProfilesStage(lake_dir=lake_dir)
+    start = first_run.loaded_from()
+    assert start.table == "chat_messages" and start.snapshot_id is not None
+    assert HistoryStart.from_json(start.as_json()) == start
+    write(catalog, [make_event(2)])  # what the crashed run committed
+    clock = FakeClock()
+    resumed = ProfilesStage(lake_dir=lake_dir, start=start, refresh_seconds=30, clock=clock)
+    assert contexts(resumed, make_event(9)) == [context(1, T0 + 60, T0 + 60)]
+    clock.now = 30.0
+    assert contexts(resumed, make_event(9)) == [context(2, T0 + 60, T0 + 120)], "later refreshes read the lake"
+
+
+def test_a_pinned_start_of_an_empty_lake_is_an_empty_history(
+    catalog: Catalog, lake_dir: Path, make_event: Callable[..., Event]
+) -> None:
+    start = ProfilesStage(lake_dir=lake_dir).loaded_from()
+    assert start == HistoryStart(None, None)
+    write(catalog, [make_event(1)])
+    assert contexts(ProfilesStage(lake_dir=lake_dir, start=start), make_event(9)) == [None]
+    assert contexts(ProfilesStage(lake_dir=lake_dir, start=HistoryStart("chat_messages", None)), make_event(9)) == [None]
+
+
+def test_a_pinned_start_that_is_gone_reads_the_lake_as_it_is(
+    catalog: Catalog, lake_dir: Path, make_event: Callable[..., Event], caplog: pytest.LogCaptureFixture
+) -> None:
+    write(catalog, [make_event(1)])
+    expired = ProfilesStage(lake_dir=lake_dir, start=HistoryStart("chat_messages", 42))
+    assert contexts(expired, make_event(9)) == [context(1, T0 + 60, T0 + 60)]
+    dropped = ProfilesStage(lake_dir=lake_dir, start=HistoryStart("user_profiles", 42))
+    assert contexts(dropped, make_event(9)) == [context(1, T0 + 60, T0 + 60)]
+    assert "snapshot 42 of chat_messages" in caplog.text and "user_profiles, the table" in caplog.text
 
 
 def test_a_user_profiles_table_is_preferred(catalog: Catalog, lake_dir: Path, make_event: Callable[..., Event]) -> None:
