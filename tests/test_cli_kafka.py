@@ -151,7 +151,10 @@ def test_a_live_window_closes_on_the_system_clock_when_traffic_stops(
     topic = kafka_topic(partitions=2)
     with live_run(kafka_bootstrap, topic, "--window-size", "2", "--max-out-of-orderness", "1") as run:
         producer = Producer({"bootstrap.servers": kafka_bootstrap})
-        now = time.time()
+        # 2 s windows start at multiples of 2 s (epoch-aligned): 3 events 0.1 s apart fit in one
+        # only if they do not straddle a start, so they go out at the beginning of the next window.
+        now = (time.time() // 2 + 1) * 2 + 0.05
+        time.sleep(now - time.time())
         for i, sender in enumerate(["customer", "rm", "customer"]):
             line = {"session_id": "live-1", "sender": sender, "message": f"m{i}", "timestamp": now + i * 0.1}
             producer.produce(topic, orjson.dumps(line), key=b"live-1")
