@@ -226,7 +226,7 @@ def run(
     resuming = False
     if recovery is not None:
         job_id = _job_identity(input_path, kafka_brokers, input_topic, out_dir, lake, lake_dir, catalog, rules,
-                               window, () if no_patterns else patterns, processes, workers, block_kib)
+                               window, () if no_patterns else patterns, processes, workers, block_kib, max_line_bytes)
         recovered = recovery.open(job_id, partitions=processes * workers)
         if recovered is RecoveryState.FINISHED:
             typer.echo(f"nothing to do: this job finished at {recovery.finished_at()} (--recovery-dir {recovery_dir}); "
@@ -330,7 +330,8 @@ def _cluster(addresses: str | None, process_id: int | None, processes: int) -> C
 
 def _job_identity(input_path: Path | None, brokers: str | None, input_topic: str, out_dir: Path | None, lake: bool,
                   lake_dir: Path | None, catalog: str | None, rules: Path | None, window: WindowConfig,
-                  patterns: Path | tuple[()], processes: int, workers: int, block_kib: int) -> dict[str, Any]:
+                  patterns: Path | tuple[()], processes: int, workers: int, block_kib: int,
+                  max_line_bytes: int) -> dict[str, Any]:
     """What a resumed run must share with the one that crashed: its input, outputs, partitions and flow."""
     def path(p: Path | None) -> str | None:
         return None if p is None else str(p.resolve())
@@ -341,7 +342,7 @@ def _job_identity(input_path: Path | None, brokers: str | None, input_topic: str
         "window_size": window.size, "max_out_of_orderness": window.out_of_orderness, "window_align_to": window.align_to,
         "max_window_messages": window.max_messages, "max_open_windows": window.max_open_windows,
         "patterns": path(patterns) if patterns else None, "processes": processes, "workers": workers,
-        "block_kib": block_kib,
+        "block_kib": block_kib, "max_line_bytes": max_line_bytes,
     }
 
 

@@ -157,6 +157,8 @@ def test_a_rerun_with_other_window_limits_is_another_job(sample: Path, tmp_path:
     assert main(args) == 0
     assert main([*args, "--max-window-messages", "5"]) == 2
     assert "max_window_messages" in capsys.readouterr().err
+    assert main([*args, "--max-line-bytes", "200"]) == 2, "longer lines would be dead letters now"
+    assert "max_line_bytes" in capsys.readouterr().err
 
 
 def content(records: list[dict[str, Any]]) -> Counter[tuple[Any, ...]]:
