@@ -22,6 +22,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
 from dataflows.events import DeadLetter, LineRef
+from dataflows.patterns.definitions import KeyKind, PatternDef
 from dataflows.rules import Rule, parse_rule
 from dataflows.rules_gate import RulesMark, arrived
 from dataflows.timestamps import TimestampError, parse_timestamp
@@ -82,6 +83,11 @@ class RulesFileSource(FixedPartitionedSource[Item, int]):
 
     def list_parts(self) -> list[str]:
         return ["rules"]
+
+    def pattern_keys(self) -> frozenset[KeyKind]:
+        """The keys of the patterns the file's valid rules define (the flow needs user shards only for "user")."""
+        return frozenset(rule.body.key for rule, _ in read_rules(self.path)
+                         if isinstance(rule, Rule) and isinstance(rule.body, PatternDef))
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> RulesPartition:
         return RulesPartition(read_rules(self.path), self.clock, self.tick, self.wall, resume_state or 0)

@@ -13,7 +13,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -64,7 +64,7 @@ class ReplayRun:
         outputs = _file_outputs(self.out_dir, self.lake) + _tally(self.state_dir)
         rules = RulesFileSource(self.rules_path, self.clock) if self.rules_path else None
         flag = stop_flag(self)
-        return build_flow(_stoppable(source, flag), outputs, self.flow, gauges=_gauges(self.state_dir),
+        return build_flow(_stoppable(source, flag), outputs, _knowing(self.flow, rules), gauges=_gauges(self.state_dir),
                           rules=None if rules is None else _stoppable(rules, flag), stages=self.stages)
 
 
@@ -107,7 +107,7 @@ class KafkaRun:
         outputs = [kafka_output(self.brokers, self.topics, self.kafka_config)]
         outputs += _file_outputs(self.out_dir, self.lake) + _tally(self.state_dir)
         flag, rules = stop_flag(self), self._rules()
-        return build_flow(_stoppable(source, flag), outputs, self.flow, gauges=_gauges(self.state_dir),
+        return build_flow(_stoppable(source, flag), outputs, _knowing(self.flow, rules), gauges=_gauges(self.state_dir),
                           rules=None if rules is None else _stoppable(rules, flag), stages=self.stages)
 
     def _rules(self) -> FixedPartitionedSource[RulesSourceItem, Any] | None:
@@ -123,6 +123,13 @@ class KafkaRun:
 
 
 FlowJob = ReplayRun | KafkaRun
+
+
+def _knowing(flow: FlowConfig, rules: FixedPartitionedSource[RulesSourceItem, Any] | None) -> FlowConfig:
+    """`flow`, told which pattern keys a rules file defines (a topic may define any)."""
+    if isinstance(rules, RulesFileSource):
+        return replace(flow, rule_pattern_keys=rules.pattern_keys())
+    return flow
 
 
 def stop_flag(run: FlowJob) -> StopFlag | None:

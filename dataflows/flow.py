@@ -83,6 +83,9 @@ class FlowConfig:
     live: bool = False
     rules: bool = False
     """Whether a rules stream is joined: messages are then judged by it and wait for its clock."""
+    rule_pattern_keys: frozenset[KeyKind] = frozenset({"session", "user"})
+    """The keys of the patterns the rules stream may define: any, unless its content is known
+    (a rules file: `RulesFileSource.pattern_keys`). Without user-keyed ones, chat events need no user shards."""
 
     def __post_init__(self) -> None:
         for name in ("shards", "user_shards"):
@@ -319,7 +322,7 @@ def _pattern_scope(role: ShardRole) -> tuple[frozenset[KeyKind], frozenset[str]]
 def _user_shards(config: FlowConfig) -> bool:
     """Whether chat events also go to user shards: some user-keyed pattern is given, or may arrive
     on the rules stream."""
-    return config.rules or bool(patterns_keyed_by(config.patterns, "user"))
+    return (config.rules and "user" in config.rule_pattern_keys) or bool(patterns_keyed_by(config.patterns, "user"))
 
 
 def _router(config: FlowConfig) -> Callable[[list[SourceItem | RulesSourceItem]], list[tuple[str, Any]]]:

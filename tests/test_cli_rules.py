@@ -98,6 +98,20 @@ def test_moderation_is_the_same_for_any_workers_processes_and_speed(events: Path
         assert sorted(map(orjson.dumps, other["windows"])) == sorted(map(orjson.dumps, reference["windows"])), name
 
 
+def test_a_user_keyed_pattern_in_the_rules_file_matches_chat_users(events: Path, tmp_path: Path) -> None:
+    """The rules file is read at start to know whether chat events need user shards: here they do."""
+    burst = {"id": "burst", "key": "user", "within_seconds": 2, "steps": [
+        {"name": "first", "where": {"message": True}}, {"name": "more", "where": {"message": True}, "times": 2}]}
+    rules = write_lines(tmp_path / "rules.jsonl", [{"id": "p-burst", "kind": "pattern", "version": 1,
+                                                     "scope": "global", "body": burst}])
+    out = tmp_path / "out"
+    run(events, rules, out, "--speed-factor", "0")
+    alerts = [orjson.loads(line) for line in (out / "alerts.jsonl").read_bytes().splitlines()]
+    chat_users = {a["key"] for a in alerts if "/" not in a["key"]}  # conversation users are `session/sender`
+    assert chat_users == {"user0", "user1", "user2", "user3"}
+    assert all(len({e["event_id"] for e in a["events"]}) == 3 for a in alerts)
+
+
 def _seconds(record: dict[str, Any]) -> float:
     from datetime import datetime
 

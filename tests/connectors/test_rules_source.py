@@ -255,3 +255,16 @@ def test_resuming_after_the_end_sends_only_the_end_mark(timed_rules: Path) -> No
     part = partition(timed_rules, speed=0, wall=FakeWall())
     drain(part)
     assert drain(partition(timed_rules, speed=0, wall=FakeWall(), resume=part.snapshot())) == [RulesMark(math.inf)]
+
+
+def test_pattern_keys_are_those_of_the_files_valid_pattern_rules(rules_file: Callable[..., Path]) -> None:
+    def pattern(rule_id: str, key: str) -> dict[str, Any]:
+        return rule_line(rule_id, kind="pattern", body={"id": rule_id, "key": key, "within_seconds": 10,
+                                                         "steps": [{"name": "one", "where": {"message": True}}]})
+
+    clock = ReplayClock(0.0, 0.0, 0.0)
+    assert RulesFileSource(rules_file(rule_line()), clock).pattern_keys() == frozenset()
+    session_only = rules_file(rule_line(), pattern("p-1", "session"), {**pattern("p-2", "user"), "kind": "nope"})
+    assert RulesFileSource(session_only, clock).pattern_keys() == frozenset({"session"})
+    both = rules_file(pattern("p-1", "session"), pattern("p-2", "user"), name="both.jsonl")
+    assert RulesFileSource(both, clock).pattern_keys() == frozenset({"session", "user"})

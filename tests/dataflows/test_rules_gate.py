@@ -475,6 +475,28 @@ def test_the_same_input_gives_the_same_outputs_whenever_rules_arrive_and_with_an
     assert answered == [("r-0", "eve, max", "10:03:20")], "a pattern rule and the RM role reach the matchers"
 
 
+BURST = {"id": "burst", "key": "user", "within_seconds": 10, "steps": [
+    {"name": "first", "where": {"message": True}}, {"name": "more", "where": {"message": True}, "times": 2}]}
+"""A chat user's three messages within 10 s, in any rooms: matched in user shards."""
+
+
+def test_a_user_keyed_pattern_rule_matches_chat_users_across_rooms(chat: Callable[..., dict]) -> None:
+    lines = jsonl(*(chat(username="max", text=f"now {i}", room=f"r-{i}", timestamp=at("10:01") + i) for i in range(3)))
+    rules = with_end(pattern_rule("pat-burst", BURST))
+    for keys in (frozenset({"session", "user"}), frozenset({"user"})):
+        alerts = run(lines, rules, shards=4, rule_pattern_keys=keys)["alerts"]
+        assert [(a["pattern"], a["key"]) for a in alerts] == [("burst", "max")]
+
+
+def test_rules_known_to_define_no_user_pattern_give_the_same_outputs_without_user_shards(
+    message: Callable[..., dict], chat: Callable[..., dict]
+) -> None:
+    lines = mixed_input(message, chat)
+    rules = rules_orders()["held at the middle"]
+    assert canonical(run(lines, rules, shards=7, rule_pattern_keys=frozenset({"session"}))) == canonical(
+        run(lines, rules, shards=7))
+
+
 @pytest.mark.parametrize("workers", [2, 3])
 def test_the_same_outputs_with_several_workers(
     message: Callable[..., dict], chat: Callable[..., dict], patterns: tuple[PatternDef, ...], workers: int
