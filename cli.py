@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from dataclasses import dataclass, replace
@@ -350,11 +349,14 @@ def _prepare_lake(lake: LakeConfig, recovery: Recovery | None, resuming: bool) -
     """Create the lake's tables; with recovery, give the sink where the job's commits began (`job_start`)."""
     from connectors.iceberg import ensure_tables, next_seqs, open_catalog  # heavy: only when asked for
 
-    catalog = open_catalog(lake.catalog, lake.lake_dir)
+    tables = ensure_tables(open_catalog(lake.catalog, lake.lake_dir))
     if recovery is None:
-        ensure_tables(catalog)
         return lake
-    return replace(lake, job_start=_job_fact(recovery, resuming, LAKE_START, lambda: next_seqs(catalog)))
+    start = recovery.recall(LAKE_START) if resuming else None
+    if start is None:  # the job's first run (or one that died before it got this far)
+        start = next_seqs(tables)
+        recovery.remember(LAKE_START, start)
+    return replace(lake, job_start=start)
 
 
 def _profiles_stage(lake: LakeConfig, refresh: float, as_of: str | None, recovery: Recovery | None,
@@ -367,32 +369,16 @@ def _profiles_stage(lake: LakeConfig, refresh: float, as_of: str | None, recover
     from connectors.lake_admin import parse_as_of
     from connectors.profiles import HistoryStart, ProfilesStage
 
-    def stage(start: HistoryStart | None) -> ProfilesStage:
-        return ProfilesStage(lake_dir=lake.lake_dir, catalog_name=lake.catalog, refresh_seconds=refresh,
-                             as_of=parse_as_of(as_of) if as_of else None, start=start)
-
-    if recovery is None or as_of is not None:
-        first = stage(None)
-        first.history()
-        return first
-    start = _job_fact(recovery, resuming, PROFILES_START, lambda: stage(None).loaded_from().as_json())
-    return stage(HistoryStart.from_json(start))
-
-
-def _job_fact(recovery: Recovery, resuming: bool, key: str, compute: Callable[[], Any]) -> Any:
-    """What the job's first run found for `key` (computed now and remembered when this is that run).
-
-    A resumed run whose first run kept no such fact (it died before the flow started, or ran
-    without that feature) computes it now: nothing it could have written is in it.
-    """
-    if resuming:
-        try:
-            return recovery.recall(key)
-        except KeyError:
-            pass
-    value = compute()
-    recovery.remember(key, value)
-    return value
+    pinned = recovery is not None and as_of is None
+    held = recovery.recall(PROFILES_START) if recovery is not None and pinned and resuming else None
+    stage = ProfilesStage(lake_dir=lake.lake_dir, catalog_name=lake.catalog, refresh_seconds=refresh,
+                          as_of=parse_as_of(as_of) if as_of else None,
+                          start=None if held is None else HistoryStart.from_json(held))
+    loaded = stage.loaded_from()
+    if recovery is not None and pinned and held is None:
+        recovery.remember(PROFILES_START, loaded.as_json())
+        stage.start = loaded  # the copies other processes get read this same snapshot first
+    return stage
 
 
 @dataclass(frozen=True)

@@ -580,10 +580,10 @@ def own_commits(table: Table, partition: str) -> Iterator[tuple[int, Commit]]:
         yield seq, commits[seq]
 
 
-def next_seqs(catalog: Catalog, namespace: str = "convoflow", writer_id: str = "convoflow") -> dict[str, int]:
-    """Each kind's next commit seq for the sink `writer_id` (creating missing tables): a job's `job_start`."""
+def next_seqs(tables: Mapping[str, Table], writer_id: str = "convoflow") -> dict[str, int]:
+    """Each kind's next commit seq for the sink `writer_id` in `tables` (by kind): a job's `job_start`."""
     return {kind: next((seq + 1 for seq, _ in own_commits(table, f"{writer_id}/{kind}")), 0)
-            for kind, table in ensure_tables(catalog, namespace).items()}
+            for kind, table in tables.items()}
 
 
 def committed_batches(table: Table, partition: str, from_seq: int = 0) -> list[tuple[int, Commit]]:

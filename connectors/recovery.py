@@ -103,8 +103,8 @@ class Recovery:
         self._write({**held, "facts": {**held.get("facts", {}), key: value}})
 
     def recall(self, key: str) -> Any:
-        """A fact `remember`ed by the job's first run; KeyError if it kept none under `key`."""
-        return self._read().get("facts", {})[key]
+        """A fact `remember`ed by the job's first run; None if it kept none under `key` (it died before)."""
+        return self._read().get("facts", {}).get(key)
 
     def _read(self) -> dict[str, Any]:
         try:

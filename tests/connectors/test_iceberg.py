@@ -262,7 +262,7 @@ def test_a_partition_without_a_snapshot_in_a_resumed_job_skips_the_jobs_commits(
     before = part(catalog)
     before.write_batch([messages(1, 1, make_event)])  # another job, earlier
     before.close()
-    start = next_seqs(catalog)
+    start = next_seqs(ensure_tables(catalog))
     assert start["messages"] == 1 and start["windows"] == 0
     first = IcebergSink(catalog, expiry=None, commit_rows=2, job_start=start).build_part("lake", "messages", None)
     first.write_batch([messages(2, 3, make_event)])  # commits rows 2-4, then dies with no snapshot
