@@ -12,7 +12,8 @@ outputs and flow settings) and says whether it finished. Running the same comman
 - on a folder of another job: refused, naming the settings that differ.
 
 The run file also keeps facts of the job's first run that a resumed run must reuse to give the
-same results (`remember`, `recall`): the lake snapshot the user history was first read from.
+same results (`remember`, `recall`): the lake snapshot the user history was first read from, and
+where each lake table's commits of the job began.
 """
 
 from __future__ import annotations
