@@ -369,14 +369,14 @@ def _profiles_stage(lake: LakeConfig, refresh: float, as_of: str | None, recover
     from connectors.lake_admin import parse_as_of
     from connectors.profiles import HistoryStart, ProfilesStage
 
-    pinned = recovery is not None and as_of is None
-    held = recovery.recall(PROFILES_START) if recovery is not None and pinned and resuming else None
+    pins = recovery if as_of is None else None  # a time-travel read is pinned by its own time
+    held = pins.recall(PROFILES_START) if pins is not None and resuming else None
     stage = ProfilesStage(lake_dir=lake.lake_dir, catalog_name=lake.catalog, refresh_seconds=refresh,
                           as_of=parse_as_of(as_of) if as_of else None,
                           start=None if held is None else HistoryStart.from_json(held))
     loaded = stage.loaded_from()
-    if recovery is not None and pinned and held is None:
-        recovery.remember(PROFILES_START, loaded.as_json())
+    if pins is not None and held is None:
+        pins.remember(PROFILES_START, loaded.as_json())
         stage.start = loaded  # the copies other processes get read this same snapshot first
     return stage
 

@@ -306,8 +306,8 @@ def record_hashes(records: Sequence[Record]) -> list[int]:
     """`record_hash` of each record, in one pass."""
     blake2b, dumps, sort_keys, enriched = hashlib.blake2b, orjson.dumps, orjson.OPT_SORT_KEYS, ENRICHMENT_FIELDS
     digests = b"".join([
-        blake2b(dumps({k: v for k, v in record.items() if k not in enriched} if enriched.intersection(record)
-                      else record, option=sort_keys), digest_size=8).digest()
+        blake2b(dumps(record if enriched.isdisjoint(record) else {k: v for k, v in record.items() if k not in enriched},
+                      option=sort_keys), digest_size=8).digest()
         for record in records
     ])
     return list(struct.unpack(f">{len(records)}q", digests))
@@ -580,10 +580,14 @@ def own_commits(table: Table, partition: str) -> Iterator[tuple[int, Commit]]:
         yield seq, commits[seq]
 
 
+def next_commit_seq(table: Table, partition: str) -> int:
+    """The seq `partition`'s next commit to `table` gets: one past its newest, 0 before its first."""
+    return next((seq + 1 for seq, _ in own_commits(table, partition)), 0)
+
+
 def next_seqs(tables: Mapping[str, Table], writer_id: str = "convoflow") -> dict[str, int]:
-    """Each kind's next commit seq for the sink `writer_id` in `tables` (by kind): a job's `job_start`."""
-    return {kind: next((seq + 1 for seq, _ in own_commits(table, f"{writer_id}/{kind}")), 0)
-            for kind, table in tables.items()}
+    """Each kind's `next_commit_seq` for the sink `writer_id` in `tables` (by kind): a job's `job_start`."""
+    return {kind: next_commit_seq(table, f"{writer_id}/{kind}") for kind, table in tables.items()}
 
 
 def committed_batches(table: Table, partition: str, from_seq: int = 0) -> list[tuple[int, Commit]]:
@@ -808,8 +812,7 @@ class IcebergPartition(StatefulSinkPartition[list[Record], IcebergState]):
         self._in_flight: Future[None] | None = None
         self.skip: Counter[int] = Counter(resume.skip if resume is not None else {})
         if resume is None:
-            latest = next(own_commits(table, name), None)
-            self.next_seq = 0 if latest is None else latest[0] + 1
+            self.next_seq = next_commit_seq(table, name)
         else:
             commits = committed_batches(table, name, resume.next_seq)
             self._check_known(resume.next_seq, commits)

@@ -184,20 +184,22 @@ class ProfilesStage:
         if self._catalog is None:
             self._catalog = open_catalog(self.catalog_name, self.lake_dir)
         if loaded is None and self.start is not None:
-            return self._load_start(self._catalog, self.start)
+            pinned = self._load_start(self._catalog, self.start)
+            if pinned is not None:
+                return pinned
         table = self._table(self._catalog)
         if table is None:
             return _EMPTY
         return self._load_table(table, snapshot_at(table, self.as_of), loaded)
 
-    def _load_start(self, catalog: Catalog, start: HistoryStart) -> _Loaded:
-        """The history as `start` names it; the current one if that table or snapshot is gone (said in the log)."""
+    def _load_start(self, catalog: Catalog, start: HistoryStart) -> _Loaded | None:
+        """The history as `start` names it; the current snapshot if it is gone, None if its table is (both logged)."""
         if start.table is None:
             return _EMPTY
         if not catalog.table_exists((self.namespace, start.table)):
             log.warning("user profiles: %s, the table this job first read, is gone: reading the lake as it is",
                         start.table)
-            return self._load(_EMPTY)
+            return None
         table = catalog.load_table((self.namespace, start.table))
         if start.snapshot_id is None:
             return _Loaded(start.table, None, {}, {})
