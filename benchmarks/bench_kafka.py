@@ -6,6 +6,11 @@ Loads the seeded sample (cached under benchmarks/data/) into a fresh 3-partition
 then measures, each case in a fresh Python process reading the whole topic:
 - client loop: a plain confluent-kafka consume → JSON parse → re-encode → produce loop, the
   client's own ceiling for a Python consumer-producer;
+- bytewax: Bytewax's own `KafkaSource` → parse and re-encode → `KafkaSink` on one worker, the
+  engine's ceiling for any Kafka → Kafka flow (no shards, windows or outputs but one);
+- bytewax-windows: the same, and each session's 30 s tumbling windows collected by Bytewax's own
+  `collect_window` (EventClock, TumblingWindower, as the replay benchmark's bare case) and
+  written to a second topic: the engine's ceiling for a flow that windows sessions, as convoflow's does;
 - convoflow: `cli.py run --kafka-brokers ... --stop-at-end` with patterns off, the same
   flow as the replay benchmark's pipeline case (rules topic, LLM stage off), writing every output
   to its topic; on 1 process, and on 2 (the topic's partitions spread over both).
@@ -40,9 +45,10 @@ sys.path.insert(0, str(ROOT))
 
 TARGET_RATIO = 0.5
 PARTITIONS = 3
-CASES = ("loop", "convoflow", "convoflow2")
-LABELS = {"loop": "(a) confluent-kafka loop", "convoflow": "(b) convoflow Kafka → Kafka",
-          "convoflow2": "(b) same, 2 processes"}
+CASES = ("loop", "bytewax", "bytewax-windows", "convoflow", "convoflow2")
+LABELS = {"loop": "(a) confluent-kafka loop", "bytewax": "bare Bytewax Kafka → Kafka",
+          "bytewax-windows": "bare Bytewax + windows",
+          "convoflow": "(b) convoflow Kafka → Kafka", "convoflow2": "(b) same, 2 processes"}
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,70 @@ def client_loop(brokers: str, topic: str, events: int) -> CaseRun:
     seconds = time.perf_counter() - start
     consumer.close()
     return CaseRun(seconds, cpu_seconds(), [out])
+
+
+def bare_bytewax(brokers: str, topic: str, *, windows: bool = False) -> CaseRun:
+    """Bytewax's Kafka connectors with only the loop's work between them: parse, re-encode, produce;
+    with `windows`, also each session's tumbling windows by Bytewax's own operator, to a second topic."""
+    from datetime import datetime, timedelta, timezone
+
+    import bytewax.operators as op
+    import bytewax.operators.windowing as win
+    import orjson
+    from bytewax.connectors.kafka import KafkaSink, KafkaSinkMessage, KafkaSource, KafkaSourceMessage
+    from bytewax.dataflow import Dataflow
+    from bytewax.testing import run_main
+
+    from connectors.kafka_io import ensure_topics
+    from dataflows.timestamps import TimestampError, parse_timestamp
+
+    out = f"{topic}.bytewax-{uuid.uuid4().hex[:6]}"
+    window_topic = f"{out}.windows"
+
+    def reencode(msg: KafkaSourceMessage[bytes, bytes]) -> KafkaSinkMessage[bytes | None, bytes]:
+        try:
+            value = orjson.dumps(orjson.loads(msg.value))
+        except orjson.JSONDecodeError:
+            value = msg.value
+        return KafkaSinkMessage(msg.key, value)
+
+    Keyed = tuple[str, tuple[datetime, bytes]]
+
+    def keyed(msg: KafkaSourceMessage[bytes, bytes]) -> Keyed | None:
+        try:
+            obj = orjson.loads(msg.value)
+            session = obj.get("session_id") or obj.get("room") or obj["username"]
+            stamp = obj.get("timestamp")
+            seconds = parse_timestamp(stamp) if stamp is not None else 0.0
+        except (orjson.JSONDecodeError, KeyError, AttributeError, TimestampError):
+            return None
+        if not isinstance(session, str):
+            return None
+        return (session, (datetime.fromtimestamp(seconds, timezone.utc), msg.value))
+
+    def window_message(item: tuple[str, tuple[int, list[Keyed]]]) -> KafkaSinkMessage[bytes, bytes]:
+        session, (_, events) = item
+        value = orjson.dumps({"session_id": session, "messages": [orjson.loads(e[1][1]) for e in events]})
+        return KafkaSinkMessage(session.encode(), value)
+
+    ensure_topics(brokers, None, {out: PARTITIONS, window_topic: PARTITIONS})
+    flow = Dataflow("bare-kafka")
+    messages = op.input("in", flow, KafkaSource([brokers], [topic], tail=False))
+    op.output("out", op.map("reencode", messages, reencode), KafkaSink([brokers], out))
+    outputs = [out]
+    if windows:
+        by_session = op.key_on("key", op.filter_map("parse", messages, keyed), lambda e: e[0])
+        clock = win.EventClock(lambda e: e[1][0], wait_for_system_duration=timedelta(seconds=5),
+                               to_system_utc=lambda _: None)
+        windower = win.TumblingWindower(length=timedelta(seconds=30),
+                                        align_to=datetime(1970, 1, 1, tzinfo=timezone.utc))
+        collected = win.collect_window("windows", by_session, clock, windower)
+        op.output("windows_out", op.map("window_message", collected.down, window_message),
+                  KafkaSink([brokers], window_topic))
+        outputs.append(window_topic)
+    start = time.perf_counter()
+    run_main(flow)
+    return CaseRun(time.perf_counter() - start, cpu_seconds(), outputs)
 
 
 def pipeline(brokers: str, topic: str, processes: int = 1) -> CaseRun:
@@ -217,6 +287,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.case:
         cases = {"loop": lambda: client_loop(args.brokers, args.topic, args.events),
+                 "bytewax": lambda: bare_bytewax(args.brokers, args.topic),
+                 "bytewax-windows": lambda: bare_bytewax(args.brokers, args.topic, windows=True),
                  "convoflow": lambda: pipeline(args.brokers, args.topic),
                  "convoflow2": lambda: pipeline(args.brokers, args.topic, processes=2)}
         print(json.dumps(asdict(cases[args.case]())))
