@@ -49,6 +49,7 @@ CASES = ("loop", "bytewax", "bytewax-windows", "convoflow", "convoflow2")
 LABELS = {"loop": "(a) confluent-kafka loop", "bytewax": "bare Bytewax Kafka → Kafka",
           "bytewax-windows": "bare Bytewax + windows",
           "convoflow": "(b) convoflow Kafka → Kafka", "convoflow2": "(b) same, 2 processes"}
+CEILINGS = ("bytewax", "bytewax-windows")
 
 
 @dataclass(frozen=True)
@@ -270,6 +271,9 @@ def report(rounds: list[dict[str, Measured]], events: int) -> None:
     for case in (c for c in CASES[1:] if c in rounds[0]):
         ratios = [r["loop"].span / r[case].span for r in rounds]
         shown = ", ".join(f"{x:.2f}" for x in ratios)
+        if case in CEILINGS:
+            print(f"{LABELS[case]} / (a), by round: {shown} (the engine's ceiling, no target)")
+            continue
         met = "met" if min(ratios) >= TARGET_RATIO else "MISSED"
         print(f"{LABELS[case]} / (a), by round: {shown} (target >= {TARGET_RATIO}: {met})")
 
