@@ -32,7 +32,7 @@ from dataflows.patterns.definitions import KeyKind, PatternDef, key_of
 from dataflows.patterns.engine import Alert, PatternBook, patterns_keyed_by
 from dataflows.live import LiveMerger
 from dataflows.rules import Moderation, Rule, RuleBook, pattern_role
-from dataflows.rules_gate import RuleGate, RulesItem, RulesMark, is_rules_wire, rules_wire
+from dataflows.rules_gate import RuleGate, RulesBatch, RulesItem, RulesMark
 from dataflows.sequencing import LiveMark, Marker, Progress, ReplayLayout, Sequencer, Stamped, Wire, from_wire, later, to_wire
 from dataflows.windows import WindowBook, WindowConfig
 
@@ -118,7 +118,11 @@ class ShardState:
     gate: RuleGate | None = None
 
 
-class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
+ShardBatch = list[Wire] | RulesBatch
+"""What a shard receives: its share of a source batch (event and marker wires), or its rules."""
+
+
+class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
     """Releases a shard's events (in file order, or a live input's arrival order), times untimed
     ones, judges them by the rules stream, windows them and matches patterns.
 
@@ -143,18 +147,20 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
                 LiveMerger(config.layout.partitions) if config.live else Sequencer(config.layout),
                 WindowBook(config.window) if role == "session" else None,
                 PatternBook(patterns, config.window.out_of_orderness, user_shapes, keys)
-                if patterns or config.rules else None,
+                if patterns or (config.rules and config.rule_pattern_keys & keys) else None,
                 RuleGate() if config.rules else None,
             )
         self.reported_open = -1
         self.reported_rules = (-1, -1)
 
-    def on_batch(self, values: list[list[Wire]]) -> tuple[list[tuple[str, Any]], bool]:
+    def on_batch(self, values: list[ShardBatch]) -> tuple[list[tuple[str, Any]], bool]:
         seq, gate = self.state.sequencer, self.state.gate
         for wires in values:
-            if gate is not None:
-                wires = self._take_rules(wires, gate)
-            seq.push(map(from_wire, wires))
+            if isinstance(wires, RulesBatch):
+                assert gate is not None, "rules reach shards only of a flow with a rules stream"
+                gate.take(wires)
+            else:
+                seq.push(map(from_wire, wires))
         out = _Outputs()
         released = self._timed(seq.release())
         clock = self._process(released if gate is None else gate.admit(released), out)
@@ -178,20 +184,6 @@ class ShardLogic(StatefulBatchLogic[list[Wire], tuple[str, Any], bytes]):
 
     def snapshot(self) -> bytes:
         return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
-
-    def _take_rules(self, wires: list[Wire], gate: RuleGate) -> list[Wire]:
-        """Apply the rules items among `wires` to the shard's rule set; return the other wires."""
-        rest: list[Wire] = []
-        for wire in wires:
-            if is_rules_wire(wire):
-                item = wire[1]
-                if isinstance(item, RulesMark):
-                    gate.mark(item)
-                else:
-                    gate.add(item)
-            else:
-                rest.append(wire)
-        return rest
 
     def _timed(self, released: Iterable[tuple[Stamped, float | None]]) -> Iterator[tuple[Stamped, float | None]]:
         """Give an event without a timestamp the clock's time (the run's first event time before any)."""
@@ -330,8 +322,10 @@ def _router(config: FlowConfig) -> Callable[[list[SourceItem | RulesSourceItem]]
 
     Each event goes to its session's shard and, when user-keyed patterns may run, to its user's
     shard (chat events only: see `_pattern_scope`). Markers go to every shard, after the events that
-    preceded them. Dead letters leave as one batch. Grouping cuts the items Bytewax moves
-    per event, its main per-event cost.
+    preceded them; the batch's rules items go to every shard as one `RulesBatch` ahead of its
+    events (a shard applies rules before it releases events: their order between does not count).
+    Dead letters leave as one batch. Grouping cuts the items Bytewax moves per event, its main
+    per-event cost.
     """
     shards, user_shards = config.shards, config.user_shards
     by_user = _user_shards(config)
@@ -342,6 +336,7 @@ def _router(config: FlowConfig) -> Callable[[list[SourceItem | RulesSourceItem]]
     def route(items: list[SourceItem | RulesSourceItem]) -> list[tuple[str, Any]]:
         groups: dict[str, list[Wire]] = {}
         dead: list[Record] = []
+        rules = RulesBatch()
         for item in items:
             if isinstance(item, Stamped):
                 wire = to_wire(item)
@@ -352,14 +347,13 @@ def _router(config: FlowConfig) -> Callable[[list[SourceItem | RulesSourceItem]]
             elif isinstance(item, DeadLetter):
                 dead.append(item.as_record())
             elif isinstance(item, RulesMark | Rule):
-                wire = rules_wire(item)
-                for key in every_shard:
-                    groups.setdefault(key, []).append(wire)
+                rules.append(item)
             else:
                 wire = to_wire(item)
                 for key in every_shard:
                     groups.setdefault(key, []).append(wire)
-        routed: list[tuple[str, Any]] = list(groups.items())
+        routed: list[tuple[str, Any]] = [(key, rules) for key in every_shard] if rules else []
+        routed += groups.items()
         if dead:
             routed.append((OutputKind.DEAD_LETTER, dead))
         return routed

@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import pickle
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
+from dataflows import blocklist
 from dataflows.blocklist import Action, BlockedTerm, BlockList, Match, mask, strictest
 from dataflows.errors import ConvoflowError
 from dataflows.events import DeadLetter, LineRef, iso
@@ -340,10 +342,13 @@ _Held = tuple[str, str, int]  # (role, rule id, version)
 class _Scoped:
     """What the rules in effect amount to for events of one (tenant, room)."""
 
-    __slots__ = ("flag_map", "flags", "lists", "model_pairs", "models", "roles")
+    __slots__ = ("flag_map", "flags", "lists", "model_pairs", "models", "roles", "verdicts")
 
     def __init__(self, levels: Sequence[Sequence[Rule]], lists: tuple[BlockList, ...]) -> None:
         self.lists = lists
+        self.verdicts: dict[tuple[str, str | None], Moderation] = {}
+        """Verdicts on recent texts (see `MEMO_TEXTS`), by text and the user when a role rule names them:
+        a view never changes, so they never go stale."""
         self.flag_map: dict[str, bool] = {}
         self.roles: dict[str, _Held] = {}
         self.models: dict[str, str] = {}
@@ -399,18 +404,23 @@ class _InEffect:
         key = tuple(map(_identity, rules))
         found = self.lists.pop(key, None)
         if found is None:
-            found = _compile(tuple(BlockedTerm(word, rule.id, rule.version, rule.body.action)
-                                   for rule in rules if isinstance(rule.body, BlockedWords)
-                                   for word in rule.body.words))
+            found = _compile(tuple(rules))
         self.lists[key] = found
         if len(self.lists) > COMPILED_LISTS:
             del self.lists[next(iter(self.lists))]
         return found
 
 
-# Every shard holds its own RuleBook with the same rules; compiling 1,000 words takes ~7 ms, so the
-# shards of one process share the compiled lists (a pure function of the terms).
-_compile = functools.lru_cache(maxsize=COMPILED_LISTS)(BlockList.compile)
+@functools.lru_cache(maxsize=COMPILED_LISTS)
+def _compile(rules: tuple[Rule, ...]) -> BlockList:
+    """The block list of some blocked_words rules.
+
+    Every shard holds its own RuleBook with the same rules, and compiling 1,000 words takes ~7 ms,
+    so the shards of one process share the lists: a pure function of the rules, which hash by
+    their content.
+    """
+    return BlockList.compile(BlockedTerm(word, rule.id, rule.version, rule.body.action)
+                             for rule in rules if isinstance(rule.body, BlockedWords) for word in rule.body.words)
 
 
 def _identity(rule: Rule) -> tuple[str, int]:
@@ -425,13 +435,15 @@ class RuleBook:
     """Every rule version received, and what is in effect at any event time.
 
     Picklable as a state snapshot: only the versions and counters are kept, compiled views are
-    rebuilt on first use.
+    rebuilt on first use. The versions are pickled once per change, not at every snapshot.
     """
 
     def __init__(self, rules: Iterable[Rule] = ()) -> None:
         self.stale = 0
         self.applied = 0
         self._history: dict[str, list[Rule]] = {}
+        self._held = 0
+        self._pickled: bytes | None = None
         self._boundaries: list[float] = []
         self._reset_caches()
         for rule in rules:
@@ -444,6 +456,8 @@ class RuleBook:
             self.stale += 1
             return False
         versions.append(rule)
+        self._held += 1
+        self._pickled = None
         if rule.effective_from is not None:
             i = bisect_right(self._boundaries, rule.effective_from)
             if not (i and self._boundaries[i - 1] == rule.effective_from):
@@ -458,11 +472,11 @@ class RuleBook:
 
     def held(self) -> int:
         """How many rule versions are kept (see `prune`)."""
-        return sum(map(len, self._history.values()))
+        return self._held
 
     def superseded(self) -> bool:
         """Whether some id holds more than one version: only then can `prune` drop anything."""
-        return self.held() > len(self._history)
+        return self._held > len(self._history)
 
     def in_effect(self, time: float) -> tuple[Rule, ...]:
         """The rule versions in effect at event time `time`, by id."""
@@ -481,6 +495,12 @@ class RuleBook:
         scoped = now.scoped.get((tenant if tenant in now.tenants else None, room if room in now.rooms else None))
         if scoped is None:
             scoped = now.build(tenant, room)
+        held = scoped.roles.get(user) if scoped.roles else None
+        verdicts = scoped.verdicts
+        memo = (text, None if held is None else user)
+        found = verdicts.get(memo)
+        if found is not None:
+            return found
         lists = scoped.lists
         matches: Sequence[Match]
         if not lists:
@@ -489,10 +509,16 @@ class RuleBook:
             matches = lists[0].find(text)
         else:
             matches = sorted((m for bl in lists for m in bl.find(text)), key=_position)
-        held = scoped.roles.get(user)
         if not matches and (held is None or held[0] != "muted"):
-            return Moderation("allow", text, (), (), scoped.flags, None if held is None else held[0], scoped.model_pairs)
-        return _verdict(text, user, matches, held, scoped)
+            verdict = Moderation("allow", text, (), (), scoped.flags, None if held is None else held[0],
+                                 scoped.model_pairs)
+        else:
+            verdict = _verdict(text, user, matches, held, scoped)
+        if len(text) <= blocklist.MEMO_TEXT_CHARS:
+            if len(verdicts) >= blocklist.MEMO_TEXTS:
+                verdicts.clear()
+            verdicts[memo] = verdict
+        return verdict
 
     def flags_at(self, time: float, *, room: str, tenant: str | None = None) -> dict[str, bool]:
         """The feature flags some rule sets for events of this room and tenant; unmentioned flags are absent."""
@@ -539,6 +565,8 @@ class RuleBook:
                 earliest_above = min(earliest_above, effective)
             kept.reverse()
             self._history[rule_id] = kept
+        self._held = sum(map(len, self._history.values()))
+        self._pickled = None
         self._boundaries = _boundaries(self._history)
         self._forget_spans()
 
@@ -578,10 +606,14 @@ class RuleBook:
         self._forget_spans()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"stale": self.stale, "applied": self.applied, "history": self._history}
+        if self._pickled is None:
+            self._pickled = pickle.dumps(self._history, protocol=pickle.HIGHEST_PROTOCOL)
+        return {"stale": self.stale, "applied": self.applied, "history": self._pickled}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.stale, self.applied, self._history = state["stale"], state["applied"], state["history"]
+        self.stale, self.applied, self._pickled = state["stale"], state["applied"], state["history"]
+        self._history = pickle.loads(state["history"])
+        self._held = sum(map(len, self._history.values()))
         self._boundaries = _boundaries(self._history)
         self._reset_caches()
 

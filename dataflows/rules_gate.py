@@ -65,6 +65,14 @@ class RuleGate:
     def mark(self, mark: RulesMark) -> None:
         self.until = max(self.until, mark.until)
 
+    def take(self, items: Iterable[RulesItem]) -> None:
+        """Apply rules items in the stream's order: rules to the book, marks to the clock."""
+        for item in items:
+            if isinstance(item, RulesMark):
+                self.mark(item)
+            else:
+                self.add(item)
+
     def admit(self, released: Iterable[tuple[Stamped, float | None]]) -> Iterator[tuple[Stamped, float | None]]:
         """The released events, in order, whose time the rules stream has passed; the rest wait."""
         if not self.held and self.until == math.inf:
@@ -107,15 +115,12 @@ class RuleGate:
         return time is None or time <= self.until
 
 
-_RULE = "rule"
-_MARK = "rules_mark"
 RulesItem = Rule | RulesMark
 
 
-def rules_wire(item: RulesItem) -> tuple[str, RulesItem]:
-    """A rules item as it crosses workers (rules are rare: pickled as they are)."""
-    return (_RULE, item) if isinstance(item, Rule) else (_MARK, item)
+class RulesBatch(list[RulesItem]):
+    """The rules items of one source batch, in the stream's order, bound for every shard.
 
-
-def is_rules_wire(wire: tuple[object, ...]) -> bool:
-    return wire[0] == _RULE or wire[0] == _MARK
+    They travel as a value of their own beside the shard's event wires, so a shard tells them
+    apart by the batch, not by looking at every event.
+    """

@@ -410,6 +410,19 @@ def test_muted_user_is_blocked_naming_the_permission_rule() -> None:
     assert judge(book, "hello there", user="bob").action == "allow"
 
 
+def test_a_remembered_verdict_is_the_verdict_for_each_user_and_text() -> None:
+    book = RuleBook([permission("perm-eve", "eve", "muted"), permission("perm-max", "max", "muted"),
+                     permission("perm-ann", "ann", "rm"), words("bw-1", "darn")])
+    for _ in range(2):  # the second round is answered from the view's memory
+        assert judge(book, "oh darn", user="eve").reasons[0] == "user 'eve' is muted (rule perm-eve v1)"
+        assert judge(book, "oh darn", user="max").reasons[0] == "user 'max' is muted (rule perm-max v1)"
+        assert judge(book, "oh darn", user="ann")[:4] == ("mask", "oh ***", (("bw-1", 1),),
+                                                         ("blocked word 'darn' (rule bw-1 v1)",))
+        assert judge(book, "oh darn", user="ann").role == "rm"
+        assert judge(book, "oh darn", user="bob").role is None
+        assert judge(book, "hello", user="bob").action == "allow"
+
+
 def test_muting_is_scoped_and_temporal() -> None:
     book = RuleBook([permission("perm-eve", "eve", "muted", scope={"room": "r1"}, effective_from=at("10:00"))])
     assert judge(book, "hi", user="eve", room="r1", time=at("10:00")).action == "block"
@@ -564,6 +577,19 @@ def test_pickle_round_trip_gives_identical_judgements() -> None:
     assert copy.patterns_at(at("10:00")) == book.patterns_at(at("10:00")) != ()
     assert (copy.stale, copy.applied, copy.version()) == (book.stale, book.applied, book.version())
     assert not copy.add(words("bw-1", "darn", version=4))
+
+
+def test_a_snapshot_taken_after_a_change_holds_the_change() -> None:
+    book = RuleBook([words("bw-1", "darn")])
+    pickle.dumps(book)  # the versions are pickled once and kept
+    book.add(words("bw-2", "heck"))
+    after_add = pickle.loads(pickle.dumps(book))
+    assert judge(after_add, "oh heck").rules == (("bw-2", 1),)
+    book.add(words("bw-2", "gosh", version=2, effective_from=at("10:00")))
+    book.prune(at("11:00"))
+    after_prune = pickle.loads(pickle.dumps(book))
+    assert (after_prune.held(), book.held()) == (2, 2)
+    assert judge(after_prune, "oh gosh", time=at("11:00")).rules == (("bw-2", 2),)
 
 
 def test_moderation_pickles() -> None:

@@ -497,6 +497,16 @@ def test_rules_known_to_define_no_user_pattern_give_the_same_outputs_without_use
         run(lines, rules, shards=7))
 
 
+def test_rules_known_to_define_no_pattern_give_the_same_outputs_without_pattern_state(
+    message: Callable[..., dict], chat: Callable[..., dict]
+) -> None:
+    lines = mixed_input(message, chat)
+    rules = [r for r in rules_orders()["held at the middle"] if not (isinstance(r, Rule) and r.kind == "pattern")]
+    without = run(lines, rules, shards=7, rule_pattern_keys=frozenset())
+    assert canonical(without) == canonical(run(lines, rules, shards=7))
+    assert {m["moderation"]["action"] for m in without["messages"]} > {"allow"}
+
+
 @pytest.mark.parametrize("workers", [2, 3])
 def test_the_same_outputs_with_several_workers(
     message: Callable[..., dict], chat: Callable[..., dict], patterns: tuple[PatternDef, ...], workers: int
