@@ -31,7 +31,7 @@ from dataflows.events import DeadLetter, Event, WindowRecord
 from dataflows.patterns.definitions import KeyKind, PatternDef, key_of
 from dataflows.patterns.engine import Alert, PatternBook, patterns_keyed_by
 from dataflows.live import LiveMerger
-from dataflows.rules import Moderation, Rule, RuleBook, pattern_role
+from dataflows.rules import Moderation, Rule, RuleBook, Verdict, pattern_role
 from dataflows.rules_gate import RuleGate, RulesBatch, RulesItem, RulesMark
 from dataflows.sequencing import LiveMark, Marker, Progress, ReplayLayout, Sequencer, Stamped, Wire, from_wire, later, to_wire
 from dataflows.windows import WindowBook, WindowConfig
@@ -207,7 +207,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
                 verdict = _judge(gate.book, event) if gate.book.version() else _NO_RULES
                 if verdict.action == "block":
                     if book is not None:
-                        out.moderated.append({**event.as_record(), "moderation": verdict.as_record()})
+                        out.moderated.append({**event.as_record(), "moderation": _moderation_record(verdict)})
                     continue
                 if verdict.action == "mask":
                     event = event._replace(text=verdict.text)
@@ -220,8 +220,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
                 late = book.add(event)
                 record = event.as_record()
                 if verdict is not None:
-                    record["moderation"] = (_allowed(verdict.flags, verdict.role, verdict.models)
-                                            if verdict.action == "allow" else verdict.as_record())
+                    record["moderation"] = _moderation_record(verdict)
                 out.messages.append(record)
                 if late is not None:
                     out.late.append(late.as_record())
@@ -286,13 +285,18 @@ _NO_RULES = Moderation("allow", "")
 """The verdict while the rules stream has sent no rule: only its action, flags and role are read."""
 
 
-@functools.lru_cache(maxsize=256)
-def _allowed(flags: tuple[tuple[str, bool], ...], role: str | None, models: tuple[tuple[str, str], ...]) -> Record:
-    """The `moderation` of an allowed message: the same few values again and again, so built once each.
+def _moderation_record(verdict: Moderation) -> Record:
+    """A message's `moderation`: the same few values again and again, so each is built once.
 
     Shared by the records that carry it, which are serialised and never changed.
     """
-    return Moderation("allow", "", (), (), flags, role, models).as_record()
+    return _record_of(verdict.action, verdict.rules, verdict.reasons, verdict.flags, verdict.role, verdict.models)
+
+
+@functools.lru_cache(maxsize=4096)
+def _record_of(action: Verdict, rules: tuple[tuple[str, int], ...], reasons: tuple[str, ...],
+               flags: tuple[tuple[str, bool], ...], role: str | None, models: tuple[tuple[str, str], ...]) -> Record:
+    return Moderation(action, "", rules, reasons, flags, role, models).as_record()
 
 
 def _judge(book: RuleBook, event: Event) -> Moderation:
