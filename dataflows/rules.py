@@ -13,10 +13,11 @@ the most specific scope (room, then tenant, then global); blocked words all appl
 strictest action wins. Within one scope, the rule with the later `effective_from` (then the
 greater id) wins.
 
-`RuleBook` keeps every version received and caches what a set of versions in effect compiles to
-(one `BlockList` per scope, flags, roles, models), so judging a message costs a bounds check, a
-dict lookup and the block list's own word test until event time crosses the next
-`effective_from` or a rule arrives.
+`RuleBook` keeps every version received; what a set of versions in effect compiles to (one
+`BlockList` per scope, flags, roles, models, and the verdicts on recent texts) is cached per
+process and shared by every book with that set (every shard holds one), so judging a message
+costs a bounds check, a dict lookup or two and, for a text not seen lately, the block list's own
+word test until event time crosses the next `effective_from` or a rule arrives.
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ Role = Literal["customer", "rm", "muted"]
 Verdict = Literal["allow", "flag", "mask", "block"]
 STEP: Final = "rules"
 # Compiled views of distinct sets of rules in effect, and block lists of distinct sets of
-# blocked_words versions, kept per book: events straddling a few effective_from boundaries, and
-# changes to other rules or other scopes, reuse them instead of recompiling.
-COMPILED_VIEWS: Final = 16
+# blocked_words versions, kept per process: events straddling a few effective_from boundaries,
+# changes to other rules or other scopes, and every shard's book with the same rules reuse them.
+COMPILED_VIEWS: Final = 64
 COMPILED_LISTS: Final = 64
 
 _PATTERN_ROLES: Final[dict[str, ResolvedRole]] = {"rm": "agent", "customer": "customer"}
@@ -366,11 +367,15 @@ class _Scoped:
 
 
 class _InEffect:
-    """One set of rule versions in effect, compiled lazily for each scope that events ask about."""
+    """One set of rule versions in effect, compiled lazily for each scope that events ask about.
 
-    __slots__ = ("by_scope", "lists", "patterns", "rooms", "scoped", "tenants")
+    Shared by every book of the process that has these rules in effect (see `_view`), with the
+    verdicts its scopes remember; filled lazily, but what a scope compiles to never changes.
+    """
 
-    def __init__(self, rules: Iterable[Rule], lists: dict[tuple[tuple[str, int], ...], BlockList]) -> None:
+    __slots__ = ("by_scope", "patterns", "rooms", "scoped", "tenants")
+
+    def __init__(self, rules: Iterable[Rule]) -> None:
         self.by_scope: dict[Scope, list[Rule]] = {}
         for rule in sorted(rules, key=_precedence):
             self.by_scope.setdefault(rule.scope, []).append(rule)
@@ -381,7 +386,6 @@ class _InEffect:
             if isinstance(rule.body, PatternDef):
                 patterns[rule.body.id] = rule.body
         self.patterns = tuple(patterns[k] for k in sorted(patterns))
-        self.lists = lists
         self.scoped: dict[tuple[str | None, str | None], _Scoped] = {}
 
     def build(self, tenant: str | None, room: str | None) -> _Scoped:
@@ -399,26 +403,20 @@ class _InEffect:
         return scoped
 
     def _blocklist(self, scope: Scope) -> BlockList:
-        """The block list of one scope's blocked_words rules, shared by every view with the same versions."""
-        rules = sorted((r for r in self.by_scope.get(scope, ()) if isinstance(r.body, BlockedWords)), key=_identity)
-        key = tuple(map(_identity, rules))
-        found = self.lists.pop(key, None)
-        if found is None:
-            found = _compile(tuple(rules))
-        self.lists[key] = found
-        if len(self.lists) > COMPILED_LISTS:
-            del self.lists[next(iter(self.lists))]
-        return found
+        """The block list of one scope's blocked_words rules, shared by every view with the same rules."""
+        return _compile(tuple(sorted((r for r in self.by_scope.get(scope, ()) if isinstance(r.body, BlockedWords)),
+                                     key=_identity)))
+
+
+@functools.lru_cache(maxsize=COMPILED_VIEWS)
+def _view(rules: tuple[Rule, ...]) -> _InEffect:
+    """The compiled view of the rules in effect (by id): one per distinct set of rules, as rules hash by content."""
+    return _InEffect(rules)
 
 
 @functools.lru_cache(maxsize=COMPILED_LISTS)
 def _compile(rules: tuple[Rule, ...]) -> BlockList:
-    """The block list of some blocked_words rules.
-
-    Every shard holds its own RuleBook with the same rules, and compiling 1,000 words takes ~7 ms,
-    so the shards of one process share the lists: a pure function of the rules, which hash by
-    their content.
-    """
+    """The block list of some blocked_words rules (compiling 1,000 words takes ~7 ms)."""
     return BlockList.compile(BlockedTerm(word, rule.id, rule.version, rule.body.action)
                              for rule in rules if isinstance(rule.body, BlockedWords) for word in rule.body.words)
 
@@ -582,13 +580,7 @@ class RuleBook:
         self._hi = bounds[i] if i < len(bounds) else math.inf
         now = self._spans.get(i)
         if now is None:
-            rules = self.in_effect(time)
-            key = frozenset(map(_identity, rules))
-            now = self._compiled.pop(key, None) or _InEffect(rules, self._lists)
-            self._compiled[key] = now
-            if len(self._compiled) > COMPILED_VIEWS:
-                del self._compiled[next(iter(self._compiled))]
-            self._spans[i] = now
+            now = self._spans[i] = _view(self.in_effect(time))
             if len(self._spans) > COMPILED_VIEWS:
                 del self._spans[next(iter(self._spans))]
         self._now = now
@@ -600,9 +592,7 @@ class RuleBook:
         self._spans: dict[int, _InEffect] = {}
 
     def _reset_caches(self) -> None:
-        self._compiled: dict[frozenset[tuple[str, int]], _InEffect] = {}
-        self._lists: dict[tuple[tuple[str, int], ...], BlockList] = {}
-        self._now = _InEffect((), self._lists)
+        self._now = _view(())
         self._forget_spans()
 
     def __getstate__(self) -> dict[str, Any]:
