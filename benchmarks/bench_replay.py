@@ -1,6 +1,6 @@
 """Replay pipeline throughput against Bytewax's own ceiling, and scaling to 2 processes.
 
-    python benchmarks/bench_replay.py [--events 500000]
+    python benchmarks/bench_replay.py [--events 500000] [--repeat 3] [--only pipeline rules]
 
 Generates the sample (seeded; cached under benchmarks/data/) and runs, each in a fresh
 Python process so no case warms another:
@@ -15,7 +15,9 @@ Python process so no case warms another:
   Chat repeats itself and so does the sample (about 10k distinct texts in 500k messages), so
   block lists answer most texts from memory; rules-cold runs the same with that memory off,
   every text matched afresh (the figure for a feed where no text repeats).
-Times are wall clock from building the flow to its end.
+Times are wall clock from building the flow to its end. This machine's speed drifts by up to 2x
+within minutes, so the cases run in interleaved rounds (`--repeat`, default 3): each figure is the
+median over rounds, each ratio the median of its rounds' ratios (shown by round too).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -163,6 +166,8 @@ def main() -> None:
     parser.add_argument("--case", choices=cases, help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="+", choices=cases,
                         help="run only these cases (ratios need their reference case too)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds of all cases, interleaved; figures are medians, ratios the median of each round's")
     parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -175,24 +180,29 @@ def main() -> None:
         return
 
     path, lines = ensure_sample(args.events, args.data_dir)
-    print(f"input: {path.name}, {lines:,} lines")
+    print(f"input: {path.name}, {lines:,} lines, {args.repeat} round(s)")
     chosen = args.only or cases
-    results = {case: run_case(case, path) for case in chosen}
-    rate = {case: lines / r["seconds"] for case, r in results.items()}
-    print(f"{'case':<34}{'seconds':>9}{'events/s':>11}{'windows':>10}")
+    rounds = [{case: run_case(case, path) for case in chosen} for _ in range(args.repeat)]
+    seconds = {case: statistics.median(r[case]["seconds"] for r in rounds) for case in chosen}
+    print(f"{'case':<34}{'seconds':>9}{'events/s':>11}{'windows':>10}{'CPU s':>8}")
     labels = {"bare": "bare Bytewax (parse + windows)", "pipeline": "convoflow replay, 1 process",
               "pipeline2": "convoflow replay, 2 processes", "patterns": "convoflow replay + 4 patterns",
               "rules": "convoflow replay + 100 rules", "rules-cold": "convoflow replay + rules, cold"}
-    for case, r in results.items():
-        print(f"{labels[case]:<34}{r['seconds']:>9.2f}{rate[case]:>11,.0f}{int(r['windows']):>10,}")
+    for case in chosen:
+        cpu = statistics.median(r[case]["cpu"] for r in rounds)
+        print(f"{labels[case]:<34}{seconds[case]:>9.2f}{lines / seconds[case]:>11,.0f}"
+              f"{int(rounds[0][case]['windows']):>10,}{cpu:>8.1f}")
     for case, reference, target, what in (("pipeline", "bare", TARGET_RATIO, "pipeline / bare"),
                                           ("pipeline2", "pipeline", TARGET_SCALING, "2 processes / 1"),
                                           ("patterns", "pipeline", TARGET_PATTERNS, "with patterns / without"),
                                           ("rules", "pipeline", TARGET_RULES, "with rules / without"),
                                           ("rules-cold", "pipeline", TARGET_RULES, "with rules, cold (no text remembered) / without")):
-        if case in rate and reference in rate:
-            ratio = rate[case] / rate[reference]
+        if case in chosen and reference in chosen:
+            ratios = [r[reference]["seconds"] / r[case]["seconds"] for r in rounds]
+            ratio = statistics.median(ratios)
             print(f"{what}: {ratio:.2f} (target >= {target}: {'met' if ratio >= target else 'MISSED'})")
+            if len(rounds) > 1:
+                print(f"    by round: {', '.join(f'{x:.2f}' for x in ratios)}")
 
 
 if __name__ == "__main__":

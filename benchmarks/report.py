@@ -111,7 +111,8 @@ def key_for(label: str, keys: Sequence[tuple[str, str]], prefix: str) -> str:
 
 REPLAY_KEYS = (("bare", "replay.bare"), ("2 processes", "replay.pipeline2"), ("patterns", "replay.patterns"),
                ("cold", "replay.rules_cold"), ("rules", "replay.rules"), ("1 process", "replay.pipeline"))
-REPLAY_ROW = re.compile(rf"^(?P<label>\S.*?)\s+(?P<seconds>\d+\.\d+)\s+(?P<rate>{_NUMBER})\s+(?P<windows>{_NUMBER})$")
+REPLAY_ROW = re.compile(rf"^(?P<label>\S.*?)\s+(?P<seconds>\d+\.\d+)\s+(?P<rate>{_NUMBER})\s+(?P<windows>{_NUMBER})"
+                        r"(?:\s+\d+\.\d+)?$")
 RATIO_LINE = re.compile(rf"^(?P<what>[^:]+): (?P<value>\d+(?:\.\d+)?) {_VERDICT}$")
 
 
@@ -250,7 +251,8 @@ def parse_memory(text: str) -> list[Figure]:
 
 
 BENCHES = (
-    Bench("replay", "bench_replay.py", ("--events", "500000"), ("--events", "100000"), parse_replay),
+    Bench("replay", "bench_replay.py", ("--events", "500000", "--repeat", "3"), ("--events", "100000", "--repeat", "1"),
+          parse_replay),
     Bench("kafka", "bench_kafka.py", ("--events", "200000"), ("--events", "20000"), parse_kafka),
     Bench("lake", "bench_lake.py", ("--rows", "1000000"), ("--rows", "100000"), parse_lake),
     Bench("llm", "bench_llm.py", (), ("--items", "200", "--rounds", "5"), parse_llm),

@@ -15,15 +15,17 @@ import pytest
 from benchmarks import bench_memory, bench_scaling, report
 
 REPLAY_OUT = """\
-input: replay-500000.jsonl, 499,072 lines
-case                                seconds   events/s   windows
-bare Bytewax (parse + windows)        11.20     44,560     4,123
-convoflow replay, 1 process           14.80     33,721     4,123
-convoflow replay, 2 processes         12.10     41,246     4,123
-convoflow replay + 4 patterns         22.00     22,685     4,123
-convoflow replay + 100 rules          24.90     20,043     4,123
+input: replay-500000.jsonl, 499,072 lines, 3 round(s)
+case                                seconds   events/s   windows   CPU s
+bare Bytewax (parse + windows)        11.20     44,560     4,123    11.4
+convoflow replay, 1 process           14.80     33,721     4,123    15.0
+convoflow replay, 2 processes         12.10     41,246     4,123    23.9
+convoflow replay + 4 patterns         22.00     22,685     4,123    22.3
+convoflow replay + 100 rules          24.90     20,043     4,123    25.1
 pipeline / bare: 0.76 (target >= 0.6: met)
+    by round: 0.76, 0.80, 0.71
 2 processes / 1: 1.22 (target >= 1.6: MISSED)
+    by round: 1.22, 1.30, 1.10
 """
 
 KAFKA_OUT = """\
@@ -83,6 +85,7 @@ def test_parse_replay_rows_and_verdicts() -> None:
     ratio = figures["replay.ratio.2_processes_1"]
     assert (ratio.value, ratio.target, ratio.met) == (1.22, ">= 1.6", False)
     assert figures["replay.ratio.pipeline_bare"].met is True
+    assert len(figures) == 7, "five rows and two verdicts; the by-round lines are not figures"
 
 
 def test_parse_kafka_takes_median_rate_and_lowest_ratio() -> None:
