@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -42,6 +41,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_replay import cpu_seconds, ensure_sample  # noqa: E402  (after the path is set)
 
 TARGET_RATIO = 0.5
 PARTITIONS = 3
@@ -68,12 +69,6 @@ class Measured:
     run: CaseRun
     span: float
     messages: int
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process (all threads) and of its finished children (a cluster's processes)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def client_loop(brokers: str, topic: str, events: int) -> CaseRun:
@@ -297,8 +292,6 @@ def main() -> None:
                  "convoflow2": lambda: pipeline(args.brokers, args.topic, processes=2)}
         print(json.dumps(asdict(cases[args.case]())))
         return
-
-    from benchmarks.bench_replay import ensure_sample
 
     brokers = broker_address(args.brokers)
     path, _ = ensure_sample(args.events, args.data_dir)

@@ -79,8 +79,7 @@ def bare_flow_seconds(path: Path) -> dict[str, float]:
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process (all threads) and its finished children (a cluster's processes):
-    unlike wall time, not stretched by the other programs of a busy machine."""
+    """CPU time of this process (all threads) and of its finished children (a cluster's processes)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 

@@ -282,7 +282,7 @@ class _Outputs:
 
 
 _NO_RULES = Moderation("allow", "")
-"""The verdict while the rules stream has sent no rule: only its action, flags and role are read."""
+"""The verdict while the rules stream has sent no rule (its text is never read)."""
 
 
 def _moderation_record(verdict: Moderation) -> Record:

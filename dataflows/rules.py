@@ -601,8 +601,11 @@ class RuleBook:
         return {"stale": self.stale, "applied": self.applied, "history": self._pickled}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.stale, self.applied, self._pickled = state["stale"], state["applied"], state["history"]
-        self._history = pickle.loads(state["history"])
+        self.stale, self.applied, history = state["stale"], state["applied"], state["history"]
+        if isinstance(history, bytes):
+            self._pickled, self._history = history, pickle.loads(history)
+        else:  # a snapshot of an earlier version, which kept the versions unpickled
+            self._pickled, self._history = None, history
         self._held = sum(map(len, self._history.values()))
         self._boundaries = _boundaries(self._history)
         self._reset_caches()

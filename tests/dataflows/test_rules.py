@@ -592,6 +592,14 @@ def test_a_snapshot_taken_after_a_change_holds_the_change() -> None:
     assert judge(after_prune, "oh gosh", time=at("11:00")).rules == (("bw-2", 2),)
 
 
+def test_a_snapshot_of_the_earlier_format_still_restores() -> None:
+    book = RuleBook([words("bw-1", "darn")])
+    copy = RuleBook.__new__(RuleBook)
+    copy.__setstate__({"stale": 0, "applied": 1, "history": {"bw-1": [words("bw-1", "darn")]}})
+    assert judgements(copy) == judgements(book)
+    assert pickle.loads(pickle.dumps(copy)).held() == 1
+
+
 def test_moderation_pickles() -> None:
     verdict = judge(RuleBook([words("bw-1", "darn"), flag("ff", "translation", True)]))
     assert pickle.loads(pickle.dumps(verdict)) == verdict
