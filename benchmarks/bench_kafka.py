@@ -42,7 +42,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_replay import cpu_seconds, ensure_sample  # noqa: E402  (after the path is set)
+from benchmarks.bench_replay import cpu_seconds, ensure_sample, session_and_time, session_windows  # noqa: E402  (after the path is set)
 
 TARGET_RATIO = 0.5
 PARTITIONS = 3
@@ -107,17 +107,15 @@ def client_loop(brokers: str, topic: str, events: int) -> CaseRun:
 def bare_bytewax(brokers: str, topic: str, *, windows: bool = False) -> CaseRun:
     """Bytewax's Kafka connectors with only the loop's work between them: parse, re-encode, produce;
     with `windows`, also each session's tumbling windows by Bytewax's own operator, to a second topic."""
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime
 
     import bytewax.operators as op
-    import bytewax.operators.windowing as win
     import orjson
     from bytewax.connectors.kafka import KafkaSink, KafkaSinkMessage, KafkaSource, KafkaSourceMessage
     from bytewax.dataflow import Dataflow
     from bytewax.testing import run_main
 
     from connectors.kafka_io import ensure_topics
-    from dataflows.timestamps import TimestampError, parse_timestamp
 
     out = f"{topic}.bytewax-{uuid.uuid4().hex[:6]}"
     window_topic = f"{out}.windows"
@@ -132,16 +130,8 @@ def bare_bytewax(brokers: str, topic: str, *, windows: bool = False) -> CaseRun:
     Keyed = tuple[str, tuple[datetime, bytes]]
 
     def keyed(msg: KafkaSourceMessage[bytes, bytes]) -> Keyed | None:
-        try:
-            obj = orjson.loads(msg.value)
-            session = obj.get("session_id") or obj.get("room") or obj["username"]
-            stamp = obj.get("timestamp")
-            seconds = parse_timestamp(stamp) if stamp is not None else 0.0
-        except (orjson.JSONDecodeError, KeyError, AttributeError, TimestampError):
-            return None
-        if not isinstance(session, str):
-            return None
-        return (session, (datetime.fromtimestamp(seconds, timezone.utc), msg.value))
+        read = session_and_time(msg.value)
+        return None if read is None else (read[0], (read[1], msg.value))
 
     def window_message(item: tuple[str, tuple[int, list[Keyed]]]) -> KafkaSinkMessage[bytes, bytes]:
         session, (_, events) = item
@@ -155,11 +145,7 @@ def bare_bytewax(brokers: str, topic: str, *, windows: bool = False) -> CaseRun:
     outputs = [out]
     if windows:
         by_session = op.key_on("key", op.filter_map("parse", messages, keyed), lambda e: e[0])
-        clock = win.EventClock(lambda e: e[1][0], wait_for_system_duration=timedelta(seconds=5),
-                               to_system_utc=lambda _: None)
-        windower = win.TumblingWindower(length=timedelta(seconds=30),
-                                        align_to=datetime(1970, 1, 1, tzinfo=timezone.utc))
-        collected = win.collect_window("windows", by_session, clock, windower)
+        collected = session_windows("windows", by_session)
         op.output("windows_out", op.map("window_message", collected.down, window_message),
                   KafkaSink([brokers], window_topic))
         outputs.append(window_topic)

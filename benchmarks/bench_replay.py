@@ -32,6 +32,11 @@ import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bytewax.operators import KeyedStream
+    from bytewax.operators.windowing import WindowOut
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -42,35 +47,53 @@ TARGET_PATTERNS = 0.8
 TARGET_RULES = 0.8
 
 
+def session_and_time(raw: str | bytes) -> tuple[str, datetime, dict[str, Any]] | None:
+    """What a bare flow reads of a line: its session (session_id, room or username), its time
+    (0 without one) and its fields; None for a line it skips."""
+    import orjson
+
+    from dataflows.timestamps import TimestampError, parse_timestamp
+
+    try:
+        obj = orjson.loads(raw)
+        session = obj.get("session_id") or obj.get("room") or obj["username"]
+        stamp = obj.get("timestamp")
+        seconds = parse_timestamp(stamp) if stamp is not None else 0.0
+    except (orjson.JSONDecodeError, KeyError, AttributeError, TimestampError):
+        return None
+    if not isinstance(session, str):
+        return None
+    return session, datetime.fromtimestamp(seconds, timezone.utc), obj
+
+
+def session_windows(step_id: str, keyed: KeyedStream[Any]) -> WindowOut[Any, list[Any]]:
+    """Bytewax's own 30 s tumbling windows of `keyed` items `(session, (time, ...))` on event time,
+    wake-ups off (its fastest setting)."""
+    import bytewax.operators.windowing as win
+
+    clock = win.EventClock(lambda e: e[1][0], wait_for_system_duration=timedelta(seconds=5), to_system_utc=lambda _: None)
+    windower = win.TumblingWindower(length=timedelta(seconds=30), align_to=datetime(1970, 1, 1, tzinfo=timezone.utc))
+    return win.collect_window(step_id, keyed, clock, windower)
+
+
 def bare_flow_seconds(path: Path) -> dict[str, float]:
     """Bytewax alone: parse each line and collect per-session tumbling windows."""
     import bytewax.operators as op
-    import bytewax.operators.windowing as win
-    import orjson
     from bytewax.connectors.files import FileSource
     from bytewax.dataflow import Dataflow
     from bytewax.testing import TestingSink, run_main
 
-    from dataflows.timestamps import TimestampError, parse_timestamp
-
     def parse(line: str) -> tuple[str, tuple[datetime, object, object]] | None:
-        try:
-            obj = orjson.loads(line)
-            session = obj.get("session_id") or obj.get("room") or obj["username"]
-            stamp = obj.get("timestamp")
-            seconds = parse_timestamp(stamp) if stamp is not None else 0.0
-        except (orjson.JSONDecodeError, KeyError, AttributeError, TimestampError):
+        read = session_and_time(line)
+        if read is None:
             return None
-        if not isinstance(session, str):
-            return None
-        return (session, (datetime.fromtimestamp(seconds, timezone.utc), obj.get("sender"), obj.get("message")))
+        session, at, obj = read
+        return (session, (at, obj.get("sender"), obj.get("message")))
 
     flow = Dataflow("bare")
     lines = op.input("read", flow, FileSource(path, batch_size=1000))
     keyed = op.key_on("key", op.filter_map("parse", lines, parse), lambda e: e[0])
-    clock = win.EventClock(lambda e: e[1][0], wait_for_system_duration=timedelta(seconds=5), to_system_utc=lambda _: None)
-    windower = win.TumblingWindower(length=timedelta(seconds=30), align_to=datetime(1970, 1, 1, tzinfo=timezone.utc))
-    windows = win.collect_window("windows", keyed, clock, windower)
+    windows = session_windows("windows", keyed)
     emitted: list[int] = []
     op.output("count", op.map("one", windows.down, lambda _: 1), TestingSink(emitted))
     start = time.perf_counter()
