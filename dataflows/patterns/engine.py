@@ -137,10 +137,15 @@ class _Matcher:
 
     Step bounds are tuples indexed by step; an open-ended count or gap is infinite, so one
     comparison replaces a None test and a comparison.
+
+    A single open-ended step (`times_or_more`, e.g. a spam burst) is `counting`: every event that
+    fits it extends every partial match and starts one more, so a key's partial matches are the
+    suffixes of one run of events, and the earliest still within the time bound is the one that
+    completes first. Such a matcher keeps only that run (`_count`), not one tuple per suffix.
     """
 
     __slots__ = ("pattern", "retired", "by_user", "predicates", "absence", "refs", "mins", "maxs", "gaps", "last",
-                 "within", "bounds", "once", "silence", "horizon", "summarize", "states", "seen")
+                 "within", "bounds", "once", "counting", "silence", "horizon", "summarize", "states", "seen")
 
     def __init__(self, pattern: PatternDef) -> None:
         steps = pattern.steps
@@ -158,14 +163,16 @@ class _Matcher:
         self.within = pattern.within_seconds
         self.bounds = (self.mins, self.maxs, self.gaps, self.last, self.within)
         self.once = pattern.emit == "once_per_burst"
+        self.counting = self.last == 0 and self.maxs[0] == math.inf
         self.silence = pattern.absence.seconds if pattern.absence else None
         self.horizon = pattern.max_horizon_seconds
         self.summarize = Summarizer(pattern)
         self.states: dict[str, _KeyState] = {}
         self.seen: dict[str, float] | None = {} if pattern.uses_first_of_key else None
 
-    def route(self, kind: str, role: ResolvedRole) -> _Route | None:
-        """This pattern's tests for events of `kind` from `role`; None if such events cannot matter to it.
+    def route(self, kind: str, shape: str, role: ResolvedRole) -> _Route | None:
+        """This pattern's tests for events of `kind` and `shape` from `role`; None if such events
+        cannot matter to it.
 
         An event no step or absence can take only ages its key's state: expires partial matches
         that could never complete anyway, and drops a key left with nothing pending. That changes
@@ -173,8 +180,14 @@ class _Matcher:
         one) or mutes keys: a sweep drops a key quiet for a horizon, and an event the watermark
         had already passed when it arrived (within the bound, so still matched) may fall in the
         dropped key's mute. Otherwise the pattern need not see the event at all.
+
+        A conversation's user is keyed `session/sender`, and all its events are messages from the
+        role its sender names: one class. If that class cannot start the pattern, no event of the
+        key ever does, so the key never holds state, and the pattern need not see its events.
         """
         steps = tuple(p.residual(kind, role, self.refs) for p in self.predicates)
+        if self.by_user and shape == "conversation" and steps[0] is False:
+            return None
         absence = False if self.absence is None else self.absence.residual(kind, role, self.refs)
         touches = absence is not False or any(t is not False for t in steps)
         if not touches and self.seen is None and not self.once:
@@ -191,6 +204,56 @@ class _Matcher:
             return False
         return not (step < self.last and count >= self.maxs[step] and time - last_time > self.gaps[step])
 
+    def expire(self, partials: list[_Partial], time: float) -> list[_Partial]:
+        """The partial matches that can still complete at `time`."""
+        if self.counting:
+            return self._trim(partials, time)
+        return [p for p in partials if self.alive(p, time)]
+
+    def _trim(self, partials: list[_Partial], time: float) -> list[_Partial]:
+        """A counting matcher's run, less the events `time` has put out of the pattern's bound.
+
+        Takes the earliest of several partial matches (a snapshot of a book that kept every
+        suffix): it holds the events of all the others.
+        """
+        if not partials:
+            return partials
+        run = partials[0]
+        within = self.within
+        if within is None or time - run[2] <= within:
+            return partials[:1]
+        events = run[4]
+        gone = 0
+        for event in events:
+            assert event.time is not None, "matched events are timed"
+            if time - event.time <= within:
+                break
+            gone += 1
+        kept = events[gone:]
+        if not kept:
+            return []
+        assert kept[0].time is not None, "matched events are timed"
+        return [(0, len(kept), kept[0].time, run[3], kept, run[5])]
+
+    def _count(self, state: _KeyState, event: Event, time: float, starts: bool) -> _Partial | None:
+        """`feed`'s matching for a counting matcher: extend the key's run by `event` if it fits;
+        return the run if that completes it."""
+        run = self._trim(state.partials, time)
+        if starts and self.once and time <= state.muted_until:
+            state.muted_until = time + (self.within or 0.0)
+        elif starts:
+            if run:
+                count, first_time, events = run[0][1], run[0][2], run[0][4]
+                taken = (0, count + 1, first_time, time, events + (event,), (event.sender,))
+            else:
+                taken = (0, 1, time, time, (event,), (event.sender,))
+            if taken[1] >= self.mins[0]:
+                state.partials = []
+                return taken
+            run = [taken]
+        state.partials = run
+        return None
+
     def feed(self, book: PatternBook, key: str, state: _KeyState, event: Event, time: float, tests: Sequence[Test],
              absence: Test, starts: bool, alerts: list[Alert]) -> None:
         """Feed `event` to the key's waiting absences and partial matches; maybe start, complete, drop.
@@ -204,6 +267,18 @@ class _Matcher:
             state.waiting = [
                 w for w in state.waiting if time > w[0] or not (absence is True or absence(event, w[1][5], False))
             ]
+        if self.counting:
+            completed = self._count(state, event, time, starts)
+        else:
+            completed = self._extend(state, event, time, tests, starts)
+        if completed is not None:
+            self.complete(book, key, state, completed, alerts)
+        if not state.partials and not state.waiting and state.muted_until < time:
+            self.drop(key, time)
+
+    def _extend(self, state: _KeyState, event: Event, time: float, tests: Sequence[Test],
+                starts: bool) -> _Partial | None:
+        """`feed`'s matching: move the key's partial matches on by `event`; return the first completed."""
         survivors: list[_Partial] = []
         completed: _Partial | None = None
         if state.partials:
@@ -239,10 +314,7 @@ class _Matcher:
             else:
                 survivors.append((0, 1, time, time, (event,), (event.sender,)))
         state.partials = survivors
-        if completed is not None:
-            self.complete(book, key, state, completed, alerts)
-        if not state.partials and not state.waiting and state.muted_until < time:
-            self.drop(key, time)
+        return completed
 
     def start(self, book: PatternBook, key: str, event: Event, time: float, alerts: list[Alert]) -> None:
         """`feed` for a key with no state and an event that fits the first step: a new partial match."""
@@ -259,7 +331,7 @@ class _Matcher:
         """An event of the key that no step or absence can take: it only ages the key's state."""
         state.last_seen = time
         if state.partials:
-            state.partials = [p for p in state.partials if self.alive(p, time)]
+            state.partials = self.expire(state.partials, time)
         if not state.partials and not state.waiting and state.muted_until < time:
             self.drop(key, time)
 
@@ -290,10 +362,9 @@ class _Matcher:
             for key in [key for key, last_seen in self.seen.items() if mark - last_seen > horizon]:
                 del self.seen[key]
         quiet: list[str] = []
-        alive = self.alive
         for key, state in self.states.items():
             if state.partials:
-                state.partials = [p for p in state.partials if alive(p, mark)]
+                state.partials = self.expire(state.partials, mark)
                 if state.partials:
                     continue
             if not state.waiting and state.muted_until < mark and mark - state.last_seen > horizon:
@@ -503,7 +574,7 @@ class PatternBook:
         kind, user_scope = event.kind, event.shape in self.user_shapes
         route = tuple(
             r for m in self._matchers
-            if (user_scope or not m.by_user) and (r := m.route(kind, role)) is not None
+            if (user_scope or not m.by_user) and (r := m.route(kind, event.shape, role)) is not None
         )
         self._routes[(kind, event.shape, role)] = route
         return route

@@ -94,6 +94,62 @@ def test_spam_burst_again_after_a_quiet_gap() -> None:
     assert [a.detected_at - T0 for a in feed.alerts] == [4, 34]
 
 
+def test_spam_burst_counts_only_the_messages_within_its_bound() -> None:
+    """A message that falls out of the 10 s bound leaves the burst; the ones after it still count."""
+    feed = Feed("spam_burst")
+    for t in (0, 8, 9, 10, 11):
+        feed.chat(t, "eve", text=f"m{t}")
+    feed.at(30)
+    assert feed.alerts == []  # 0..11 spans 11 s; 8..11 is four messages
+    feed.chat(31, "eve", text="m12")  # not one burst with 8..11: 23 s later
+    feed.end()
+    assert feed.alerts == []
+    late = Feed("spam_burst")
+    for t in (0, 8, 9, 10, 11, 12):
+        late.chat(t, "eve", text=f"m{t}")
+    late.end()
+    (alert,) = late.alerts
+    assert [e.text for e in alert.events] == ["m8", "m9", "m10", "m11", "m12"]
+
+
+def test_a_repeated_step_without_a_mute_matches_again_after_each_match() -> None:
+    chatty = pattern_from_dict({"id": "chatty", "key": "user", "within_seconds": 5,
+                                "steps": [{"name": "said", "where": {"message": True}, "times_or_more": 3}]})
+    feed = Feed(chatty)
+    for t in range(7):
+        feed.chat(t, "eve", text=f"m{t}")
+    feed.end()
+    assert [[e.text for e in a.events] for a in feed.alerts] == [["m0", "m1", "m2"], ["m3", "m4", "m5"]]
+
+
+def test_a_snapshot_holding_every_partial_match_of_a_burst_resumes_it() -> None:
+    """Books of earlier versions kept one partial match per message of a burst: the earliest holds them all."""
+    feed = Feed("spam_burst")
+    events = [feed.chat(t, "eve", text=f"m{t}") for t in (0, 1, 2)]
+    feed.at(10)
+    (state,) = feed.book._matchers[0].states.values()
+    state.partials = [(0, 3 - i, T0 + i, T0 + 2, tuple(events[i:]), ("eve",)) for i in range(3)]
+    feed.book = pickle.loads(pickle.dumps(feed.book))
+    for t in (3, 4):
+        feed.chat(t, "eve", text=f"m{t}")
+    feed.end()
+    (alert,) = feed.alerts
+    assert [e.text for e in alert.events] == ["m0", "m1", "m2", "m3", "m4"]
+
+
+def test_conversation_senders_that_cannot_start_a_user_pattern_leave_no_state() -> None:
+    """A conversation user's key is `session/sender`: an RM never bursts as a customer, and a
+    conversation message never joins, so neither needs state (not even as a key seen)."""
+    feed = Feed("spam_burst", "abandonment")
+    for t in range(10):
+        feed.convo(t, "s-1", "rm", f"answer {t}")
+        feed.convo(t + 0.5, "s-1", "customer", "ok")
+    feed.at(20)
+    assert ids(feed.alerts) == [("spam_burst", "s-1/customer")]
+    held = {(m.pattern.id, key) for m in feed.book._matchers for key in (*m.states, *(m.seen or ()))}
+    assert held == {("spam_burst", "s-1/customer")}  # the burst's mute
+
+
 # engagement
 
 def test_engagement_join_question_answer_thanks() -> None:
