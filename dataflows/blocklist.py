@@ -26,7 +26,7 @@ import unicodedata
 from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import Final, Literal, NamedTuple, get_args
+from typing import Final, Literal, NamedTuple, TypeVar, get_args
 
 from dataflows.errors import ConvoflowError
 
@@ -38,6 +38,18 @@ MIN_SPACED_LETTERS: Final = 3
 MEMO_TEXTS: Final = 16384
 """Texts whose matches a block list remembers; chat repeats itself (greetings, thanks, canned replies)."""
 MEMO_TEXT_CHARS: Final = 512
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def remember(memo: dict[K, V], text: str, key: K, value: V) -> None:
+    """Keep what was worked out for `text` under `key` in a memo of recent texts: only texts of
+    `MEMO_TEXT_CHARS` or fewer, and the memo starts afresh once it holds `MEMO_TEXTS`."""
+    if len(text) <= MEMO_TEXT_CHARS:
+        if len(memo) >= MEMO_TEXTS:
+            memo.clear()
+        memo[key] = value
 
 CONFUSABLES: Final = {
     "a": "АаΑα", "b": "ВвΒβ", "c": "Ссϲ", "d": "Ԁԁ", "e": "ЕеΕε", "h": "НнҺһΗ", "i": "ІіΙι",
@@ -146,10 +158,7 @@ class BlockList:
         found = self.memo.get(text)
         if found is None:
             found = tuple(self._scan(text)) if self.index and self._may_match(text) else ()
-            if len(text) <= MEMO_TEXT_CHARS:
-                if len(self.memo) >= MEMO_TEXTS:
-                    self.memo.clear()
-                self.memo[text] = found
+            remember(self.memo, text, text, found)
         return found
 
     def _scan(self, text: str) -> list[Match]:

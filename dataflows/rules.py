@@ -35,8 +35,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from dataflows import blocklist
-from dataflows.blocklist import Action, BlockedTerm, BlockList, Match, mask, strictest
+from dataflows.blocklist import Action, BlockedTerm, BlockList, Match, mask, remember, strictest
 from dataflows.errors import ConvoflowError
 from dataflows.events import DeadLetter, LineRef, iso
 from dataflows.parse import dead_letter, json_type, read_json
@@ -348,7 +347,7 @@ class _Scoped:
     def __init__(self, levels: Sequence[Sequence[Rule]], lists: tuple[BlockList, ...]) -> None:
         self.lists = lists
         self.verdicts: dict[tuple[str, str | None], Moderation] = {}
-        """Verdicts on recent texts (see `MEMO_TEXTS`), by text and the user when a role rule names them:
+        """Verdicts on recent texts (see `blocklist.remember`), by text and the user when a role rule names them:
         a view never changes, so they never go stale."""
         self.flag_map: dict[str, bool] = {}
         self.roles: dict[str, _Held] = {}
@@ -512,10 +511,7 @@ class RuleBook:
                                  scoped.model_pairs)
         else:
             verdict = _verdict(text, user, matches, held, scoped)
-        if len(text) <= blocklist.MEMO_TEXT_CHARS:
-            if len(verdicts) >= blocklist.MEMO_TEXTS:
-                verdicts.clear()
-            verdicts[memo] = verdict
+        remember(verdicts, text, memo, verdict)
         return verdict
 
     def flags_at(self, time: float, *, room: str, tenant: str | None = None) -> dict[str, bool]:
