@@ -27,10 +27,11 @@ from benchmarks.bench_replay import ensure_sample  # noqa: E402  (after the path
 
 from connectors.pattern_files import load_patterns  # noqa: E402
 from dataflows.events import Event, LineRef  # noqa: E402
-from dataflows.flow import FlowConfig, USER_SHARD, shard_of  # noqa: E402
+from dataflows.flow import FlowConfig, shard_of  # noqa: E402
 from dataflows.parse import parse_line  # noqa: E402
 from dataflows.patterns.definitions import PatternDef, key_of  # noqa: E402
 from dataflows.patterns.engine import Alert, PatternBook  # noqa: E402
+from dataflows.sequencing import Scope  # noqa: E402
 
 
 def timed_events(path: Path) -> list[Event]:
@@ -46,29 +47,31 @@ def timed_events(path: Path) -> list[Event]:
 
 def run_books(events: Sequence[Event], patterns: tuple[PatternDef, ...], batch: int,
               config: FlowConfig = FlowConfig()) -> list[Alert]:
-    """Every alert of `patterns` over `events`, sharded and batched as the flow would."""
+    """Every alert of `patterns` over `events`, sharded, scoped and batched as the flow would."""
     ooo = config.window.out_of_orderness
-    sessions: dict[str, PatternBook] = {}
-    users: dict[str, PatternBook] = {}
+    books: dict[str, PatternBook] = {}
     alerts: list[Alert] = []
+
+    def add(shard: str, event: Event, scope: Scope) -> None:
+        book = books.get(shard)
+        if book is None:
+            book = books[shard] = PatternBook(patterns, ooo)
+        book.add(event, event.time, scope=scope)
+
     for start in range(0, len(events), batch):
         chunk = events[start:start + batch]
         for event in chunk:
-            shard = shard_of(event.session_id, config.shards)
-            book = sessions.get(shard)
-            if book is None:
-                book = sessions[shard] = PatternBook(patterns, ooo, frozenset({"conversation"}))
-            book.add(event, event.time)
-            if event.shape == "chat":
-                shard = shard_of(key_of(event, "user"), config.user_shards, USER_SHARD)
-                book = users.get(shard)
-                if book is None:
-                    book = users[shard] = PatternBook(patterns, ooo, frozenset({"chat"}), frozenset({"user"}))
-                book.add(event, event.time)
+            home = shard_of(event.session_id, config.shards)
+            away = shard_of(key_of(event, "user"), config.shards) if event.shape == "chat" else home
+            if away == home:
+                add(home, event, "all")
+            else:
+                add(home, event, "session")
+                add(away, event, "user")
         clock = chunk[-1].time
-        for book in (*sessions.values(), *users.values()):
+        for book in books.values():
             alerts.extend(book.advance(clock))
-    for book in (*sessions.values(), *users.values()):
+    for book in books.values():
         alerts.extend(book.flush())
     return alerts
 

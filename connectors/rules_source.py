@@ -85,7 +85,8 @@ class RulesFileSource(FixedPartitionedSource[Item, int]):
         return ["rules"]
 
     def pattern_keys(self) -> frozenset[KeyKind]:
-        """The keys of the patterns the file's valid rules define (the flow needs user shards only for "user")."""
+        """The keys of the patterns the file's valid rules define (chat events go to their users'
+        shards only for "user")."""
         return frozenset(rule.body.key for rule, _ in read_rules(self.path)
                          if isinstance(rule, Rule) and isinstance(rule.body, PatternDef))
 

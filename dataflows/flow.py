@@ -8,7 +8,8 @@ partition's `LiveMark` (see `dataflows.live`). Each output receives `(kind, payl
 JSON-ready dicts.
 
 Sessions are hashed onto a fixed number of shards (not onto workers), so the assignment of a
-session, and so every result, is the same whatever the number of workers and processes.
+session, and so every result, is the same whatever the number of workers and processes. Chat users
+are hashed onto the same shards, for the patterns keyed by user (see `_router`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Protocol, cast
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
@@ -33,7 +34,9 @@ from dataflows.patterns.engine import Alert, PatternBook, patterns_keyed_by
 from dataflows.live import LiveMerger
 from dataflows.rules import Moderation, Rule, RuleBook, Verdict, pattern_role
 from dataflows.rules_gate import RuleGate, RulesBatch, RulesItem, RulesMark
-from dataflows.sequencing import LiveMark, Marker, Progress, ReplayLayout, Sequencer, Stamped, Wire, from_wire, later, to_wire
+from dataflows.sequencing import (
+    LiveMark, Marker, Progress, ReplayLayout, Sequencer, Stamped, Wire, from_wire, later, to_wire,
+)
 from dataflows.windows import WindowBook, WindowConfig
 
 Record = dict[str, Any]
@@ -76,44 +79,36 @@ class FlowConfig:
     layout: ReplayLayout = ReplayLayout()
     time_origin: float = 0.0
     shards: int = 64
-    user_shards: int = 16
-    """Shards of chat users' events for user-keyed patterns: fewer than session shards, as they
-    only match patterns, and every shard costs a copy of each marker and a call per batch."""
     patterns: tuple[PatternDef, ...] = ()
     live: bool = False
     rules: bool = False
     """Whether a rules stream is joined: messages are then judged by it and wait for its clock."""
     rule_pattern_keys: frozenset[KeyKind] = frozenset({"session", "user"})
     """The keys of the patterns the rules stream may define: any, unless its content is known
-    (a rules file: `RulesFileSource.pattern_keys`). Without user-keyed ones, chat events need no user shards."""
+    (a rules file: `RulesFileSource.pattern_keys`). Without user-keyed ones, chat events are not
+    sent to their users' shards."""
 
     def __post_init__(self) -> None:
-        for name in ("shards", "user_shards"):
-            if getattr(self, name) < 1:
-                msg = f"{name} must be >= 1, got {getattr(self, name)}"
-                raise ValueError(msg)
+        if self.shards < 1:
+            msg = f"shards must be >= 1, got {self.shards}"
+            raise ValueError(msg)
 
 
-SESSION_SHARD = "shard"
-USER_SHARD = "user"
-ShardRole = Literal["session", "user"]
-
-
-def shard_of(value: str, shards: int, prefix: str = SESSION_SHARD) -> str:
+def shard_of(value: str, shards: int) -> str:
     """The shard key of a session (or user): stable across processes (unlike `hash`)."""
-    return shard_of_index(zlib.crc32(value.encode()) % shards, prefix)
+    return shard_of_index(zlib.crc32(value.encode()) % shards)
 
 
-def shard_of_index(index: int, prefix: str = SESSION_SHARD) -> str:
-    return f"{prefix}-{index:03d}"
+def shard_of_index(index: int) -> str:
+    return f"shard-{index:03d}"
 
 
 @dataclass
 class ShardState:
-    """What one shard keeps: its reorder buffer, open windows (session shards) and pattern state."""
+    """What one shard keeps: its reorder buffer, open windows and pattern state."""
 
     sequencer: Sequencer | LiveMerger
-    book: WindowBook | None
+    book: WindowBook
     patterns: PatternBook | None
     gate: RuleGate | None = None
 
@@ -126,28 +121,27 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
     """Releases a shard's events (in file order, or a live input's arrival order), times untimed
     ones, judges them by the rules stream, windows them and matches patterns.
 
-    A session shard emits `messages` for every event the rules let through (with `moderation`
-    when there is a rules stream), `moderated` for those they block, `late` for events whose
-    window was already emitted, `windows` as the watermark passes them and `alerts` of
-    session-keyed patterns; a user shard sees the same events routed by user and emits only the
-    alerts of user-keyed patterns. Both emit `gauge`s (open windows, rule-set version) when they
-    change. Never discarded: the sequencer must keep hearing every partition's markers. Its
+    For the events of its sessions (scope `all` or `session`) a shard emits `messages` for every
+    event the rules let through (with `moderation` when there is a rules stream), `moderated` for
+    those they block, `late` for events whose window was already emitted, `windows` as the
+    watermark passes them and `alerts` of session-keyed patterns; events of its users (scope `all`
+    or `user`) meet the user-keyed patterns. It emits `gauge`s (open windows, rule-set version)
+    when they change. Never discarded: the sequencer must keep hearing every partition's markers. Its
     snapshot is the pickled state: Bytewax asks for one every epoch even without recovery, and one
     `pickle.dumps` is far cheaper than a `deepcopy`.
     """
 
-    def __init__(self, config: FlowConfig, resume: bytes | None, role: ShardRole) -> None:
+    def __init__(self, config: FlowConfig, resume: bytes | None) -> None:
         self.config = config
         if resume is not None:
             self.state = pickle.loads(resume)
         else:
-            keys, user_shapes = _pattern_scope(role)
-            patterns = tuple(p for p in config.patterns if p.enabled and p.key in keys)
+            patterns = tuple(p for p in config.patterns if p.enabled)
             self.state = ShardState(
                 LiveMerger(config.layout.partitions) if config.live else Sequencer(config.layout),
-                WindowBook(config.window) if role == "session" else None,
-                PatternBook(patterns, config.window.out_of_orderness, user_shapes, keys)
-                if patterns or (config.rules and config.rule_pattern_keys & keys) else None,
+                WindowBook(config.window),
+                PatternBook(patterns, config.window.out_of_orderness)
+                if patterns or (config.rules and config.rule_pattern_keys) else None,
                 RuleGate() if config.rules else None,
             )
         self.reported_open = -1
@@ -176,8 +170,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
             gate.held.extend(released)
             released = gate.release_all()
         self._process(released, out)
-        if self.state.book is not None:
-            out.windows.extend(self.state.book.flush())
+        out.windows.extend(self.state.book.flush())
         if self.state.patterns is not None:
             out.alerts.extend(self.state.patterns.flush(gate.book if gate is not None else None))
         return self._batches(out), StatefulBatchLogic.RETAIN
@@ -194,29 +187,32 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
             yield stamped, clock
 
     def _process(self, released: Iterable[tuple[Stamped, float | None]], out: _Outputs) -> float | None:
-        """Judge, window and queue for matching each released event; return the clock after the last one."""
+        """Judge, window and queue for matching each released event; return the clock after the last one.
+
+        An event of scope `user` (its session is another shard's) is judged (its role and masked
+        text reach the patterns) and matched only: its session's shard outputs it.
+        """
         book, patterns, gate = self.state.book, self.state.patterns, self.state.gate
         latest: float | None = None
         for stamped, clock in released:
-            event = stamped.event
+            event, scope = stamped.event, stamped.scope
             latest = later(latest, self.state.sequencer.clock_after(clock, event.time))
-            if book is not None:
-                out.windows.extend(book.advance(clock))
+            out.windows.extend(book.advance(clock))
             verdict = None
             if gate is not None:
                 verdict = _judge(gate.book, event) if gate.book.version() else _NO_RULES
                 if verdict.action == "block":
-                    if book is not None:
+                    if scope != "user":
                         out.moderated.append({**event.as_record(), "moderation": _moderation_record(verdict)})
                     continue
                 if verdict.action == "mask":
                     event = event._replace(text=verdict.text)
             if patterns is not None:
                 if gate is None or verdict is None:
-                    patterns.add(event, clock)
+                    patterns.add(event, clock, scope=scope)
                 else:
-                    patterns.add(event, clock, pattern_role(verdict.role), gate.book)
-            if book is not None:
+                    patterns.add(event, clock, pattern_role(verdict.role), gate.book, scope)
+            if scope != "user":
                 late = book.add(event)
                 record = event.as_record()
                 if verdict is not None:
@@ -227,8 +223,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
         return latest
 
     def _advance(self, clock: float | None, out: _Outputs) -> None:
-        if self.state.book is not None:
-            out.windows.extend(self.state.book.advance(clock))
+        out.windows.extend(self.state.book.advance(clock))
         if self.state.patterns is not None:
             out.alerts.extend(self.state.patterns.advance(clock, self.state.gate.book if self.state.gate else None))
         if self.state.gate is not None and clock is not None:
@@ -259,7 +254,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
         ):
             if records:
                 batches.append((kind, records))
-        count = len(self.state.book.open) if self.state.book is not None else 0
+        count = len(self.state.book.open)
         if count != self.reported_open:
             self.reported_open = count
             batches.append((GAUGE, {"open_windows": count, "buffered": self.state.sequencer.buffered}))
@@ -304,38 +299,28 @@ def _judge(book: RuleBook, event: Event) -> Moderation:
     return book.judge(event.text, time=event.time, user=key_of(event, "user"), room=event.session_id)
 
 
-def _pattern_scope(role: ShardRole) -> tuple[frozenset[KeyKind], frozenset[str]]:
-    """The key kinds of the patterns a shard matches, and the event shapes its user-keyed patterns apply to.
-
-    A conversation's user (`session/sender`) lives in one session, so its user patterns run in the
-    session shard; a chat user can be in many rooms, so chat events meet in user shards.
-    """
-    if role == "user":
-        return frozenset({"user"}), frozenset({"chat"})
-    return frozenset({"session", "user"}), frozenset({"conversation"})
-
-
-def _user_shards(config: FlowConfig) -> bool:
-    """Whether chat events also go to user shards: some user-keyed pattern is given, or may arrive
-    on the rules stream."""
+def _by_user(config: FlowConfig) -> bool:
+    """Whether chat events also go to their users' shards: some user-keyed pattern is given, or may
+    arrive on the rules stream."""
     return (config.rules and "user" in config.rule_pattern_keys) or bool(patterns_keyed_by(config.patterns, "user"))
 
 
 def _router(config: FlowConfig) -> Callable[[list[SourceItem | RulesSourceItem]], list[tuple[str, Any]]]:
     """Group a batch from the source by shard, one item per shard, in the source's order.
 
-    Each event goes to its session's shard and, when user-keyed patterns may run, to its user's
-    shard (chat events only: see `_pattern_scope`). Markers go to every shard, after the events that
-    preceded them; the batch's rules items go to every shard as one `RulesBatch` ahead of its
-    events (a shard applies rules before it releases events: their order between does not count).
+    Each event goes to its session's shard. A conversation's user (`session/sender`) lives in one
+    session, so its user-keyed patterns run there too; a chat user can be in many rooms, so when
+    user-keyed patterns may run, a chat event whose user hashes to another shard than its session
+    goes to both, scoped (`Scope`) so that each does its part. Markers go to every shard, after
+    the events that preceded them; the batch's rules items go to every shard as one `RulesBatch`
+    ahead of its events (a shard applies rules before it releases events: their order between does
+    not count).
     Dead letters leave as one batch. Grouping cuts the items Bytewax moves per event, its main
     per-event cost.
     """
-    shards, user_shards = config.shards, config.user_shards
-    by_user = _user_shards(config)
+    shards = config.shards
+    by_user = _by_user(config)
     every_shard = [shard_of_index(i) for i in range(shards)]
-    if by_user:
-        every_shard += [shard_of_index(i, USER_SHARD) for i in range(user_shards)]
 
     def route(items: list[SourceItem | RulesSourceItem]) -> list[tuple[str, Any]]:
         groups: dict[str, list[Wire]] = {}
@@ -343,11 +328,16 @@ def _router(config: FlowConfig) -> Callable[[list[SourceItem | RulesSourceItem]]
         rules = RulesBatch()
         for item in items:
             if isinstance(item, Stamped):
-                wire = to_wire(item)
-                groups.setdefault(shard_of(item.event.session_id, shards), []).append(wire)
-                if by_user and item.event.shape == "chat":
-                    user = shard_of(key_of(item.event, "user"), user_shards, USER_SHARD)
-                    groups.setdefault(user, []).append(wire)
+                event = item.event
+                home = shard_of(event.session_id, shards)
+                if by_user and event.shape == "chat":
+                    user = key_of(event, "user")
+                    away = home if user == event.session_id else shard_of(user, shards)
+                    if away != home:
+                        groups.setdefault(home, []).append(to_wire(item, "session"))
+                        groups.setdefault(away, []).append(to_wire(item, "user"))
+                        continue
+                groups.setdefault(home, []).append(to_wire(item))
             elif isinstance(item, DeadLetter):
                 dead.append(item.as_record())
             elif isinstance(item, RulesMark | Rule):
@@ -427,13 +417,7 @@ def build_flow(
         items = op.merge("with_rules", items, op.input("read_rules", flow, rules))
     routed = op.flat_map_batch("route_to_shards", items, _router(config))
     split = op.branch("split_dead_letters", routed, lambda kv: kv[0] == OutputKind.DEAD_LETTER)
-    by_role = op.branch("split_user_shards", split.falses, lambda kv: kv[0].startswith(USER_SHARD))
-    shard_outputs = [
-        op.stateful_batch("sequence_and_window", by_role.falses, lambda r: ShardLogic(config, r, "session"))
-    ]
-    if _user_shards(config):
-        shard_outputs.append(op.stateful_batch("user_patterns", by_role.trues, lambda r: ShardLogic(config, r, "user")))
-    keyed = op.merge("shard_outputs", *shard_outputs)
+    keyed = op.stateful_batch("sequence_and_window", split.falses, lambda r: ShardLogic(config, r))
     by_kind = op.branch("split_gauges", keyed, lambda kv: kv[1][0] == GAUGE)
     records = op.merge("records", split.trues, op.map("drop_shard_key", by_kind.falses, lambda kv: kv[1]))
     for stage in stages:

@@ -21,7 +21,7 @@ import heapq
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from dataflows.events import DeadLetter, Event, LineRef
 from dataflows.parse import parse_line
@@ -48,12 +48,19 @@ class ReplayLayout:
         return block * self.block_bytes
 
 
+Scope = Literal["all", "session", "user"]
+"""What a shard does with an event it receives (see `dataflows.flow`): everything (`all`), or, for
+a chat event whose user hashes to another shard than its session, only its session's part
+(windows, messages, session-keyed patterns: `session`) or only its user's patterns (`user`)."""
+
+
 class Stamped(NamedTuple):
     """An accepted event, with the latest event time earlier in its block (None: none yet)."""
 
     event: Event
     block: int
     clock_before: float | None
+    scope: Scope = "all"
 
 
 class Progress(NamedTuple):
@@ -87,10 +94,10 @@ _PROGRESS = "progress"
 _LIVE_MARK = "mark"
 
 
-def to_wire(item: Stamped | Marker) -> Wire:
-    """Plain tuples of builtins: what crosses workers cheaply (see `Event`)."""
+def to_wire(item: Stamped | Marker, scope: Scope | None = None) -> Wire:
+    """Plain tuples of builtins: what crosses workers cheaply (see `Event`); `scope` overrides a `Stamped`'s."""
     if isinstance(item, Stamped):
-        return (tuple(item.event), item.block, item.clock_before)
+        return (tuple(item.event), item.block, item.clock_before, scope or item.scope)
     if isinstance(item, LiveMark):
         return (_LIVE_MARK, *item)
     return (_PROGRESS, *item)
@@ -102,7 +109,7 @@ def from_wire(wire: Wire) -> Stamped | Marker:
         return Progress(*wire[1:])
     if tag == _LIVE_MARK:
         return LiveMark(*wire[1:])
-    return Stamped(Event._make(tag), wire[1], wire[2])
+    return Stamped(Event._make(tag), wire[1], wire[2], wire[3])
 
 
 class BlockStamper:

@@ -99,7 +99,7 @@ def test_moderation_is_the_same_for_any_workers_processes_and_speed(events: Path
 
 
 def test_a_user_keyed_pattern_in_the_rules_file_matches_chat_users(events: Path, tmp_path: Path) -> None:
-    """The rules file is read at start to know whether chat events need user shards: here they do."""
+    """The rules file is read at start to know whether chat events must reach their users' shards: here they do."""
     burst = {"id": "burst", "key": "user", "within_seconds": 2, "steps": [
         {"name": "first", "where": {"message": True}}, {"name": "more", "where": {"message": True}, "times": 2}]}
     rules = write_lines(tmp_path / "rules.jsonl", [{"id": "p-burst", "kind": "pattern", "version": 1,

@@ -39,6 +39,7 @@ from operator import itemgetter
 from typing import Any, Protocol, TypeAlias
 
 from dataflows.events import Event, iso
+from dataflows.sequencing import Scope
 from dataflows.patterns.definitions import (
     CompiledPredicate,
     PatternDef,
@@ -64,8 +65,8 @@ _Partial: TypeAlias = "tuple[int, int, float, float, tuple[Event, ...], tuple[st
 _Waiting: TypeAlias = "tuple[float, _Partial]"
 """A completed match waiting for its absence to hold until a deadline: (deadline, match)."""
 
-_Buffered: TypeAlias = "tuple[float, int, Event, ResolvedRole]"
-"""An event waiting for the watermark: (time, offset, event, its sender's resolved role)."""
+_Buffered: TypeAlias = "tuple[float, int, Event, ResolvedRole, Scope]"
+"""An event waiting for the watermark: (time, offset, event, its sender's resolved role, its scope)."""
 
 _event_time = itemgetter(0)
 
@@ -384,13 +385,12 @@ class PatternBook:
 
     `patterns` are the patterns given at start-up (the `--patterns` file); `PatternRules`, when
     passed to `add`, `advance` and `flush`, override them by id from an event time on. Of either,
-    the book runs the enabled patterns keyed by one of `keys`; user-keyed ones only on events
-    whose shape is in `user_shapes`.
+    the book runs the enabled patterns keyed by one of `keys`: session-keyed ones on events of
+    scope `all` or `session`, user-keyed ones on those of scope `all` or `user` (see `add`).
     """
 
     patterns: tuple[PatternDef, ...]
     out_of_orderness: float
-    user_shapes: frozenset[str] = frozenset({"conversation", "chat"})
     keys: frozenset[KeyKind] = frozenset({"session", "user"})
     watermark: float = -math.inf
     arrival_mark: float = -math.inf
@@ -403,7 +403,7 @@ class PatternBook:
     swept_at: float = -math.inf
     _sequence: int = 0
     _matchers: tuple[_Matcher, ...] = field(init=False, repr=False)
-    _routes: dict[tuple[str, str, ResolvedRole], tuple[_Route, ...]] = field(init=False, repr=False)
+    _routes: dict[tuple[str, str, ResolvedRole, Scope], tuple[_Route, ...]] = field(init=False, repr=False)
     _span: tuple[float, float] = field(init=False, repr=False)
     """The event times over which the rules' definitions were last looked up: `[lo, hi)`."""
     _rules_version: int = field(init=False, repr=False)
@@ -451,13 +451,15 @@ class PatternBook:
         self._span = (math.inf, -math.inf)
 
     def add(self, event: Event, clock: float | None, role: ResolvedRole | None = None,
-            rules: PatternRules | None = None) -> None:
+            rules: PatternRules | None = None, scope: Scope = "all") -> None:
         """Take a timed event that arrived at `clock`; it is matched once the watermark passes it.
 
         It is late, and skipped, when it is behind the watermark it arrived at: judged by the clock
         at arrival (a function of the input), the same however events are batched into `advance`.
         `role` is the role the rules give a chat event's sender (a conversation's sender field is
-        its role). An event that no pattern could be in effect for is not kept.
+        its role). `scope` says which of the patterns it meets: those keyed by its session
+        (`session`), by its user (`user`) or both (`all`). An event that no pattern could be in
+        effect for is not kept.
         """
         time = event.time
         assert time is not None, "events are timed before pattern matching"
@@ -470,7 +472,7 @@ class PatternBook:
         if not self.patterns and not self._matchers and (rules is None or not rules.patterns_span(time)[0]):
             return
         resolved = role if role is not None and event.shape == "chat" else role_of(event)
-        self.buffer.append((time, event.offset, event, resolved))
+        self.buffer.append((time, event.offset, event, resolved, scope))
 
     def advance(self, now: float | None, rules: PatternRules | None = None) -> list[Alert]:
         """Move the watermark to `now - out_of_orderness`; match what it passed, fire due absences."""
@@ -515,15 +517,15 @@ class PatternBook:
         deadlines = self.deadlines
         self._check_rules(rules)
         lo, hi = self._span
-        for time, _, event, role in ready:
+        for time, _, event, role, scope in ready:
             if deadlines and deadlines[0][0] < time:
                 self._fire(time, alerts, rules, inclusive=False)
             if rules is not None and not lo <= time < hi:
                 self._follow(rules, time)
                 lo, hi = self._span
-            route = self._routes.get((event.kind, event.shape, role))
+            route = self._routes.get((event.kind, event.shape, role, scope))
             if route is None:
-                route = self._route(event, role)
+                route = self._route(event, role, scope)
             session, user = event.session_id, None
             for matcher, by_user, tests, absence, can_start, touches in route:
                 if not by_user:
@@ -569,14 +571,14 @@ class PatternBook:
         self.set_patterns(by_id.values())
         self._span = (lo, hi)
 
-    def _route(self, event: Event, role: ResolvedRole) -> tuple[_Route, ...]:
-        """Build (once per class of event) the routes of `event`'s kind, shape and role to the patterns."""
-        kind, user_scope = event.kind, event.shape in self.user_shapes
+    def _route(self, event: Event, role: ResolvedRole, scope: Scope) -> tuple[_Route, ...]:
+        """Build (once per class of event) the routes of `event`'s kind, shape, role and scope to the patterns."""
+        kind = event.kind
         route = tuple(
             r for m in self._matchers
-            if (user_scope or not m.by_user) and (r := m.route(kind, event.shape, role)) is not None
+            if scope != ("session" if m.by_user else "user") and (r := m.route(kind, event.shape, role)) is not None
         )
-        self._routes[(kind, event.shape, role)] = route
+        self._routes[(kind, event.shape, role, scope)] = route
         return route
 
     def _fire(self, until: float, alerts: list[Alert], rules: PatternRules | None, *, inclusive: bool) -> None:

@@ -132,6 +132,33 @@ def test_same_outputs_with_several_workers(conversation: Callable[..., dict], wo
     assert canonical(run(lines, workers=workers)) == canonical(run(lines))
 
 
+def test_a_chat_user_in_rooms_on_other_shards_gives_the_outputs_of_one_shard(chat: Callable[..., dict]) -> None:
+    from pathlib import Path
+
+    from connectors.pattern_files import load_patterns
+
+    patterns = load_patterns(Path(__file__).parent.parent.parent / "samples" / "patterns.yaml")
+    rooms = [f"r-{i}" for i in range(20)]
+    away = [room for room in rooms if shard_of(room, 8) != shard_of("eve", 8)][:3]
+    home = [room for room in rooms if shard_of(room, 8) == shard_of("eve", 8)][:1]
+    assert len(away) == 3 and home, "rooms on eve's shard and on others"
+    lines = jsonl(
+        chat(username="eve", type="USER_JOINED", text="", room=away[0], timestamp=1704103200),
+        *(chat(username="eve", text=f"buy {i}?", room=(away + home)[i % 4], timestamp=1704103210 + i) for i in range(6)),
+        chat(username="bob", text="No.", room=away[0], timestamp=1704103217),
+        chat(username="eve", text="thanks", room=away[0], timestamp=1704103219),
+    )
+
+    def canonical(out: dict[str, list[dict[str, Any]]]) -> dict[str, list[str]]:
+        return {k: sorted(map(repr, v)) for k, v in out.items()}
+
+    split = run(lines, shards=8, patterns=patterns)
+    assert len(split["messages"]) == 9, "each message is output once, by its room's shard"
+    assert sum(len(w["messages"]) for w in split["windows"]) == 9
+    assert {(a["pattern"], a["key"]) for a in split["alerts"]} >= {("spam_burst", "eve"), ("engagement", away[0])}
+    assert canonical(split) == canonical(run(lines, shards=1, patterns=patterns))
+
+
 def test_alerts_from_session_and_user_patterns_with_any_worker_count(chat: Callable[..., dict]) -> None:
     from pathlib import Path
 

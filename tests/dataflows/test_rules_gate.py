@@ -477,7 +477,7 @@ def test_the_same_input_gives_the_same_outputs_whenever_rules_arrive_and_with_an
 
 BURST = {"id": "burst", "key": "user", "within_seconds": 10, "steps": [
     {"name": "first", "where": {"message": True}}, {"name": "more", "where": {"message": True}, "times": 2}]}
-"""A chat user's three messages within 10 s, in any rooms: matched in user shards."""
+"""A chat user's three messages within 10 s, in any rooms: matched in the user's shard."""
 
 
 def test_a_user_keyed_pattern_rule_matches_chat_users_across_rooms(chat: Callable[..., dict]) -> None:
@@ -488,7 +488,7 @@ def test_a_user_keyed_pattern_rule_matches_chat_users_across_rooms(chat: Callabl
         assert [(a["pattern"], a["key"]) for a in alerts] == [("burst", "max")]
 
 
-def test_rules_known_to_define_no_user_pattern_give_the_same_outputs_without_user_shards(
+def test_rules_known_to_define_no_user_pattern_give_the_same_outputs_without_chat_events_sent_to_users_shards(
     message: Callable[..., dict], chat: Callable[..., dict]
 ) -> None:
     lines = mixed_input(message, chat)
