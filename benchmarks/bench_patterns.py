@@ -27,11 +27,10 @@ from benchmarks.bench_replay import ensure_sample  # noqa: E402  (after the path
 
 from connectors.pattern_files import load_patterns  # noqa: E402
 from dataflows.events import Event, LineRef  # noqa: E402
-from dataflows.flow import FlowConfig, shard_of  # noqa: E402
+from dataflows.flow import FlowConfig, chat_shards, shard_of  # noqa: E402
 from dataflows.parse import parse_line  # noqa: E402
-from dataflows.patterns.definitions import PatternDef, key_of  # noqa: E402
+from dataflows.patterns.definitions import PatternDef  # noqa: E402
 from dataflows.patterns.engine import Alert, PatternBook  # noqa: E402
-from dataflows.sequencing import Scope  # noqa: E402
 
 
 def timed_events(path: Path) -> list[Event]:
@@ -52,22 +51,16 @@ def run_books(events: Sequence[Event], patterns: tuple[PatternDef, ...], batch: 
     books: dict[str, PatternBook] = {}
     alerts: list[Alert] = []
 
-    def add(shard: str, event: Event, scope: Scope) -> None:
-        book = books.get(shard)
-        if book is None:
-            book = books[shard] = PatternBook(patterns, ooo)
-        book.add(event, event.time, scope=scope)
-
     for start in range(0, len(events), batch):
         chunk = events[start:start + batch]
         for event in chunk:
-            home = shard_of(event.session_id, config.shards)
-            away = shard_of(key_of(event, "user"), config.shards) if event.shape == "chat" else home
-            if away == home:
-                add(home, event, "all")
-            else:
-                add(home, event, "session")
-                add(away, event, "user")
+            targets = (chat_shards(event, config.shards) if event.shape == "chat"
+                       else ((shard_of(event.session_id, config.shards), "all"),))
+            for shard, scope in targets:
+                book = books.get(shard)
+                if book is None:
+                    book = books[shard] = PatternBook(patterns, ooo)
+                book.add(event, event.time, scope=scope)
         clock = chunk[-1].time
         for book in books.values():
             alerts.extend(book.advance(clock))

@@ -35,7 +35,7 @@ from dataflows.live import LiveMerger
 from dataflows.rules import Moderation, Rule, RuleBook, Verdict, pattern_role
 from dataflows.rules_gate import RuleGate, RulesBatch, RulesItem, RulesMark
 from dataflows.sequencing import (
-    LiveMark, Marker, Progress, ReplayLayout, Sequencer, Stamped, Wire, from_wire, later, to_wire,
+    LiveMark, Marker, Progress, ReplayLayout, Scope, Sequencer, Stamped, Wire, from_wire, later, to_wire,
 )
 from dataflows.windows import WindowBook, WindowConfig
 
@@ -101,6 +101,16 @@ def shard_of(value: str, shards: int) -> str:
 
 def shard_of_index(index: int) -> str:
     return f"shard-{index:03d}"
+
+
+def chat_shards(event: Event, shards: int) -> tuple[tuple[str, Scope], ...]:
+    """Where a chat event goes when user-keyed patterns may run: its room's shard for everything,
+    or, when its user hashes to another shard, its room's for the session's part and its user's
+    for the user's patterns."""
+    home = shard_of(event.session_id, shards)
+    user = key_of(event, "user")
+    away = home if user == event.session_id else shard_of(user, shards)
+    return ((home, "all"),) if away == home else ((home, "session"), (away, "user"))
 
 
 @dataclass
@@ -311,11 +321,10 @@ def _router(config: FlowConfig) -> Callable[[list[SourceItem | RulesSourceItem]]
     Each event goes to its session's shard. A conversation's user (`session/sender`) lives in one
     session, so its user-keyed patterns run there too; a chat user can be in many rooms, so when
     user-keyed patterns may run, a chat event whose user hashes to another shard than its session
-    goes to both, scoped (`Scope`) so that each does its part. Markers go to every shard, after
-    the events that preceded them; the batch's rules items go to every shard as one `RulesBatch`
-    ahead of its events (a shard applies rules before it releases events: their order between does
-    not count).
-    Dead letters leave as one batch. Grouping cuts the items Bytewax moves per event, its main
+    goes to both, scoped (`chat_shards`) so that each does its part. Markers go to every shard,
+    after the events that preceded them; the batch's rules items go to every shard as one
+    `RulesBatch` ahead of its events (a shard applies rules before it releases events: their order
+    between does not count). Dead letters leave as one batch. Grouping cuts the items Bytewax moves per event, its main
     per-event cost.
     """
     shards = config.shards
@@ -328,16 +337,11 @@ def _router(config: FlowConfig) -> Callable[[list[SourceItem | RulesSourceItem]]
         rules = RulesBatch()
         for item in items:
             if isinstance(item, Stamped):
-                event = item.event
-                home = shard_of(event.session_id, shards)
-                if by_user and event.shape == "chat":
-                    user = key_of(event, "user")
-                    away = home if user == event.session_id else shard_of(user, shards)
-                    if away != home:
-                        groups.setdefault(home, []).append(to_wire(item, "session"))
-                        groups.setdefault(away, []).append(to_wire(item, "user"))
-                        continue
-                groups.setdefault(home, []).append(to_wire(item))
+                if by_user and item.event.shape == "chat":
+                    for shard, scope in chat_shards(item.event, shards):
+                        groups.setdefault(shard, []).append(to_wire(item, scope))
+                else:
+                    groups.setdefault(shard_of(item.event.session_id, shards), []).append(to_wire(item))
             elif isinstance(item, DeadLetter):
                 dead.append(item.as_record())
             elif isinstance(item, RulesMark | Rule):

@@ -44,7 +44,6 @@ from dataflows.patterns.definitions import (
     CompiledPredicate,
     PatternDef,
     ResidualTest,
-    KeyKind,
     ResolvedRole,
     Summarizer,
     iso_of,
@@ -385,13 +384,12 @@ class PatternBook:
 
     `patterns` are the patterns given at start-up (the `--patterns` file); `PatternRules`, when
     passed to `add`, `advance` and `flush`, override them by id from an event time on. Of either,
-    the book runs the enabled patterns keyed by one of `keys`: session-keyed ones on events of
-    scope `all` or `session`, user-keyed ones on those of scope `all` or `user` (see `add`).
+    the book runs the enabled patterns: session-keyed ones on events of scope `all` or `session`,
+    user-keyed ones on those of scope `all` or `user` (see `add`).
     """
 
     patterns: tuple[PatternDef, ...]
     out_of_orderness: float
-    keys: frozenset[KeyKind] = frozenset({"session", "user"})
     watermark: float = -math.inf
     arrival_mark: float = -math.inf
     buffer: list[_Buffered] = field(default_factory=list)
@@ -426,13 +424,13 @@ class PatternBook:
         self._span = (math.inf, -math.inf)
 
     def set_patterns(self, patterns: Iterable[PatternDef]) -> None:
-        """Match `patterns` (those enabled and keyed by one of `keys`) from now on.
+        """Match `patterns` (those enabled) from now on.
 
         A pattern whose definition is unchanged keeps its matcher and so its partial matches,
         waiting absences and mutes; a new or redefined one starts with no state; one that leaves
         is retired, and its waiting absences never fire.
         """
-        wanted = [p for p in patterns if p.enabled and p.key in self.keys]
+        wanted = [p for p in patterns if p.enabled]
         if wanted == [m.pattern for m in self._matchers]:
             return
         current = {m.pattern.id: m for m in self._matchers}
