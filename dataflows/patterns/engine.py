@@ -355,19 +355,23 @@ class _Matcher:
         book._sequence += 1
         heapq.heappush(book.deadlines, (deadline, book._sequence, self, key))
 
-    def sweep(self, mark: float) -> None:
-        """Expire partial matches `mark` has outrun; forget keys with nothing pending, quiet for a horizon."""
+    def sweep(self, lower: float) -> None:
+        """Expire partial matches, forget keys with nothing pending and quiet for a horizon, as of `lower`:
+        the earliest time an event still to be matched can have.
+
+        What it drops, the next event would find expired or quiet anyway, so when sweeps run changes no alert.
+        """
         horizon = self.horizon
         if self.seen:
-            for key in [key for key, last_seen in self.seen.items() if mark - last_seen > horizon]:
+            for key in [key for key, last_seen in self.seen.items() if lower - last_seen > horizon]:
                 del self.seen[key]
         quiet: list[str] = []
         for key, state in self.states.items():
             if state.partials:
-                state.partials = self.expire(state.partials, mark)
+                state.partials = self.expire(state.partials, lower)
                 if state.partials:
                     continue
-            if not state.waiting and state.muted_until < mark and mark - state.last_seen > horizon:
+            if not state.waiting and state.muted_until < lower and lower - state.last_seen > horizon:
                 quiet.append(key)
         for key in quiet:
             del self.states[key]
@@ -536,14 +540,15 @@ class PatternBook:
                 if state is not None:
                     if touches:
                         test = tests[0]
-                        starts = test is True or (test is not False and test(event, (), False))
+                        starts = test is True or (
+                            test is not False and test(event, (), time - state.last_seen > matcher.horizon))
                         matcher.feed(self, key, state, event, time, tests, absence, starts, alerts)
                     else:
                         matcher.touch(key, state, time)
                     continue
                 seen = matcher.seen
                 if can_start:
-                    first = seen is None or key not in seen
+                    first = seen is None or time - seen.get(key, -math.inf) > matcher.horizon
                     test = tests[0]
                     if test is True or (test is not False and test(event, (), first)):
                         if seen is not None:
@@ -602,11 +607,14 @@ class PatternBook:
             state.waiting = keep
 
     def _sweep(self) -> None:
-        """Expire partial matches the watermark has outrun; drop keys left with nothing, quiet for a horizon."""
+        """Expire partial matches and drop keys left with nothing, quiet for a horizon, as of the earliest
+        time an event can still be matched at: none can be behind the last released one, nor behind the
+        watermark of its own arrival (see `add`)."""
         self.swept_at = self.watermark
+        lower = max(self.arrival_mark, self.released[0])
         for matcher in self._matchers:
             if matcher.states or matcher.seen:
-                matcher.sweep(self.watermark)
+                matcher.sweep(lower)
 
 
 def patterns_keyed_by(patterns: Iterable[PatternDef], key: str) -> tuple[PatternDef, ...]:

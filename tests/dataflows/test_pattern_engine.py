@@ -290,6 +290,24 @@ def test_first_of_key_is_remembered_from_events_no_step_can_take() -> None:
     assert ids(feed.alerts) == [("abandonment", "bob")]
 
 
+def test_first_of_key_does_not_depend_on_when_the_book_sweeps() -> None:
+    """"First" means first within the pattern's horizon (120 s for `abandonment`), whether or not a
+    sweep has forgotten the key yet: the flow advances books once per source batch, so when sweeps
+    run depends on batching, and with it on the number of workers."""
+    def alerts(advances: tuple[float, ...]) -> list[tuple[str, str]]:
+        feed = Feed("abandonment")
+        feed.chat(-150, "bob", text="morning")
+        feed.at(-150)
+        feed.chat(0, "ann", text="hi all")
+        for t in advances:
+            feed.at(t)
+        feed.chat(200, "ann", kind="USER_TYPING", text="")
+        feed.end()
+        return ids(feed.alerts)
+
+    assert alerts(()) == alerts((160.0,)) == [("abandonment", "ann")]
+
+
 def test_a_book_pickled_mid_stream_resumes_with_the_same_alerts() -> None:
     """Shard state is pickled for every snapshot: a restored book must carry on as the original."""
     events = _random_chat_day(random.Random(7), 120)
