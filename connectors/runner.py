@@ -8,12 +8,14 @@ clock's anchors, so they replay in step.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -214,6 +216,35 @@ default: they share the GIL between them.
 """
 
 
+GC_YOUNG_THRESHOLD: int | None = 10_000
+"""Container allocations between two collections of the youngest generation while a flow runs
+(Python's default is 700); None leaves the collector alone.
+
+A flow holds its events for a while (reorder buffers, windows, partial matches), so at 700 many of
+them are traversed and promoted before they are freed, and every full collection also walks the
+objects that importing left behind. The runner therefore freezes those (`gc.freeze`) and collects
+the young generation less often while the flow runs, then restores both. Measured: 1 process, 50k
+lines, 2.0-2.3% fewer instructions (callgrind); 2 processes, 500k lines, time in collections
+1.7 s -> 0.3 s of ~23 CPU s (the sequencers there hold far more events waiting for the other partition).
+"""
+
+
+@contextmanager
+def _collector_tuned() -> Iterator[None]:
+    """Run with start-up objects frozen and young collections every GC_YOUNG_THRESHOLD allocations."""
+    if GC_YOUNG_THRESHOLD is None:
+        yield
+        return
+    previous = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *previous[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*previous)
+        gc.unfreeze()
+
+
 def _run_process(run: FlowJob, addresses: list[str], process_id: int, workers: int, child: bool = False) -> None:
     if child and stop_flag(run) is not None:
         # The parent turns the terminal's Ctrl-C into the stop flag that drains every process.
@@ -224,14 +255,15 @@ def _run_process(run: FlowJob, addresses: list[str], process_id: int, workers: i
     config = None if recovery is None else recovery.bytewax()
     previous_switch = sys.getswitchinterval()
     try:
-        if not addresses and workers == 1:
-            # cluster_main's waiting thread contends for the GIL: measured 25% slower for one worker.
-            run_main(flow, epoch_interval=epoch, recovery_config=config)
-        else:
-            if workers == 1:
-                sys.setswitchinterval(CLUSTER_SWITCH_INTERVAL)
-            cluster_main(flow, addresses, process_id, worker_count_per_proc=workers, epoch_interval=epoch,
-                         recovery_config=config)
+        with _collector_tuned():
+            if not addresses and workers == 1:
+                # cluster_main's waiting thread contends for the GIL: measured 25% slower for one worker.
+                run_main(flow, epoch_interval=epoch, recovery_config=config)
+            else:
+                if workers == 1:
+                    sys.setswitchinterval(CLUSTER_SWITCH_INTERVAL)
+                cluster_main(flow, addresses, process_id, worker_count_per_proc=workers, epoch_interval=epoch,
+                             recovery_config=config)
     finally:
         sys.setswitchinterval(previous_switch)
         for stage in run.stages:

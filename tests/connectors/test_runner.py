@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from connectors.jsonl import prepare_out_dir
-from connectors.runner import CLUSTER_SWITCH_INTERVAL, OUTPUT_FILES, Cluster, ReplayRun, free_addresses, run_job
+from connectors.runner import (
+    CLUSTER_SWITCH_INTERVAL, GC_YOUNG_THRESHOLD, OUTPUT_FILES, Cluster, ReplayRun, free_addresses, run_job,
+)
 from dataflows.clock import ReplayClock
 from dataflows.flow import FlowConfig
 
@@ -20,31 +24,57 @@ LINES = [
 ]
 
 
-class SwitchProbe:
-    """A stage that records the GIL switch interval the worker thread runs under."""
+@dataclass
+class Seen:
+    """The process-wide settings a worker ran a batch under."""
 
-    name = "switch_probe"
+    switch_interval: float
+    gc_threshold: tuple[int, int, int]
+    frozen: int
+
+
+class SettingsProbe:
+    """A stage that records the GIL switch interval and the collector's settings the worker runs under."""
+
+    name = "settings_probe"
 
     def __init__(self) -> None:
-        self.seen: list[float] = []
+        self.seen: list[Seen] = []
 
     def __call__(self, batches: list[tuple[str, list[dict[str, Any]]]]) -> list[tuple[str, list[dict[str, Any]]]]:
-        self.seen.append(sys.getswitchinterval())
+        self.seen.append(Seen(sys.getswitchinterval(), gc.get_threshold(), gc.get_freeze_count()))
         return batches
 
     def close(self) -> None:
         pass
 
 
-def test_a_one_worker_cluster_process_hands_the_gil_over_less_often_and_restores_it(tmp_path: Path) -> None:
+def probed_job(tmp_path: Path) -> tuple[ReplayRun, SettingsProbe]:
+    """A replay of LINES into tmp_path/out with a SettingsProbe stage."""
     source = tmp_path / "in.jsonl"
     source.write_text("\n".join(LINES) + "\n")
-    out = tmp_path / "out"
-    prepare_out_dir(out, OUTPUT_FILES, overwrite=True)
-    probe = SwitchProbe()
-    job = ReplayRun(source, out, FlowConfig(), ReplayClock(1_709_542_800.0, time.time(), 0.0), stages=(probe,))
+    prepare_out_dir(tmp_path / "out", OUTPUT_FILES, overwrite=True)
+    probe = SettingsProbe()
+    clock = ReplayClock(1_709_542_800.0, time.time(), 0.0)
+    return ReplayRun(source, tmp_path / "out", FlowConfig(), clock, stages=(probe,)), probe
+
+
+def test_a_one_worker_cluster_process_hands_the_gil_over_less_often_and_restores_it(tmp_path: Path) -> None:
+    job, probe = probed_job(tmp_path)
     before = sys.getswitchinterval()
     run_job(job, cluster=Cluster(tuple(free_addresses(1)), 0))
-    assert probe.seen and all(seen == pytest.approx(CLUSTER_SWITCH_INTERVAL) for seen in probe.seen)
+    assert probe.seen and all(seen.switch_interval == pytest.approx(CLUSTER_SWITCH_INTERVAL) for seen in probe.seen)
     assert sys.getswitchinterval() == before
-    assert (out / "messages.jsonl").read_text().count("\n") == 2
+    assert (tmp_path / "out" / "messages.jsonl").read_text().count("\n") == 2
+
+
+def test_a_flow_runs_with_start_up_objects_frozen_and_fewer_young_collections_then_restores_them(
+        tmp_path: Path) -> None:
+    job, probe = probed_job(tmp_path)
+    before = gc.get_threshold()
+    run_job(job)
+    assert probe.seen
+    assert all(seen.gc_threshold == (GC_YOUNG_THRESHOLD, *before[1:]) and seen.frozen > 0 for seen in probe.seen)
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
+    assert (tmp_path / "out" / "messages.jsonl").read_text().count("\n") == 2
