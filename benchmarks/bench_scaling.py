@@ -5,7 +5,8 @@
 Runs the replay pipeline as `cli.py run --speed-factor 0 --quiet --no-patterns` runs it (ReplayRun and
 run_job, as bench_replay does: all outputs written to a scratch folder, no live-view tallies), each case
 in a fresh Python process, on the seeded sample (cached under benchmarks/data/):
-1 process x 1 worker, 2 processes x 1 worker (a local cluster, spawn included), 1 process x 2 workers.
+1 process x 1 worker, 2 processes x 1 worker (a local cluster, spawn included), 1 process x 2 workers,
+and two separate 1 x 1 runs at once (what two busy cores give this workload with no cluster at all).
 Events/s are input lines over the wall time from building the job to its end; CPU s are the case's
 whole processes' (start-up included), which other work on the machine does not inflate. With
 `--repeat N` the cases run N times, interleaved; medians are reported and each round's ratio.
@@ -43,7 +44,12 @@ sys.path.insert(0, str(ROOT))
 
 TARGET_SCALING = 1.6
 CASES: dict[str, tuple[int, int]] = {"1p1w": (1, 1), "2p1w": (2, 1), "1p2w": (1, 2)}
-LABELS = {"1p1w": "1 process x 1 worker", "2p1w": "2 processes x 1 worker", "1p2w": "1 process x 2 workers"}
+SIDE_BY_SIDE = "2x1p1w"
+"""Two separate 1 x 1 runs of the whole file at once: no cluster, nothing exchanged. Their joint
+events/s over one run's is what two busy cores give this workload on this machine, the most a
+2-process cluster could reach."""
+LABELS = {"1p1w": "1 process x 1 worker", "2p1w": "2 processes x 1 worker", "1p2w": "1 process x 2 workers",
+          SIDE_BY_SIDE: "2 separate 1 x 1 runs at once"}
 STAGES = ("parsing", "sequencing", "rules", "patterns", "windows", "sinks", "snapshots", "engine", "other")
 STARTUP = "startup"
 OUTSIDE = "outside"
@@ -168,12 +174,21 @@ def children_cpu() -> float:
 
 
 def run_case(case: str, path: Path) -> dict[str, float]:
-    """One case in a fresh process: its JSON result (last stdout line) and the CPU seconds it took."""
+    """One case in a fresh process (SIDE_BY_SIDE: two 1 x 1 processes started together): its JSON result
+    (last stdout line; SIDE_BY_SIDE: the slower run's, with `runs` 2) and the CPU seconds it took."""
     before = children_cpu()
-    result = subprocess.run(case_command(case, path), capture_output=True, text=True, check=False, cwd=ROOT)
-    if result.returncode != 0:
-        sys.exit(f"benchmark case {case} failed:\n{result.stderr[-3000:]}")
-    return {**json.loads(result.stdout.strip().splitlines()[-1]), "cpu": children_cpu() - before}
+    runs = 2 if case == SIDE_BY_SIDE else 1
+    command = case_command("1p1w" if case == SIDE_BY_SIDE else case, path)
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for _ in range(runs)]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate()
+        if proc.returncode != 0:
+            sys.exit(f"benchmark case {case} failed:\n{stderr[-3000:]}")
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    slowest = max(results, key=lambda r: r["seconds"])
+    return {**slowest, "runs": runs, "cpu": children_cpu() - before}
 
 
 def profile_run(path: Path, rate: int) -> Profile | str:
@@ -208,7 +223,7 @@ def ensure_input(events: int, data_dir: Path) -> tuple[Path, int]:
 def rounds_summary(rounds: list[dict[str, dict[str, float]]], lines: int, cores: int) -> dict[str, Any]:
     """Median events/s and CPU seconds per case, per-round ratios to 1 x 1, and the CPU-bound ceiling
     of 2 processes / 1 (see `cpu_bound`)."""
-    rates = {case: [lines / r[case]["seconds"] for r in rounds] for case in rounds[0]}
+    rates = {case: [r[case].get("runs", 1) * lines / r[case]["seconds"] for r in rounds] for case in rounds[0]}
     median = {case: statistics.median(values) for case, values in rates.items()}
     cpu = {case: statistics.median(r[case]["cpu"] for r in rounds) for case in rounds[0]}
     ratios: dict[str, list[float]] = {}
@@ -219,6 +234,9 @@ def rounds_summary(rounds: list[dict[str, dict[str, float]]], lines: int, cores:
                "ratio_median": {case: statistics.median(v) for case, v in ratios.items()}}
     if "1p1w" in cpu and "2p1w" in cpu:
         summary["cpu_bound_2p1w"] = cpu_bound(cpu["1p1w"], cpu["2p1w"], min(2, cores))
+    if "2p1w" in rates and SIDE_BY_SIDE in rates:
+        shares = [cluster / apart for cluster, apart in zip(rates["2p1w"], rates[SIDE_BY_SIDE])]
+        summary["cluster_share"] = {"rounds": shares, "median": statistics.median(shares)}
     return summary
 
 
@@ -230,11 +248,11 @@ def cpu_bound(one_cpu: float, many_cpu: float, parallel: int) -> float:
 
 
 def print_scaling(summary: dict[str, Any], rounds: list[dict[str, dict[str, float]]]) -> None:
-    print(f"{'case':<26}{'median s':>10}{'events/s':>11}{'CPU s':>8}  events/s by round")
+    print(f"{'case':<32}{'median s':>10}{'events/s':>11}{'CPU s':>8}  events/s by round")
     for case, rate in summary["median"].items():
         seconds = statistics.median(r[case]["seconds"] for r in rounds)
         shown = ", ".join(f"{x:,.0f}" for x in summary["rates"][case])
-        print(f"{LABELS[case]:<26}{seconds:>10.2f}{rate:>11,.0f}{summary['cpu'][case]:>8.1f}  {shown}")
+        print(f"{LABELS[case]:<32}{seconds:>10.2f}{rate:>11,.0f}{summary['cpu'][case]:>8.1f}  {shown}")
     for case, values in summary["ratios"].items():
         ratio = summary["ratio_median"][case]
         shown = ", ".join(f"{x:.2f}" for x in values)
@@ -243,6 +261,10 @@ def print_scaling(summary: dict[str, Any], rounds: list[dict[str, dict[str, floa
     if "cpu_bound_2p1w" in summary:
         print(f"CPU-bound ceiling of 2 processes / 1 on idle cores (CPU s of 1 x 1 over those of 2 x 1, x 2): "
               f"{summary['cpu_bound_2p1w']:.2f}")
+    if "cluster_share" in summary:
+        share = summary["cluster_share"]
+        print(f"2 processes reach {share['median']:.2f} of the events/s of 2 separate runs at once "
+              f"(by round {', '.join(f'{x:.2f}' for x in share['rounds'])})")
 
 
 def print_profile(profile: Profile, events: int) -> None:
@@ -257,7 +279,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=1_000_000, help="sample size in lines (about)")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of all cases, interleaved")
-    parser.add_argument("--only", nargs="+", choices=list(CASES), default=list(CASES), help="run only these cases")
+    parser.add_argument("--only", nargs="+", choices=[*CASES, SIDE_BY_SIDE], default=[*CASES, SIDE_BY_SIDE],
+                        help="run only these cases")
     parser.add_argument("--skip-profile", action="store_true", help="no py-spy profile")
     parser.add_argument("--profile-events", type=int, default=200_000, help="sample size of the profiled run")
     parser.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")

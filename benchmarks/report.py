@@ -214,7 +214,7 @@ def result_json(text: str) -> dict[str, Any] | None:
 
 
 SCALING_NAMES = {"1p1w": "replay, 1 process x 1 worker", "2p1w": "replay, 2 processes x 1 worker",
-                 "1p2w": "replay, 1 process x 2 workers"}
+                 "1p2w": "replay, 1 process x 2 workers", "2x1p1w": "replay, 2 separate 1 x 1 runs at once"}
 
 
 def parse_scaling(text: str) -> list[Figure]:
@@ -232,6 +232,9 @@ def parse_scaling(text: str) -> list[Figure]:
     if "cpu_bound_2p1w" in result:
         figures.append(Figure("scaling", "scaling.cpu_bound.2p1w", "2 processes / 1, CPU-bound ceiling on idle cores "
                               "(2 x CPU s of 1 x 1 / CPU s of 2 x 1)", result["cpu_bound_2p1w"], "x"))
+    if "cluster_share" in result:
+        figures.append(Figure("scaling", "scaling.cluster_share", "2 processes / 2 separate runs at once (median)",
+                              result["cluster_share"]["median"], "x"))
     return figures
 
 

@@ -64,6 +64,7 @@ pipeline at concurrency 64: 2000 translations + 230 windows = 2230 calls in 12.3
 SCALING_RESULT = {"bench": "scaling", "events": 1_000_352, "target": 1.6,
                   "median": {"1p1w": 30_000.0, "2p1w": 36_000.0, "1p2w": 18_000.0},
                   "ratio_median": {"2p1w": 1.2, "1p2w": 0.6}, "met": False, "cpu_bound_2p1w": 1.5,
+                  "cluster_share": {"rounds": [0.8, 0.7], "median": 0.75},
                   "profile": {"events": 199_000, "samples": 100, "percent": {"parsing": 40.0, "rules": 60.0}}}
 
 MEMORY_RESULT = {"bench": "memory", "growth": 1.1, "marginal_bytes_per_session": 55.5, "target": 1.5, "met": True,
@@ -141,6 +142,7 @@ def test_parse_scaling_and_memory_results() -> None:
     assert (scaling["scaling.ratio.2p1w"].target, scaling["scaling.ratio.2p1w"].met) == (">= 1.6", False)
     assert scaling["scaling.ratio.1p2w"].met is None
     assert scaling["scaling.cpu_bound.2p1w"].value == 1.5
+    assert scaling["scaling.cluster_share"].value == 0.75
     memory = by_key(report.parse_memory("RESULT " + json.dumps(MEMORY_RESULT)))
     assert memory["memory.peak.200000"].value == 110.0
     assert (memory["memory.growth"].target, memory["memory.growth"].met) == ("<= 1.5", True)
@@ -273,6 +275,15 @@ def test_cpu_bound_spreads_cluster_cpu_over_the_cores() -> None:
                                              "2p1w": {"seconds": 8.0, "cpu": 16.0}}], 1000, cores=2)
     assert summary["median"] == {"1p1w": 100.0, "2p1w": 125.0}
     assert summary["ratio_median"] == {"2p1w": 1.25} and summary["cpu_bound_2p1w"] == pytest.approx(1.25)
+
+
+def test_two_separate_runs_count_both_files_and_set_the_clusters_share() -> None:
+    summary = bench_scaling.rounds_summary([{"1p1w": {"seconds": 10.0, "cpu": 10.0},
+                                             "2p1w": {"seconds": 8.0, "cpu": 16.0},
+                                             "2x1p1w": {"seconds": 12.5, "cpu": 24.0, "runs": 2}}], 1000, cores=2)
+    assert summary["median"]["2x1p1w"] == 160.0
+    assert summary["ratio_median"]["2x1p1w"] == pytest.approx(1.6)
+    assert summary["cluster_share"]["median"] == pytest.approx(125.0 / 160.0)
 
 
 def test_memory_input_has_3_to_5_messages_per_session_in_time_order() -> None:
