@@ -154,7 +154,8 @@ class Predicate(_Model):
         """Whether `event` satisfies this predicate (the engine calls the `compile`d form instead).
 
         `roles` overrides senders' roles (e.g. permissions from the rules stream); `bound` holds the
-        events matched so far, by step name; `first_of_key` says whether this is the key's first event.
+        events matched so far, by step name; `first_of_key` says whether this is the key's first event
+        (none within the pattern's horizon before it).
         """
         return self.compile()(event, bound, first_of_key, roles)
 
