@@ -185,6 +185,8 @@ def run_case(case: str, path: Path) -> dict[str, float]:
     for proc in procs:
         stdout, stderr = proc.communicate()
         if proc.returncode != 0:
+            for other in procs:
+                other.kill()
             sys.exit(f"benchmark case {case} failed:\n{stderr[-3000:]}")
         results.append(json.loads(stdout.strip().splitlines()[-1]))
     slowest = max(results, key=lambda r: r["seconds"])
