@@ -291,9 +291,9 @@ def test_first_of_key_is_remembered_from_events_no_step_can_take() -> None:
 
 
 def test_first_of_key_does_not_depend_on_when_the_book_sweeps() -> None:
-    """"First" means first within the pattern's horizon (120 s for `abandonment`), whether or not a
-    sweep has forgotten the key yet: the flow advances books once per source batch, so when sweeps
-    run depends on batching, and with it on the number of workers."""
+    """A key's first event is its first within the pattern's horizon (120 s for `abandonment`),
+    whether or not a sweep has forgotten the key yet: the flow advances books once per source batch,
+    so when sweeps run depends on batching, and with it on the number of workers."""
     def alerts(advances: tuple[float, ...]) -> list[tuple[str, str]]:
         feed = Feed("abandonment")
         feed.chat(-150, "bob", text="morning")
