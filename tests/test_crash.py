@@ -9,7 +9,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ from cli import main
 from connectors.iceberg import open_catalog
 from samples.generate import SampleSpec, write_sample
 from tests.conftest import jsonl_counts, read_jsonl
+from tests.progress import Condition, every, grown_by, has_file, snapshots_after, wait_until
 
 ROOT = Path(__file__).parent.parent
 pytestmark = [pytest.mark.crash, pytest.mark.slow]
@@ -45,40 +45,52 @@ def lake_rows(out: Path) -> dict[str, Counter[int]]:
             for _, name in catalog.list_tables("convoflow")}
 
 
-def crash_until_done(args: list[str], rnd: random.Random, window: tuple[float, float]) -> int:
-    """Start the CLI with `args` and SIGKILL it after a random delay in `window`, again and again,
-    until a run ends by itself; return how many runs were killed."""
+Trigger = Callable[[], Condition]
+"""Made when a run starts: the progress at which to kill it."""
+
+
+def start_cli(args: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT,
+                            env={**os.environ, "RUST_BACKTRACE": "0"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def crash_until_done(args: list[str], kill_at: list[Trigger]) -> int:
+    """Run the CLI with `args` once per trigger, SIGKILLing each run when its trigger's progress is
+    seen, then once more to its end; return how many runs were killed (a run that ends before its
+    trigger is not)."""
     kills = 0
-    env = {**os.environ, "RUST_BACKTRACE": "0"}
-    for _ in range(40):
-        proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            proc.wait(timeout=rnd.uniform(*window))
-        except subprocess.TimeoutExpired:
+    for trigger in [*kill_at, None]:
+        proc = start_cli(args)
+        if trigger is not None and wait_until(trigger(), proc):
             proc.send_signal(signal.SIGKILL)
-            proc.wait()
+            proc.communicate()
             kills += 1
             continue
         _, err = proc.communicate()
         assert proc.returncode == 0, err.decode()[-2000:]
-        return kills
-    raise AssertionError("40 runs were all killed: the flow makes no progress between snapshots")
+        if trigger is None:
+            return kills
+    raise AssertionError("unreachable: the last run has no trigger")
 
 
 def test_runs_killed_at_random_points_resume_to_the_outputs_of_one_uninterrupted_run(sample: Path, tmp_path: Path) -> None:
     straight = tmp_path / "straight"
-    started = time.perf_counter()
     assert main(run_args(sample, straight)) == 0
-    took = time.perf_counter() - started
     crashed, recovery = tmp_path / "crashed", tmp_path / "recovery"
     # Frequent lake commits: killed runs leave rows in the lake, which a resumed run must neither
-    # write again nor count as user history (profiles) of the records it replays.
+    # write again nor count as user history (profiles) of the records it replays. Paced at 500x,
+    # the sample's hour of event time takes ~7 s of wall time however fast the machine is; each
+    # kill comes within ~1 s of a run's progress.
     args = run_args(sample, crashed, "--recovery-dir", str(recovery), "--snapshot-interval", "0.2",
-                    "--lake-commit-interval", "0.5")
-    # A child process needs ~2 s to import what a run needs before it reads anything.
-    kills = crash_until_done(args, random.Random(3), (1.5, 2.5 + took))
-    assert kills >= 2, "the test must kill runs mid-way to test anything"
+                    "--lake-commit-interval", "0.5", "--speed-factor", "500")
+    rnd = random.Random(3)
+    kill_at: list[Trigger] = [
+        lambda k=rnd.randint(1, 5): snapshots_after(recovery, k),
+        lambda n=rnd.randint(50, 1500): grown_by(crashed / "messages.jsonl", n),
+        lambda k=rnd.randint(1, 5): snapshots_after(recovery, k),
+    ]
+    kills = crash_until_done(args, kill_at)
+    assert kills == len(kill_at), "the test must kill runs mid-way to test anything"
     expected = jsonl_counts(straight)
     assert sum(map(len, expected.values())) > 5_000
     assert jsonl_counts(crashed) == expected
@@ -94,32 +106,35 @@ def test_runs_killed_at_random_points_resume_to_the_outputs_of_one_uninterrupted
 def test_runs_killed_before_their_first_snapshot_start_over_without_duplicates(sample: Path, tmp_path: Path) -> None:
     """No snapshot yet: the outputs the killed run wrote (JSONL lines, lake commits) are replaced, not added to."""
     straight = tmp_path / "straight"
-    started = time.perf_counter()
     assert main(run_args(sample, straight)) == 0
-    took = time.perf_counter() - started
     crashed = tmp_path / "crashed"
     args = run_args(sample, crashed, "--recovery-dir", str(tmp_path / "recovery"), "--snapshot-interval", "600",
-                    "--lake-commit-interval", "0.2")
-    kills = crash_until_done(args, random.Random(4), (1.5 + took / 2, 2.5 + took))
-    assert kills >= 1, "the test must kill runs mid-way to test anything"
+                    "--lake-commit-interval", "0.2", "--speed-factor", "500")
+    rnd = random.Random(4)
+
+    def wrote_lines_and_lake_rows(lines: int) -> Trigger:
+        return lambda: every(grown_by(crashed / "messages.jsonl", lines), has_file(crashed / "lake", "*.parquet"))
+
+    kill_at = [wrote_lines_and_lake_rows(rnd.randint(200, 4000)) for _ in range(2)]
+    kills = crash_until_done(args, kill_at)
+    assert kills == len(kill_at), "the test must kill runs mid-way to test anything"
     assert lake_rows(crashed)["chat_messages"].total() > 0
     assert jsonl_counts(crashed) == jsonl_counts(straight)
     assert lake_rows(crashed) == lake_rows(straight)
 
 
-def stop_with_sigterm(args: list[str], after: float) -> subprocess.CompletedProcess[str]:
-    """Run the CLI with `args`, send it SIGTERM `after` seconds in, and wait for it to stop."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, text=True,
-                            env={**os.environ, "RUST_BACKTRACE": "0"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(after)
+def stop_with_sigterm(args: list[str], out: Path, lines: int) -> subprocess.CompletedProcess[str]:
+    """Run the CLI with `args`, send it SIGTERM once `out/messages.jsonl` holds `lines` lines, and wait for it to stop."""
+    proc = start_cli(args)
+    assert wait_until(grown_by(out / "messages.jsonl", lines), proc), "the run ended before it was stopped"
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    out_bytes, err_bytes = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out_bytes.decode(), err_bytes.decode())
 
 
 def test_sigterm_without_recovery_drains_the_flow_so_every_output_is_whole(sample: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    stopped = stop_with_sigterm(run_args(sample, out, "--speed-factor", "300"), after=4.0)
+    stopped = stop_with_sigterm(run_args(sample, out, "--speed-factor", "300"), out, lines=500)
     assert stopped.returncode == 143, stopped.stderr[-2000:]
     assert "stopped by SIGTERM" in stopped.stderr and "events in" in stopped.stdout
     records = {p.name: read_jsonl(p) for p in out.glob("*.jsonl")}
@@ -135,7 +150,7 @@ def test_sigterm_with_recovery_leaves_the_rest_to_the_next_run(sample: Path, tmp
     assert main(run_args(sample, straight, "--no-lake")) == 0
     args = run_args(sample, tmp_path / "out", "--no-lake", "--recovery-dir", str(tmp_path / "recovery"),
                     "--snapshot-interval", "0.2")
-    stopped = stop_with_sigterm([*args, "--speed-factor", "300"], after=4.0)
+    stopped = stop_with_sigterm([*args, "--speed-factor", "300"], tmp_path / "out", lines=500)
     assert stopped.returncode == 143, stopped.stderr[-2000:]
     assert "rerun the same command to resume" in stopped.stderr
     assert main([*args, "--speed-factor", "300"]) == 0
@@ -188,9 +203,11 @@ def test_kafka_runs_killed_at_random_points_resume_with_every_message_once(
               for flag in (f"--{kind}-topic", f"{topic}.{kind}")),
             "--stop-at-end", "--max-out-of-orderness", "30", "--out-dir", str(out), "--quiet",
             "--recovery-dir", str(tmp_path / "recovery"), "--snapshot-interval", "0.2"]
-    # A Kafka run takes 2-3 s to start and several more to read 22k events: kill within that.
-    kills = crash_until_done(args, random.Random(5), (2.0, 4.5))
-    assert kills >= 1, "the test must kill a run mid-way to test anything"
+    # Killed once it has written its first records, within its first tenth of the input.
+    rnd = random.Random(5)
+    kill_at: list[Trigger] = [lambda n=rnd.randint(1, 2000): grown_by(out / "messages.jsonl", n)]
+    kills = crash_until_done(args, kill_at)
+    assert kills == len(kill_at), "the test must kill a run mid-way to test anything"
     assert content(read_jsonl(out / "messages.jsonl")) == content(read_jsonl(replayed / "messages.jsonl"))
     assert windows_by_content(read_jsonl(out / "windows.jsonl")) == windows_by_content(read_jsonl(replayed / "windows.jsonl"))
     assert len(read_jsonl(out / "dead_letter.jsonl")) == len(read_jsonl(replayed / "dead_letter.jsonl"))
