@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) cli.py run --input samples/conversations.jsonl --rules samples/rules.jsonl --lake --speed-factor $(SPEED) --out-dir out/demo --overwrite
 
-test: $(STAMP) typecheck
-	$(PY) -m pytest
+# pytest's last line gives the test counts; the line after it the whole target's wall time.
+test: $(STAMP)
+	@started=$$(date +%s); $(PY) -m mypy && $(PY) -m pytest; status=$$?; \
+	echo "make test: exit $$status after $$(( $$(date +%s) - started )) s (type check and every test)"; exit $$status
 
 typecheck: $(STAMP)
 	$(PY) -m mypy

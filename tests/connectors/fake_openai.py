@@ -69,10 +69,12 @@ def completion(model: str, content: str, number: int) -> dict[str, Any]:
 class FakeOpenAI:
     """The server and what it saw. `latency` (seconds) delays every answer."""
 
-    def __init__(self, *, latency: float = 0.0, hang_seconds: float = 5.0) -> None:
+    def __init__(self, *, latency: float = 0.0, hang_seconds: float = 3600.0) -> None:
         self.latency = latency
         self.hang_seconds = hang_seconds
         self.requests = 0
+        self.hanging = 0
+        """Requests held by a `hang` fault right now: a client that returned while one is held was not waiting on it."""
         self.in_flight = 0
         self.max_in_flight = 0
         self.payloads: list[dict[str, Any]] = []
@@ -205,7 +207,11 @@ class _Handler(BaseHTTPRequestHandler):
             if fault is not None and fault.kind == "slow":
                 fake._stopping.wait(fault.delay)
             if fault is not None and fault.kind == "hang":
+                with fake._lock:
+                    fake.hanging += 1
                 fake._stopping.wait(fake.hang_seconds)
+                with fake._lock:
+                    fake.hanging -= 1
                 self.close_connection = True
                 return
             if fault is not None and fault.kind in ("429", "500"):

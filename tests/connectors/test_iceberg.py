@@ -1,5 +1,4 @@
 import itertools
-import time
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -618,19 +617,30 @@ def test_a_bytewax_snapshot_waits_for_the_append_in_flight(
     catalog: Catalog, make_event: Callable[..., Event], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     partition = part(catalog, commit_rows=2)
-    append, landed = partition.table.append, threading.Event()
+    append, release, landed = partition.table.append, threading.Event(), threading.Event()
 
-    def slow_append(*args: Any, **kwargs: Any) -> None:
-        time.sleep(0.3)
+    def held_append(*args: Any, **kwargs: Any) -> None:
+        release.wait()
         append(*args, **kwargs)
         landed.set()
 
-    monkeypatch.setattr(partition.table, "append", slow_append)
+    monkeypatch.setattr(partition.table, "append", held_append)
     partition.write_batch([messages(1, 2, make_event)])
     assert not landed.is_set()  # the batch was handed to the appender; write_batch did not wait
     partition.write_batch([messages(3, 1, make_event)])
-    state = partition.snapshot()
-    assert landed.is_set() and state.next_seq == 1 and state.rows is not None and state.rows.num_rows == 1
+    seen: dict[str, Any] = {}
+
+    def take_snapshot() -> None:
+        seen["state"] = partition.snapshot()
+        seen["landed"] = landed.is_set()
+
+    snapshotter = threading.Thread(target=take_snapshot)
+    snapshotter.start()
+    snapshotter.join(0.2)  # a snapshot that did not wait would return now, before the append is let go
+    release.set()
+    snapshotter.join()
+    state = seen["state"]
+    assert seen["landed"] and state.next_seq == 1 and state.rows is not None and state.rows.num_rows == 1
 
 
 def test_a_failed_append_is_raised_by_the_next_call_and_no_snapshot_claims_it(

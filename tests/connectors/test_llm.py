@@ -193,13 +193,13 @@ def test_exhausted_retries_give_an_error_without_the_key(
 
 def test_a_request_that_times_out_is_retried(make_client: Callable[..., LlmClient], fake: FakeOpenAI) -> None:
     fake.inject("hang", match="slowpoke")
-    started = time.monotonic()
     [retried] = make_client(timeout=0.3).translate([("slowpoke", "en")])
     assert retried["translated"] == "[en] slowpoke" and fake.requests == 2
-    assert time.monotonic() - started < fake.hang_seconds, "the timeout cut the hung call short"
+    assert fake.hanging == 1, "the client returned while the server still held the first call: the timeout cut it short"
     fake.inject("hang", match="slowpoke")
     [failed] = make_client(timeout=0.3, max_retries=0).translate([("slowpoke", "de")])
     assert failed["translation"]["status"] == "error" and "timed out" in failed["translation"]["error"]
+    assert fake.hanging == 2
 
 
 def test_the_client_loop_runs_handed_off_work_inline_but_resolves_names_on_a_thread() -> None:
@@ -278,10 +278,10 @@ def test_concurrency_is_bounded_and_used(fake: FakeOpenAI, make_client: Callable
 def test_a_call_waiting_for_a_connection_is_not_timed_out_by_the_wait(
     fake: FakeOpenAI, make_client: Callable[..., LlmClient]
 ) -> None:
-    fake.latency = 0.25
-    out = make_client(concurrency=2, timeout=0.4, max_retries=0).translate([(f"text {i}", "es") for i in range(6)])
-    assert [o["translation"]["status"] for o in out] == ["ok"] * 6
-    assert fake.max_in_flight == 2 and fake.requests == 6
+    fake.latency = 0.5  # 8 calls through 2 connections: the last pair waits 1.5 s, then answers in 0.5 s
+    out = make_client(concurrency=2, timeout=1.5, max_retries=0).translate([(f"text {i}", "es") for i in range(8)])
+    assert [o["translation"]["status"] for o in out] == ["ok"] * 8
+    assert fake.max_in_flight == 2 and fake.requests == 8
 
 
 def test_results_keep_input_order_when_calls_finish_out_of_order(fake: FakeOpenAI, make_client: Callable[..., LlmClient]) -> None:
