@@ -225,10 +225,13 @@ def test_a_broker_lost_mid_run_is_waited_for_and_nothing_accepted_is_lost(
         finally:
             os.kill(kafka_broker_pid, signal.SIGCONT)
         send(80, 40)
+        # librdkafka's reconnect backoff after the pause is the broker's business, not a measure of
+        # this run: the bound only ends a failing test.
         texts = [orjson.loads(m.value())["payload"]["text"]
-                 for m in consume_all(kafka_bootstrap, f"{topic}.messages", 2, 120, timeout_s=60)]
+                 for m in consume_all(kafka_bootstrap, f"{topic}.messages", 2, 120, timeout_s=300)]
         assert run.process.poll() is None
-    assert set(texts) == {f"m{i}" for i in range(120)}, "at least once: every accepted message is delivered"
+    missing = {f"m{i}" for i in range(120)} - set(texts)
+    assert not missing, f"at least once: every accepted message is delivered; missing {sorted(missing)}; {run.stderr!r}"
 
 
 @pytest.mark.kafka
