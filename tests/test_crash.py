@@ -54,23 +54,26 @@ def start_cli(args: list[str]) -> subprocess.Popen[bytes]:
                             env={**os.environ, "RUST_BACKTRACE": "0"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+def run_to_end(proc: subprocess.Popen[bytes]) -> None:
+    _, err = proc.communicate()
+    assert proc.returncode == 0, err.decode()[-2000:]
+
+
 def crash_until_done(args: list[str], kill_at: list[Trigger]) -> int:
     """Run the CLI with `args` once per trigger, SIGKILLing each run when its trigger's progress is
     seen, then once more to its end; return how many runs were killed (a run that ends before its
     trigger is not)."""
     kills = 0
-    for trigger in [*kill_at, None]:
+    for trigger in kill_at:
         proc = start_cli(args)
-        if trigger is not None and wait_until(trigger(), proc):
+        if wait_until(trigger(), proc):
             proc.send_signal(signal.SIGKILL)
             proc.communicate()
             kills += 1
-            continue
-        _, err = proc.communicate()
-        assert proc.returncode == 0, err.decode()[-2000:]
-        if trigger is None:
-            return kills
-    raise AssertionError("unreachable: the last run has no trigger")
+        else:
+            run_to_end(proc)
+    run_to_end(start_cli(args))
+    return kills
 
 
 def test_runs_killed_at_random_points_resume_to_the_outputs_of_one_uninterrupted_run(sample: Path, tmp_path: Path) -> None:

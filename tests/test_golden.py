@@ -14,30 +14,24 @@ from pathlib import Path
 
 import pytest
 
-from cli import main
-from tests.golden.cases import CASES, OUTPUTS, digest, load_golden, output_digests
+from tests.golden.cases import CASES, OUTPUTS, digest, load_golden, output_digests, run_golden
 
 MODES = {"1x1": [], "1x2": ["--workers", "2"], "2p": ["--processes", "2"]}
 
 
-def differences(out_dir: Path, golden: dict[str, Counter[str]]) -> list[str]:
+def differences(written: dict[str, Counter[bytes]], golden: dict[str, Counter[str]]) -> list[str]:
     """What differs, per file: how many records are missing or extra, and the first extra ones in full."""
-    found, problems = output_digests(out_dir), []
-    for file, expected in golden.items():
-        missing, extra = expected - found[file], found[file] - expected
+    problems = []
+    for file, found in output_digests(written).items():
+        missing, extra = golden[file] - found, found - golden[file]
         if missing or extra:
-            path = out_dir / file
-            shown = [line.decode(errors="replace")[:300] for line in (path.read_bytes().splitlines() if path.exists() else [])
-                     if digest(line) in extra][:3]
+            shown = [line.decode(errors="replace")[:300] for line in written[file] if digest(line) in extra][:3]
             problems.append(f"{file}: {sum(missing.values())} golden records missing, {sum(extra.values())} extra: {shown}")
     return problems
 
 
 def run_case(name: str, tmp_path: Path, *extra: str) -> list[str]:
-    args = CASES[name].write(tmp_path)
-    out = tmp_path / "out"
-    assert main(["run", *args, "--out-dir", str(out), "--quiet", *extra]) == 0
-    return differences(out, load_golden(name))
+    return differences(run_golden(name, tmp_path, *extra), load_golden(name))
 
 
 def test_every_golden_case_has_records_in_the_outputs_it_is_about() -> None:

@@ -1,4 +1,5 @@
 import itertools
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from dataflows.events import DeadLetter, Event, LateEvent, LineRef, WindowRecord
 from dataflows.patterns.engine import Alert
 from dataflows.rules import Moderation
 from tests.conftest import FakeClock
+from tests.progress import wait_until
 
 pytestmark = pytest.mark.lake
 
@@ -613,6 +615,16 @@ def test_nested_columns_added_to_the_declared_schema_reach_an_existing_table(
 
 # --- the appender thread -----------------------------------------------------------------------
 
+def waiting_on_a_future(thread: threading.Thread) -> bool:
+    """Whether `thread` is blocked in `concurrent.futures.Future.result` right now."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    while frame is not None:
+        if frame.f_code.co_name == "result" and "concurrent" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def test_a_bytewax_snapshot_waits_for_the_append_in_flight(
     catalog: Catalog, make_event: Callable[..., Event], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -636,7 +648,8 @@ def test_a_bytewax_snapshot_waits_for_the_append_in_flight(
 
     snapshotter = threading.Thread(target=take_snapshot)
     snapshotter.start()
-    snapshotter.join(0.2)  # a snapshot that did not wait would return now, before the append is let go
+    # Let the append go once the snapshot is seen waiting for it; a snapshot that does not wait returns first.
+    wait_until(lambda: waiting_on_a_future(snapshotter), snapshotter)
     release.set()
     snapshotter.join()
     state = seen["state"]

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from cli import main
 from samples.generate import SampleSpec, generate_lines
+from tests.conftest import jsonl_counts
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 GOLDEN_DIR = Path(__file__).resolve().parent
@@ -41,10 +43,6 @@ def _lines(path: Path, lines: Iterator[str] | list[str]) -> Path:
     return path
 
 
-def _iso(moment: datetime) -> str:
-    return moment.isoformat()
-
-
 def _conversations(rng: random.Random, sessions: int, events: int, gap: float, start_spread: float) -> list[tuple[float, dict]]:
     """`events` messages per session, `gap` seconds apart on average, sessions starting within `start_spread` s."""
     out = []
@@ -58,7 +56,7 @@ def _conversations(rng: random.Random, sessions: int, events: int, gap: float, s
 
 
 def _timed(items: list[tuple[float, dict]]) -> list[str]:
-    return [json.dumps({**event, "timestamp": _iso(T0 + timedelta(seconds=at))}) for at, event in sorted(items, key=lambda x: x[0])]
+    return [json.dumps({**event, "timestamp": (T0 + timedelta(seconds=at)).isoformat()}) for at, event in sorted(items, key=lambda x: x[0])]
 
 
 def write_sample(folder: Path) -> list[str]:
@@ -94,7 +92,7 @@ def write_disorder(folder: Path) -> list[str]:
         if form < 0.03:
             lines.append(json.dumps(event))  # no timestamp: takes the replay clock
             continue
-        stamp: object = (_iso(moment) if form < 0.6 else moment.isoformat().replace("+00:00", "Z") if form < 0.7
+        stamp: object = (moment.isoformat() if form < 0.6 else moment.isoformat().replace("+00:00", "Z") if form < 0.7
                          else moment.replace(tzinfo=None).isoformat() if form < 0.8 else round(moment.timestamp())
                          if form < 0.9 else int(moment.timestamp() * 1000))
         lines.append(json.dumps({**event, "timestamp": stamp}))
@@ -153,7 +151,7 @@ def write_rules(folder: Path) -> list[str]:
     for i, line in enumerate(lines):
         out.append(line)
         if i % 15 == 7:
-            event = json.loads(lines[max(0, i - 1)]) if lines[max(0, i - 1)].startswith("{") else None
+            event = json.loads(lines[i - 1]) if lines[i - 1].startswith("{") else None
             if isinstance(event, dict) and isinstance(event.get("timestamp"), str) and "session_id" in event:
                 word = rng.choice(EVASIONS)
                 out.append(json.dumps({**event, "message": f"well {word}, that again"}))
@@ -204,14 +202,25 @@ def digest(line: bytes) -> str:
     return hashlib.blake2b(line, digest_size=DIGEST_CHARS // 2).hexdigest()
 
 
-def output_digests(out_dir: Path) -> dict[str, Counter[str]]:
+def output_lines(out_dir: Path) -> dict[str, Counter[bytes]]:
+    """The records of each output file with their counts (an output never written holds none)."""
+    written = jsonl_counts(out_dir)
+    return {f"{kind}.jsonl": written.get(f"{kind}.jsonl", Counter()) for kind in OUTPUTS}
+
+
+def output_digests(lines: dict[str, Counter[bytes]]) -> dict[str, Counter[str]]:
     """Per output file, how often each record (by the digest of its bytes) was written."""
-    found = {}
-    for kind in OUTPUTS:
-        path = out_dir / f"{kind}.jsonl"
-        lines = path.read_bytes().splitlines() if path.exists() else []
-        found[f"{kind}.jsonl"] = Counter(digest(line) for line in lines)
-    return found
+    return {file: Counter(digest(line) for line in counter.elements()) for file, counter in lines.items()}
+
+
+def run_golden(name: str, folder: Path, *extra: str) -> dict[str, Counter[bytes]]:
+    """Write case `name`'s input into `folder`, run it with `extra` options and return its output records."""
+    args = CASES[name].write(folder)
+    out = folder / "out"
+    if main(["run", *args, "--out-dir", str(out), "--quiet", *extra]) != 0:
+        msg = f"the run of golden case {name!r} with {list(extra)} failed"
+        raise AssertionError(msg)
+    return output_lines(out)
 
 
 def golden_path(name: str) -> Path:

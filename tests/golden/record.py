@@ -9,17 +9,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cli import main
-from tests.golden.cases import CASES, output_digests, save_golden
+from tests.golden.cases import CASES, output_digests, run_golden, save_golden
 
 
 def record(name: str, scratch: Path) -> None:
     folder = scratch / name
     folder.mkdir()
-    args = CASES[name].write(folder)
-    if main(["run", *args, "--out-dir", str(folder / "out"), "--speed-factor", "0", "--quiet"]) != 0:
-        raise SystemExit(f"the run of golden case {name!r} failed")
-    found = output_digests(folder / "out")
+    found = output_digests(run_golden(name, folder, "--speed-factor", "0"))
     save_golden(name, found)
     print(name, {file: sum(counter.values()) for file, counter in found.items()})
 
