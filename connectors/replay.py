@@ -2,10 +2,11 @@
 
 The file is cut into `layout.block_bytes` blocks dealt round-robin to `layout.partitions`
 partitions (a line belongs to the block holding its first byte), so every worker parses a
-share of the file. All partitions pace themselves against one `ReplayClock`, and each batch
-ends with a `Progress` marker that lets the flow's sequencer restore file order
-(see `dataflows.sequencing`). A partition that waits for its next line's time sleeps through
-`next_awake`: nothing spins.
+share of the file, a block at a time and column-wise (`dataflows.parse_block`). A batch is one
+frame of the events it releases (`STAMPED_SCHEMA`), the dead letters among them, and a
+`Progress` marker that lets the flow's sequencer restore file order (see
+`dataflows.sequencing`). All partitions pace themselves against one `ReplayClock`; a partition
+that waits for its next line's time sleeps through `next_awake`: nothing spins.
 
 A line longer than `max_line_bytes` becomes a dead letter without being parsed; reading it holds
 at most the limit plus one 1 MiB chunk in memory, whatever its length.
@@ -13,23 +14,27 @@ at most the limit plus one 1 MiB chunk in memory, whatever its length.
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
+import polars as pl
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
+from dataflows.event_frame import STAMPED_SCHEMA, events_frame
 from dataflows.events import DeadLetter, Event, LineRef
-from dataflows.parse import MAX_LINE_BYTES, RAW_EXCERPT_CHARS, oversized, parse_line
-from dataflows.sequencing import DONE, BlockStamper, Progress, ReplayLayout, Stamped
+from dataflows.parse import MAX_LINE_BYTES, oversized, parse_line
+from dataflows.parse_block import parse_block
+from dataflows.sequencing import DONE, Progress, ReplayLayout
 
-Item = Stamped | DeadLetter | Progress
+Item = pl.DataFrame | DeadLetter | Progress
+"""A frame of events (`STAMPED_SCHEMA`), a dead letter, or the marker that ends each batch."""
 Parser = Callable[[bytes, LineRef], Event | DeadLetter]
 _COUNT_CHUNK = 1 << 20
 _SKIP_CHUNK = 1 << 16
@@ -93,7 +98,10 @@ def _skip_line(file: BinaryIO) -> tuple[int, bool]:
 
 
 class ReplaySource(FixedPartitionedSource[Item, PartitionState]):
-    """A JSONL file replayed against `clock`, split over `layout.partitions` partitions."""
+    """A JSONL file replayed against `clock`, split over `layout.partitions` partitions.
+
+    A batch holds at most `batch_size` lines.
+    """
 
     def __init__(
         self,
@@ -101,20 +109,17 @@ class ReplaySource(FixedPartitionedSource[Item, PartitionState]):
         *,
         layout: ReplayLayout,
         clock: ReplayClock,
-        parse: Parser | None = None,
         batch_size: int = 1000,
         tick_seconds: float = 0.25,
         max_line_bytes: int = MAX_LINE_BYTES,
         wall: Callable[[], float] = time.time,
     ) -> None:
-        """`parse` reads one line (default `parse_line` with `max_line_bytes`); longer lines never reach it."""
         if max_line_bytes < 1:
             msg = f"max_line_bytes must be >= 1, got {max_line_bytes}"
             raise ValueError(msg)
         self.path = path
         self.layout = layout
         self.clock = clock
-        self.parse: Parser = parse or functools.partial(parse_line, max_bytes=max_line_bytes)
         self.batch_size = batch_size
         self.tick_seconds = tick_seconds
         self.max_line_bytes = max_line_bytes
@@ -126,6 +131,29 @@ class ReplaySource(FixedPartitionedSource[Item, PartitionState]):
     def build_part(self, step_id: str, for_part: str, resume_state: PartitionState | None) -> ReplayPartition:
         partition = int(for_part.rsplit("#", 1)[1])
         return ReplayPartition(self, partition, resume_state)
+
+
+@dataclass
+class _Loaded:
+    """The parsed complete lines of the block being read, from where reading (re)started in it.
+
+    `events` are stamped (`STAMPED_SCHEMA`); `starts` holds every line's offset (events and dead
+    letters alike) and `end` the offset after the last complete line.
+    """
+
+    events: pl.DataFrame
+    dead: list[DeadLetter]
+    starts: np.ndarray
+    end: int
+    offsets: np.ndarray = field(init=False)
+    times: np.ndarray = field(init=False)
+    next_event: int = 0
+    next_dead: int = 0
+    next_line: int = 0
+
+    def __post_init__(self) -> None:
+        self.offsets = self.events["offset"].to_numpy()
+        self.times = self.events["time"].to_numpy()
 
 
 class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
@@ -142,17 +170,16 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
         self.block = resume.block
         self.offset = resume.offset
         self.line = resume.line
-        self.stamper = BlockStamper(self.block)
-        self.stamper.latest = resume.latest
+        self.latest = resume.latest
         # A resumed replay goes on from where it was, not from the file's first event time.
         self.clock = source.clock if resume.latest is None else replace(source.clock, event_origin=resume.latest)
         self.counted = (0, 0) if resume.line == 0 else (resume.offset, resume.line - 1)
         self.finished: list[tuple[int, float | None]] = []
-        self.peeked: tuple[Event | DeadLetter, int] | None = None
+        self.straddling: tuple[Event | DeadLetter, int] | None = None
+        self.waiting_for: float | None = None
         self.waiting_since: float | None = None
         self.done = False
-        self.buffer = b""
-        self.buffer_start = 0
+        self.loaded: _Loaded | None = None
         self.line_end = 0  # the end of the last line skipped past its block's end (see `_align`)
         if self.line:
             self._load_block()
@@ -161,34 +188,35 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
         if self.done:
             raise StopIteration
         now = self.src.wall()
-        batch: list[Item] = []
-        self.waiting_since = None
-        while len(batch) < self.src.batch_size:
-            peeked = self._peek()
-            if peeked is None:
+        frames: list[pl.DataFrame] = []
+        dead: list[DeadLetter] = []
+        room = self.src.batch_size
+        self.waiting_for = self.waiting_since = None
+        while room > 0 and self.waiting_for is None:
+            if not self._advance():
                 self.done = True
                 break
-            item, end = peeked
-            if isinstance(item, Event) and item.time is not None and self.clock.wall_time_for(item.time) > now:
-                self.waiting_since = now
-                break
-            batch.append(self.stamper.stamp(item))
-            self.offset = end
-            self.line += 1
-            self.peeked = None
+            if self.loaded is not None and self.offset < self.loaded.end:
+                room -= self._take_loaded(self.loaded, now, room, frames, dead)
+            else:
+                room -= self._take_straddling(now, frames, dead)
+        if self.waiting_for is not None:
+            self.waiting_since = now
+        batch: list[Item] = []
+        if frames:
+            batch.append(frames[0] if len(frames) == 1 else pl.concat(frames))
+        batch.extend(dead)
         batch.append(self._progress(now))
         return batch
 
     def next_awake(self) -> datetime | None:
-        if self.waiting_since is None or self.peeked is None:
+        if self.waiting_since is None or self.waiting_for is None:
             return None
-        item = self.peeked[0]
-        assert isinstance(item, Event) and item.time is not None
-        due = min(self.clock.wall_time_for(item.time), self.waiting_since + self.src.tick_seconds)
+        due = min(self.clock.wall_time_for(self.waiting_for), self.waiting_since + self.src.tick_seconds)
         return datetime.fromtimestamp(due, timezone.utc)
 
     def snapshot(self) -> PartitionState:
-        return PartitionState(self.block, self.offset, self.line, self.stamper.latest)
+        return PartitionState(self.block, self.offset, self.line, self.latest)
 
     def close(self) -> None:
         self.file.close()
@@ -200,28 +228,81 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
         clock = self.clock.event_time_at(now) if self.waiting_since is not None else None
         return Progress(self.partition, self.offset, finished, clock)
 
-    def _peek(self) -> tuple[Event | DeadLetter, int] | None:
-        """The next line of this partition, parsed, with the offset after it (None at the end)."""
+    def _take_loaded(
+        self, loaded: _Loaded, now: float, room: int, frames: list[pl.DataFrame], dead: list[DeadLetter]
+    ) -> int:
+        """Take up to `room` lines of the loaded block, stopping before the first event not yet due;
+        return how many were taken."""
+        last_line = min(loaded.next_line + room, len(loaded.starts))
+        stop = int(loaded.starts[last_line]) if last_line < len(loaded.starts) else loaded.end
+        offsets = loaded.offsets
+        last_event = loaded.next_event + int(np.searchsorted(offsets[loaded.next_event:], stop))
+        if self.clock.paced and last_event > loaded.next_event:
+            times = loaded.times[loaded.next_event:last_event]
+            due = self.clock.wall_origin + (times - self.clock.event_origin) / self.clock.speed
+            waiting = np.flatnonzero(due > now)  # NaN (untimed) compares False: never waited for
+            if len(waiting):
+                last_event = loaded.next_event + int(waiting[0])
+                self.waiting_for = float(times[waiting[0]])
+                stop = int(offsets[last_event])
+        first_event = loaded.next_event
+        taken = loaded.events.slice(first_event, last_event - first_event)
+        first_dead = loaded.next_dead
+        while loaded.next_dead < len(loaded.dead) and loaded.dead[loaded.next_dead].ref.offset < stop:
+            loaded.next_dead += 1
+        dead.extend(loaded.dead[first_dead : loaded.next_dead])
+        if not taken.is_empty():
+            frames.append(taken)
+            latest = float(np.nanmax(loaded.times[first_event:last_event], initial=-np.inf))
+            if latest > -np.inf and (self.latest is None or latest > self.latest):
+                self.latest = latest
+        lines = int(np.searchsorted(loaded.starts, stop)) - loaded.next_line
+        loaded.next_event, loaded.next_line = last_event, loaded.next_line + lines
+        self.offset = stop
+        self.line += lines
+        return lines
+
+    def _take_straddling(self, now: float, frames: list[pl.DataFrame], dead: list[DeadLetter]) -> int:
+        """Take the line that starts in this block and ends after it, unless it is not yet due."""
+        if self.straddling is None:
+            self.straddling = self._read_line_past_block(LineRef(self.src.path.name, self.line, self.offset))
+        item, end = self.straddling
+        if isinstance(item, Event):
+            if item.time is not None and self.clock.wall_time_for(item.time) > now:
+                self.waiting_for = item.time
+                return 0
+            frames.append(self._stamped(events_frame([item]), self.latest))
+            if item.time is not None and (self.latest is None or item.time > self.latest):
+                self.latest = item.time
+        else:
+            dead.append(item)
+        self.straddling = None
+        self.offset = end
+        self.line += 1
+        return 1
+
+    def _advance(self) -> bool:
+        """Move on to the next block (and load it) when this one is read; False at the end of the file."""
         layout = self.src.layout
-        while self.peeked is None:
+        while True:
             block_end = layout.block_start(self.block + 1)
             if self.offset >= block_end or self.offset >= self.size:
                 if self.line:
                     self.counted = (self.offset, self.line - 1)
-                self.finished.append(self.stamper.finish())
+                self.finished.append((self.block, self.latest))
                 self.block += layout.partitions
                 self.offset = layout.block_start(self.block)
                 self.line = 0
-                self.stamper = BlockStamper(self.block)
+                self.latest = None
+                self.loaded = None
                 if self.offset >= self.size:
-                    return None
+                    return False
                 continue
             if self.line == 0:
                 self._align()
                 self._load_block()
                 continue
-            self.peeked = self._read_line()
-        return self.peeked
+            return True
 
     def _align(self) -> None:
         """Move from a block's first byte to its first line start, and number that line.
@@ -246,29 +327,23 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
         self.line = newlines + 1
 
     def _load_block(self) -> None:
-        """Read the complete lines of the current block from `offset` on in one call."""
+        """Read and parse the complete lines of the current block from `offset` on, in one go."""
         self.file.seek(self.offset)
         data = self.file.read(max(0, self.src.layout.block_start(self.block + 1) - self.offset))
-        self.buffer = data[: data.rfind(b"\n") + 1]
-        self.buffer_start = self.offset
+        data = data[: data.rfind(b"\n") + 1]
+        parsed = parse_block(data, source=self.src.path.name, offset=self.offset, line=self.line,
+                             max_bytes=self.src.max_line_bytes)
+        newlines = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n"))
+        starts = np.concatenate(([0], newlines[:-1] + 1)) + self.offset if len(newlines) else np.empty(0, np.int64)
+        self.loaded = _Loaded(self._stamped(parsed.events, self.latest), parsed.dead, starts, self.offset + len(data))
 
-    def _read_line(self) -> tuple[Event | DeadLetter, int]:
-        ref = LineRef(self.src.path.name, self.line, self.offset)
-        at = self.offset - self.buffer_start
-        if at < len(self.buffer):
-            newline = self.buffer.index(b"\n", at)
-            end = self.offset + newline - at + 1
-            limit = self.src.max_line_bytes
-            if newline - at > limit:
-                return oversized(self.buffer[at : min(newline, at + RAW_EXCERPT_CHARS)], newline - at, limit, ref), end
-            return self._parse(self.buffer[at:newline], ref), end
-        return self._read_line_past_block(ref)
-
-    def _parse(self, body: bytes, ref: LineRef) -> Event | DeadLetter:
-        body = body.rstrip(b"\r")
-        if not body.strip():
-            return DeadLetter(ref, "", "empty line")
-        return self.src.parse(body, ref)
+    def _stamped(self, events: pl.DataFrame, latest: float | None) -> pl.DataFrame:
+        """`events` with their block and the latest event time before each in it (`latest` before the first)."""
+        before = pl.col("time").cum_max().forward_fill().shift(1)
+        return events.with_columns(
+            pl.lit(self.block, pl.Int64).alias("block"),
+            (before if latest is None else pl.max_horizontal(before, pl.lit(latest))).alias("clock_before"),
+        ).select(STAMPED_SCHEMA.names())
 
     def _read_line_past_block(self, ref: LineRef) -> tuple[Event | DeadLetter, int]:
         """A line that starts in this block and ends after it (or at a file without final newline)."""
@@ -279,4 +354,7 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
             skipped, newline = _skip_line(self.file)
             self.line_end = self.file.tell()
             return oversized(raw, len(raw) + skipped - newline, limit, ref), self.line_end
-        return self._parse(raw.rstrip(b"\n"), ref), self.offset + len(raw)
+        body = raw.rstrip(b"\n").rstrip(b"\r")
+        if not body.strip():
+            return DeadLetter(ref, "", "empty line"), self.offset + len(raw)
+        return parse_line(body, ref, limit), self.offset + len(raw)

@@ -56,7 +56,8 @@ class ReplayRun:
     lake: LakeConfig | None = None
     rules_path: Path | None = None
     stages: tuple[Stage, ...] = ()
-    batch_size: int = 1000
+    batch_size: int = 4000
+    """Lines per batch at most: a batch is one frame of events for the flow to route."""
     recovery: Recovery | None = None
     max_line_bytes: int = MAX_LINE_BYTES
 

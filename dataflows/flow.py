@@ -23,11 +23,13 @@ from enum import StrEnum
 from typing import Any, Protocol, cast
 
 import bytewax.operators as op
+import polars as pl
 from bytewax.dataflow import Dataflow
 from bytewax.inputs import Source
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 
+from dataflows.event_frame import stamped_rows
 from dataflows.events import DeadLetter, Event, WindowRecord
 from dataflows.patterns.definitions import KeyKind, PatternDef, key_of
 from dataflows.patterns.engine import Alert, PatternBook, patterns_keyed_by
@@ -40,8 +42,9 @@ from dataflows.sequencing import (
 from dataflows.windows import WindowBook, WindowConfig
 
 Record = dict[str, Any]
-SourceItem = Stamped | DeadLetter | Marker
-"""What a flow's source emits (see the module docstring)."""
+SourceItem = pl.DataFrame | Stamped | DeadLetter | Marker
+"""What a flow's source emits (see the module docstring): events as a frame (`STAMPED_SCHEMA`)
+or one by one, dead letters and markers."""
 RulesSourceItem = RulesItem | DeadLetter
 """What a rules source emits: rules, its clock (`RulesMark`) and rejected rules."""
 Encoder = Callable[[str, list[Record]], Any]
@@ -103,6 +106,34 @@ def shard_of_index(index: int) -> str:
     return f"shard-{index:03d}"
 
 
+def shards_of(values: pl.Series, shards: int) -> pl.Series:
+    """`shard_of` of every value, computed once per distinct value."""
+    distinct = values.unique()
+    keys = [shard_of(value, shards) for value in distinct.to_list()]
+    return values.replace_strict(distinct, pl.Series(keys, dtype=pl.String), return_dtype=pl.String)
+
+
+def routed_frame(events: pl.DataFrame, shards: int, by_user: bool) -> pl.DataFrame:
+    """`events` (`STAMPED_SCHEMA`) with the `scope` and `shard` of each row (`ROUTED_SCHEMA`, then
+    `shard`), as `chat_shards` gives them: a chat event whose user hashes to another shard than its
+    room, when user-keyed patterns may run, is there twice."""
+    home = shards_of(events["session_id"], shards)
+    routed = events.with_columns(pl.lit("all").alias("scope"), home.alias("shard"))
+    if not by_user or events.is_empty():
+        return routed
+    users = events.select(pl.coalesce("username", pl.concat_str("session_id", pl.lit("/"), "sender"))).to_series()
+    away = shards_of(users, shards)
+    split = (events["shape"] == "chat") & (away != home) & (users != events["session_id"])
+    if not split.any():
+        return routed
+    parted = routed.filter(split)
+    return pl.concat([
+        routed.filter(~split),
+        parted.with_columns(pl.lit("session").alias("scope")),
+        parted.with_columns(away.filter(split).alias("shard"), pl.lit("user").alias("scope")),
+    ])
+
+
 def chat_shards(event: Event, shards: int) -> tuple[tuple[str, Scope], ...]:
     """Where a chat event goes when user-keyed patterns may run: its room's shard for everything,
     or, when its user hashes to another shard, its room's for the session's part and its user's
@@ -123,8 +154,9 @@ class ShardState:
     gate: RuleGate | None = None
 
 
-ShardBatch = list[Wire] | RulesBatch
-"""What a shard receives: its share of a source batch (event and marker wires), or its rules."""
+ShardBatch = list[Wire | pl.DataFrame] | RulesBatch
+"""What a shard receives: its share of a source batch (event frames of `ROUTED_SCHEMA`, event and
+marker wires), or its rules."""
 
 
 class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
@@ -164,7 +196,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
                 assert gate is not None, "rules reach shards only of a flow with a rules stream"
                 gate.take(wires)
             else:
-                seq.push(map(from_wire, wires))
+                seq.push(_unwired(wires))
         out = _Outputs()
         released = self._timed(seq.release())
         clock = self._process(released if gate is None else gate.admit(released), out)
@@ -286,6 +318,14 @@ class _Outputs:
     moderated: list[Record] = field(default_factory=list)
 
 
+def _unwired(wires: list[Wire | pl.DataFrame]) -> Iterator[Stamped | Marker]:
+    for wire in wires:
+        if isinstance(wire, pl.DataFrame):
+            yield from stamped_rows(wire)
+        else:
+            yield from_wire(wire)
+
+
 _NO_RULES = Moderation("allow", "")
 """The verdict while the rules stream has sent no rule (its text is never read)."""
 
@@ -332,11 +372,14 @@ def _router(config: FlowConfig) -> Callable[[list[SourceItem | RulesSourceItem]]
     every_shard = [shard_of_index(i) for i in range(shards)]
 
     def route(items: list[SourceItem | RulesSourceItem]) -> list[tuple[str, Any]]:
-        groups: dict[str, list[Wire]] = {}
+        groups: dict[str, list[Wire | pl.DataFrame]] = {}
         dead: list[Record] = []
         rules = RulesBatch()
         for item in items:
-            if isinstance(item, Stamped):
+            if isinstance(item, pl.DataFrame):
+                for (shard,), part in routed_frame(item, shards, by_user).partition_by("shard", as_dict=True).items():
+                    groups.setdefault(str(shard), []).append(part)
+            elif isinstance(item, Stamped):
                 if by_user and item.event.shape == "chat":
                     for shard, scope in chat_shards(item.event, shards):
                         groups.setdefault(shard, []).append(to_wire(item, scope))
@@ -395,7 +438,8 @@ class FlowOutput:
 
 
 def build_flow(
-    source: Source[Stamped | DeadLetter | Progress] | Source[Stamped | DeadLetter | LiveMark],
+    source: Source[pl.DataFrame | DeadLetter | Progress] | Source[Stamped | DeadLetter | Progress]
+    | Source[Stamped | DeadLetter | LiveMark],
     outputs: Sequence[FlowOutput],
     config: FlowConfig,
     *,

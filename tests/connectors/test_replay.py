@@ -4,15 +4,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import orjson
+import polars as pl
 import pytest
 
 from connectors.replay import ReplayPartition, ReplaySource, check_readable, first_event_time
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
+from dataflows.event_frame import stamped_rows
 from dataflows.events import DeadLetter
 from dataflows.sequencing import DONE, Progress, ReplayLayout, Stamped
 
 T0 = 1_704_103_200.0
+
+
+def expanded(items: list) -> list:
+    """A batch with its event frame as the `Stamped` events the flow makes of it."""
+    return [one for item in items for one in (stamped_rows(item) if isinstance(item, pl.DataFrame) else [item])]
 
 
 class FakeWall:
@@ -36,7 +43,7 @@ def drain(part: ReplayPartition) -> list:
     items: list = []
     while True:
         try:
-            items.extend(part.next_batch())
+            items.extend(expanded(part.next_batch()))
         except StopIteration:
             return items
 
@@ -61,17 +68,17 @@ def test_unpaced_replay_emits_everything_with_line_numbers(tmp_path: Path) -> No
 def test_paced_replay_waits_for_due_time_without_sleeping(tmp_path: Path) -> None:
     wall = FakeWall()
     part = partition(tmp_path, [timed(0), timed(10), timed(11)], speed=2, wall=wall, tick_seconds=1.0)
-    first = part.next_batch()
+    first = expanded(part.next_batch())
     assert [i.event.text for i in first if isinstance(i, Stamped)] == ["at 0"]
     assert first[-1].clock == T0, "waiting: the marker carries the replay time"
     assert part.next_awake().timestamp() == pytest.approx(wall.now + 1.0), "ticks while waiting"
     wall.now += 4.9
-    assert [i for i in part.next_batch() if isinstance(i, Stamped)] == []
+    assert [i for i in expanded(part.next_batch()) if isinstance(i, Stamped)] == []
     assert part.next_awake().timestamp() == pytest.approx(wall.now + 0.1), "wakes when the next line is due"
     wall.now += 0.1
-    assert [i.event.text for i in part.next_batch() if isinstance(i, Stamped)] == ["at 10"]
+    assert [i.event.text for i in expanded(part.next_batch()) if isinstance(i, Stamped)] == ["at 10"]
     wall.now += 0.5
-    rest = part.next_batch()
+    rest = expanded(part.next_batch())
     assert [i.event.text for i in rest if isinstance(i, Stamped)] == ["at 11"]
     assert rest[-1].next_offset == DONE
 
@@ -79,7 +86,7 @@ def test_paced_replay_waits_for_due_time_without_sleeping(tmp_path: Path) -> Non
 def test_untimed_and_out_of_order_lines_are_not_waited_for(tmp_path: Path) -> None:
     untimed = {"username": "bob", "type": "USER_JOINED"}
     part = partition(tmp_path, [timed(0), untimed, timed(-30)], speed=1)
-    assert len([i for i in part.next_batch() if isinstance(i, Stamped)]) == 3
+    assert len([i for i in expanded(part.next_batch()) if isinstance(i, Stamped)]) == 3
 
 
 def test_blocks_are_dealt_round_robin_and_cover_every_line_once(tmp_path: Path) -> None:
@@ -105,7 +112,7 @@ def test_overlong_and_empty_lines_are_dead_letters(tmp_path: Path) -> None:
 def test_resume_continues_after_the_snapshot(tmp_path: Path) -> None:
     events = [timed(i) for i in range(10)]
     part = partition(tmp_path, events, batch_size=4)
-    first = [i.event.ref.line for i in part.next_batch() if isinstance(i, Stamped)]
+    first = [i.event.ref.line for i in expanded(part.next_batch()) if isinstance(i, Stamped)]
     state = part.snapshot()
     source = part.src
     resumed = source.build_part("read", source.list_parts()[0], state)
@@ -115,7 +122,7 @@ def test_resume_continues_after_the_snapshot(tmp_path: Path) -> None:
 
 def test_a_resumed_paced_replay_goes_on_from_its_snapshot_not_from_the_first_event(tmp_path: Path) -> None:
     part = partition(tmp_path, [timed(i) for i in range(10)], batch_size=4)
-    part.next_batch()
+    expanded(part.next_batch())
     state = part.snapshot()
     assert state.latest is not None and state.latest > T0
     source = part.src

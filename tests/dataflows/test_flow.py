@@ -3,11 +3,15 @@
 from collections.abc import Callable
 from typing import Any
 
+import polars as pl
 import pytest
 from bytewax.testing import TestingSource
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from dataflows.flow import FlowConfig, build_flow, shard_of
-from dataflows.events import DeadLetter
+from dataflows.event_frame import events_frame
+from dataflows.flow import FlowConfig, build_flow, chat_shards, routed_frame, shard_of
+from dataflows.events import DeadLetter, Event
 from dataflows.sequencing import DONE, Progress, ReplayLayout, Stamped, replay_items
 from dataflows.windows import WindowConfig
 from tests.conftest import run_by_kind
@@ -183,3 +187,60 @@ def test_alerts_from_session_and_user_patterns_with_any_worker_count(chat: Calla
     assert ("abandonment", "zoe", "2024-01-01T10:02:00+00:00") in expected
     assert ("engagement", "r-2", "2024-01-01T10:01:52+00:00") in expected
     assert alerts(3) == expected
+
+
+def frame_items(lines: list[str]) -> list[Any]:
+    """What a one-partition replay source emits for `lines`: their events as one stamped frame."""
+    stamped = [item for item in replay_items(lines) if isinstance(item, Stamped)]
+    rest = [item for item in replay_items(lines) if not isinstance(item, Stamped)]
+    frame = events_frame(s.event for s in stamped).with_columns(
+        pl.Series("block", [s.block for s in stamped], dtype=pl.Int64),
+        pl.Series("clock_before", [s.clock_before for s in stamped], dtype=pl.Float64),
+    )
+    return [frame, *rest]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_events_as_frames_give_the_outputs_of_events_one_by_one(chat: Callable[..., dict], workers: int) -> None:
+    from pathlib import Path
+
+    from connectors.pattern_files import load_patterns
+
+    patterns = load_patterns(Path(__file__).parent.parent.parent / "samples" / "patterns.yaml")
+    lines = jsonl(*(
+        chat(username=f"u{i % 5}", text=f"buy {i}?", room=f"r-{i % 3}", timestamp=1704103200 + 2 * i + (i % 4))
+        for i in range(120)
+    ), "broken", chat(username="ann", type="USER_JOINED", text="", timestamp=None))
+
+    def outputs(items: list[Any]) -> dict[str, list[str]]:
+        source: TestingSource[Any] = TestingSource(items)
+        out = run_by_kind(lambda o: build_flow(source, [o], FlowConfig(layout=ONE_BLOCK, shards=8, patterns=patterns)),
+                          workers)
+        return {k: sorted(map(repr, v)) for k, v in out.items()}
+
+    framed = outputs(frame_items(lines))
+    assert len(framed["messages"]) == 121 and framed["alerts"] and len(framed["dead_letter"]) == 1
+    assert framed == outputs(replay_items(lines))
+
+
+events = st.builds(
+    lambda n, shape, user, room, sender: Event(
+        f"in:{n}", room, sender if shape == "conversation" else user, "message", "t", 1.0, "event", shape, "in", n, n,
+        None, user if shape == "chat" else None, None),
+    st.integers(0, 10_000), st.sampled_from(["chat", "conversation"]), st.sampled_from(["ann", "bob", "r-1", "eve"]),
+    st.sampled_from(["r-1", "r-2", "r-3", "ann", "s-9"]), st.sampled_from(["customer", "rm"]),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(events, max_size=40), st.integers(1, 16), st.booleans())
+def test_routed_frames_place_events_where_chat_shards_does(batch: list[Event], shards: int, by_user: bool) -> None:
+    frame = events_frame(batch).with_columns(pl.lit(0, pl.Int64).alias("block"), pl.lit(None, pl.Float64).alias("clock_before"))
+    routed = routed_frame(frame, shards, by_user)
+    expected = sorted(
+        (event.event_id, shard, scope)
+        for event in batch
+        for shard, scope in (chat_shards(event, shards) if by_user and event.shape == "chat"
+                             else ((shard_of(event.session_id, shards), "all"),))
+    )
+    assert sorted(routed.select("event_id", "shard", "scope").iter_rows()) == expected
