@@ -21,7 +21,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Producer
 
 from dataflows.errors import ConvoflowError
-from dataflows.flow import FlowOutput, OutputKind, Record
+from dataflows.flow import FlowOutput, OutputKind, Record, Records, as_records
 
 ONLY_ERRORS = "delivery.report.only.error"
 PRODUCER_DEFAULTS: Mapping[str, Any] = MappingProxyType({ONLY_ERRORS: True})
@@ -87,9 +87,10 @@ Keyed = tuple[bytes | None, bytes]
 """One message to produce: its key (the session) and its JSON value."""
 
 
-def encode_for_kafka(kind: str, records: list[Record]) -> list[Keyed]:
+def encode_for_kafka(kind: str, batch: Records) -> list[Keyed]:
     """The flow's encoder for Kafka: each record keyed by session, messages in the envelope."""
     dumps = orjson.dumps
+    records = as_records(batch)
     if kind == OutputKind.MESSAGES:
         return [(_key(r), dumps(envelope(r))) for r in records]
     return [(_key(r), dumps(r)) for r in records]

@@ -78,8 +78,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+import polars as pl
+
 from connectors.llm_config import LlmConfig, TranslationRequest, describe_error, language_code
-from dataflows.flow import OutputKind, Record
+from dataflows.flow import OutputKind, Record, Records, as_records
 
 if TYPE_CHECKING:
     from connectors.llm import LlmClient
@@ -87,7 +89,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _heap_settled = False
 
-Batches = list[tuple[str, list[Record]]]
+Batches = list[tuple[str, Records]]
+Listed = list[tuple[str, list[Record]]]
 TRANSLATION_FLAG: Final = "translation"
 NO_READER: Final = "no reader language known for this session yet"
 NO_SOURCE: Final = "the message's language is unknown"
@@ -218,23 +221,32 @@ class LlmStage:
         return f"LlmStage({self.config!r}, models={self.models!r})"
 
     def __call__(self, batches: Batches) -> Batches:
-        """Enrich every `windows` and `messages` record of `batches` in place; return `batches`."""
+        """Enrich every `windows` and `messages` record of `batches`; return them."""
         if self._off_assistant is not None:
-            assistant, translation = self._off_assistant, self._off_translation
-            for kind, records in batches:
-                if kind == OutputKind.WINDOWS:
-                    for record in records:
-                        record["assistant"] = assistant
-                elif kind == OutputKind.MESSAGES:
-                    for record in records:
-                        record["translated"] = None
-                        record["translation"] = translation
-            return batches
+            return [self._skipped(kind, records) for kind, records in batches]
+        listed = [(kind, as_records(records)) for kind, records in batches]
         try:
-            self._enrich(batches)
+            self._enrich(listed)
         except Exception as e:  # noqa: BLE001 - an LLM stage failure must not stop the flow or drop records
-            self._fail(batches, describe_error(e, self.config))
-        return batches
+            self._fail(listed, describe_error(e, self.config))
+        return list(listed)
+
+    def _skipped(self, kind: str, records: Records) -> tuple[str, Records]:
+        """`records` with what the stage says while it is off."""
+        assistant, translation = self._off_assistant, self._off_translation
+        if isinstance(records, pl.DataFrame):
+            if kind == OutputKind.MESSAGES:
+                records = records.with_columns(pl.lit(None).alias("translated"), pl.lit(translation).alias("translation"))
+            elif kind == OutputKind.WINDOWS:
+                records = records.with_columns(pl.lit(assistant).alias("assistant"))
+        elif kind == OutputKind.WINDOWS:
+            for record in records:
+                record["assistant"] = assistant
+        elif kind == OutputKind.MESSAGES:
+            for record in records:
+                record["translated"] = None
+                record["translation"] = translation
+        return kind, records
 
     def close(self) -> None:
         """Close every worker's client (call once the run has ended); the stage reopens them if called again."""
@@ -258,7 +270,7 @@ class LlmStage:
                 _settle_heap()
         return worker
 
-    def _enrich(self, batches: Batches) -> None:
+    def _enrich(self, batches: Listed) -> None:
         worker = self._worker()
         windows = [r for kind, records in batches if kind == OutputKind.WINDOWS for r in records]
         asked: list[Record] = []
@@ -299,7 +311,7 @@ class LlmStage:
         assert target is not None
         return TranslationRequest(str(record.get("text") or ""), target, source, model_for(record, target, self.models))
 
-    def _fail(self, batches: Batches, error: str) -> None:
+    def _fail(self, batches: Listed, error: str) -> None:
         """Mark every record the failed call left without its result as an error."""
         log.warning("LLM stage %r: %s", self.name, error)
         for kind, records in batches:

@@ -46,6 +46,7 @@ from connectors.iceberg import TABLES, open_catalog
 from connectors.lake_admin import AsOf, snapshot_at
 from dataflows.errors import ConvoflowError
 from dataflows.events import iso
+from dataflows.flow import Records, as_records
 
 Record = dict[str, Any]
 UserContext = dict[str, Any]
@@ -130,9 +131,10 @@ class ProfilesStage:
         self.__dict__.update(state)
         self._reset()
 
-    def __call__(self, batches: list[tuple[str, list[Record]]]) -> list[tuple[str, list[Record]]]:
+    def __call__(self, batches: list[tuple[str, Records]]) -> list[tuple[str, Records]]:
         history = self.history()
-        for kind, records in batches:
+        listed = [(kind, as_records(records)) for kind, records in batches]
+        for kind, records in listed:
             if kind == "messages":
                 for record in records:
                     record["user_context"] = history.get(record.get("username")
@@ -140,7 +142,7 @@ class ProfilesStage:
             elif kind == "windows":
                 for record in records:
                     record["user_context"] = _participants(record, history)
-        return batches
+        return list(listed)
 
     def close(self) -> None:
         """Close the catalog and drop the history (called once the flow has ended); a later batch loads again."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ALERTS = "alerts"
 MESSAGES = "messages"
@@ -19,6 +19,9 @@ SAME_IN_EVERY_SHARD = ("rules_version", "rules_stale")
 
 import orjson
 from bytewax.outputs import DynamicSink, FixedPartitionedSink, StatefulSinkPartition, StatelessSinkPartition
+
+if TYPE_CHECKING:
+    from dataflows.flow import Records
 
 
 class GaugeSink(FixedPartitionedSink[dict[str, Any], None]):
@@ -70,13 +73,15 @@ def read_gauges(path: Path) -> dict[str, int]:
         return {key: 0 for key in (*SUMMED, *SAME_IN_EVERY_SHARD)}
 
 
-def tally_of(kind: str, records: list[dict[str, Any]]) -> dict[str, int]:
+def tally_of(kind: str, records: Records) -> dict[str, int]:
     """What a batch adds to the run's counts: records of `kind`, alerts by pattern (`alerts:<id>`) and
     judged messages by action (`mask`, `flag`; blocked ones are the `moderated` records).
 
     The encoder of the `TallySink` output, so only these small dicts cross workers.
     """
     counts = {str(kind): len(records)}
+    if not isinstance(records, list):
+        return counts  # a frame: messages without a rules stream
     if kind == ALERTS:
         for record in records:
             key = f"{ALERTS}:{record.get('pattern')}"

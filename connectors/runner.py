@@ -56,7 +56,7 @@ class ReplayRun:
     lake: LakeConfig | None = None
     rules_path: Path | None = None
     stages: tuple[Stage, ...] = ()
-    batch_size: int = 4000
+    batch_size: int = 32768
     """Lines per batch at most: a batch is one frame of events for the flow to route."""
     recovery: Recovery | None = None
     max_line_bytes: int = MAX_LINE_BYTES
@@ -96,7 +96,7 @@ class KafkaRun:
     rules_partitions: int = 1
     rules_grace: float = 1.0
     stages: tuple[Stage, ...] = ()
-    batch_size: int = 1000
+    batch_size: int = 32768
     recovery: Recovery | None = None
 
     def build(self) -> Dataflow:

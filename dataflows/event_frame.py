@@ -8,12 +8,12 @@ gives its rows. Dead letters and markers stay objects: they are few.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
+from typing import Any
 
 import polars as pl
 
 from dataflows.events import Event
-from dataflows.sequencing import Scope, Stamped
 
 EVENT_SCHEMA = pl.Schema({
     "event_id": pl.String,
@@ -40,7 +40,6 @@ STAMPED_SCHEMA = pl.Schema([*EVENT_SCHEMA.items(), *STAMP_COLUMNS.items()])
 ROUTED_SCHEMA = pl.Schema([*STAMPED_SCHEMA.items(), ("scope", pl.String)])
 """Events as a shard receives them: each with its `Scope` in that shard."""
 
-_EVENT_WIDTH = len(EVENT_SCHEMA)
 
 
 def events_frame(events: Iterable[Event]) -> pl.DataFrame:
@@ -48,14 +47,37 @@ def events_frame(events: Iterable[Event]) -> pl.DataFrame:
     return pl.DataFrame(list(events), schema=EVENT_SCHEMA, orient="row")
 
 
-def stamped_rows(frame: pl.DataFrame) -> Iterator[Stamped]:
-    """The rows of a stamped (`STAMPED_SCHEMA`, scope `all`) or routed frame (`ROUTED_SCHEMA`,
-    maybe with more columns after) as `Stamped` events, in the frame's order."""
-    width = _EVENT_WIDTH
-    if "scope" not in frame.columns:
-        frame = frame.with_columns(pl.lit("all").alias("scope"))
-    if frame.columns[: len(ROUTED_SCHEMA)] != ROUTED_SCHEMA.names():
-        frame = frame.select(ROUTED_SCHEMA.names())
-    for row in frame.iter_rows():
-        scope: Scope = row[width + 2]
-        yield Stamped(Event._make(row[:width]), row[width], row[width + 1], scope)
+RECORD_FIELDS = ["event_id", "session_id", "sender", "kind", "text", "timestamp", "time_source", "shape", "language",
+                 "username", "source", "line"]
+"""An event's fields in its JSON record, in order (`Event.as_record`)."""
+assert RECORD_FIELDS == list(Event("", "", "", "", "", None, "event", "chat", "", 0, 0).as_record())
+
+
+def event_records(frame: pl.DataFrame) -> list[dict[str, Any]]:
+    """Each row's `Event.as_record()`."""
+    return frame.select(RECORD_FIELDS).to_dicts()
+
+
+def timed(released: pl.DataFrame, origin: float) -> pl.DataFrame:
+    """Give each event without a timestamp the clock's time (`origin` before any clock), as
+    `Event.timed` does; `clock` is the clock before each event."""
+    if not released["time"].has_nulls():
+        return released
+    untimed = pl.col("time").is_null()
+    given = pl.coalesce("clock", pl.lit(origin, pl.Float64))
+    return released.with_columns(
+        pl.when(untimed).then(given).otherwise("time").alias("time"),
+        pl.when(untimed).then(iso_expr(given)).otherwise("timestamp").alias("timestamp"),
+    )
+
+
+def iso_expr(seconds: pl.Expr) -> pl.Expr:
+    """Epoch seconds as `dataflows.events.iso` formats them (`2024-01-01T10:00:03.250000+00:00`), column-wise."""
+    whole = seconds.floor()
+    micro = ((seconds - whole) * 1_000_000).round(0, mode="half_to_even").cast(pl.Int64)
+    carry = micro >= 1_000_000
+    second = whole.cast(pl.Int64) + carry.cast(pl.Int64)
+    micro = pl.when(carry).then(micro - 1_000_000).otherwise(micro)
+    date = pl.from_epoch(second, time_unit="s").dt.strftime("%Y-%m-%dT%H:%M:%S")
+    fraction = pl.when(micro > 0).then(pl.lit(".") + micro.cast(pl.String).str.zfill(6)).otherwise(pl.lit(""))
+    return pl.when(seconds.is_not_null()).then(date + fraction + pl.lit("+00:00"))

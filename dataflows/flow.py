@@ -29,31 +29,55 @@ from bytewax.inputs import Source
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 
-from dataflows.event_frame import stamped_rows
-from dataflows.events import DeadLetter, Event, WindowRecord
+from dataflows.event_frame import EVENT_SCHEMA, RECORD_FIELDS, ROUTED_SCHEMA, events_frame, timed
+from dataflows.events import DeadLetter, Event
 from dataflows.patterns.definitions import KeyKind, PatternDef, key_of
 from dataflows.patterns.engine import Alert, PatternBook, patterns_keyed_by
 from dataflows.live import LiveMerger
 from dataflows.rules import Moderation, Rule, RuleBook, Verdict, pattern_role
 from dataflows.rules_gate import RuleGate, RulesBatch, RulesItem, RulesMark
 from dataflows.sequencing import (
-    LiveMark, Marker, Progress, ReplayLayout, Scope, Sequencer, Stamped, Wire, from_wire, later, to_wire,
+    LiveMark, Marker, Progress, ReplayLayout, Scope, Sequencer, Stamped, Wire, from_wire, later, stamped_frame, to_wire,
 )
-from dataflows.windows import WindowBook, WindowConfig
+from dataflows.window_frames import FrameWindows
+from dataflows.windows import WindowConfig
 
 Record = dict[str, Any]
+Records = list[Record] | pl.DataFrame
+"""A batch of records of one kind: JSON-ready dicts, or a frame with a column per field (in the
+record's order; nested fields as structs and lists), which encoders write column-wise. A column
+of lists of `{key, value}` structs (a map column, `is_map`) stands for a JSON object with those
+keys (a window's `counts`: one key per sender)."""
+MAP_FIELDS = ("key", "value")
+
+
+def is_map(dtype: pl.DataType) -> bool:
+    """Whether a column of this type is a map column (see `Records`)."""
+    return (isinstance(dtype, pl.List) and isinstance(dtype.inner, pl.Struct)
+            and tuple(f.name for f in dtype.inner.fields) == MAP_FIELDS)
 SourceItem = pl.DataFrame | Stamped | DeadLetter | Marker
 """What a flow's source emits (see the module docstring): events as a frame (`STAMPED_SCHEMA`)
 or one by one, dead letters and markers."""
 RulesSourceItem = RulesItem | DeadLetter
 """What a rules source emits: rules, its clock (`RulesMark`) and rejected rules."""
-Encoder = Callable[[str, list[Record]], Any]
+Encoder = Callable[[str, Records], Any]
 """Turns a batch of records of one kind (`kind`, `records`) into the payload a sink writes."""
 
 
-def as_list(kind: str, records: list[Record]) -> list[Record]:
-    """The default encoder: a batch stays a list of dicts (tests, and sinks that want rows)."""
-    return records
+def as_records(records: Records) -> list[Record]:
+    """A batch as JSON-ready dicts (a frame's rows become dicts, its map columns dicts too)."""
+    if not isinstance(records, pl.DataFrame):
+        return records
+    rows = records.to_dicts()
+    for name in [name for name, dtype in records.schema.items() if is_map(dtype)]:
+        for row in rows:
+            row[name] = {entry["key"]: entry["value"] for entry in row[name]}
+    return rows
+
+
+def as_list(kind: str, records: Records) -> list[Record]:
+    """The default encoder: a batch as a list of dicts (tests, and sinks that want rows)."""
+    return as_records(records)
 
 
 class OutputKind(StrEnum):
@@ -81,7 +105,7 @@ class FlowConfig:
     window: WindowConfig = WindowConfig()
     layout: ReplayLayout = ReplayLayout()
     time_origin: float = 0.0
-    shards: int = 64
+    shards: int = 8
     patterns: tuple[PatternDef, ...] = ()
     live: bool = False
     rules: bool = False
@@ -149,14 +173,14 @@ class ShardState:
     """What one shard keeps: its reorder buffer, open windows and pattern state."""
 
     sequencer: Sequencer | LiveMerger
-    book: WindowBook
+    windows: FrameWindows
     patterns: PatternBook | None
     gate: RuleGate | None = None
 
 
 ShardBatch = list[Wire | pl.DataFrame] | RulesBatch
-"""What a shard receives: its share of a source batch (event frames of `ROUTED_SCHEMA`, event and
-marker wires), or its rules."""
+"""What a shard receives: its share of a source batch (event frames of `ROUTED_SCHEMA` and marker
+wires; a live flow's events come as wires), or its rules."""
 
 
 class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
@@ -181,7 +205,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
             patterns = tuple(p for p in config.patterns if p.enabled)
             self.state = ShardState(
                 LiveMerger(config.layout.partitions) if config.live else Sequencer(config.layout),
-                WindowBook(config.window),
+                FrameWindows(config.window),
                 PatternBook(patterns, config.window.out_of_orderness)
                 if patterns or (config.rules and config.rule_pattern_keys) else None,
                 RuleGate() if config.rules else None,
@@ -195,77 +219,109 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
             if isinstance(wires, RulesBatch):
                 assert gate is not None, "rules reach shards only of a flow with a rules stream"
                 gate.take(wires)
+            elif isinstance(seq, Sequencer):
+                seq.push(w if isinstance(w, pl.DataFrame) else cast(Progress, from_wire(w)) for w in wires)
             else:
-                seq.push(_unwired(wires))
+                seq.push(cast(Stamped | LiveMark, from_wire(w)) for w in wires if not isinstance(w, pl.DataFrame))
         out = _Outputs()
-        released = self._timed(seq.release())
-        clock = self._process(released if gate is None else gate.admit(released), out)
+        clock = self._process(self._released(final=False), out, final=False)
         floor = later(clock, seq.clock_floor())
         self._advance(floor if gate is None else gate.cap(floor), out)
         return self._batches(out), StatefulBatchLogic.RETAIN
 
     def on_eof(self) -> tuple[list[tuple[str, Any]], bool]:
-        seq, gate = self.state.sequencer, self.state.gate
         out = _Outputs()
-        released = self._timed(seq.release_all())
-        if gate is not None:
-            gate.held.extend(released)
-            released = gate.release_all()
-        self._process(released, out)
-        out.windows.extend(self.state.book.flush())
+        self._process(self._released(final=True), out, final=True)
+        out.windows += self.state.windows.flush()
         if self.state.patterns is not None:
+            gate = self.state.gate
             out.alerts.extend(self.state.patterns.flush(gate.book if gate is not None else None))
         return self._batches(out), StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> bytes:
         return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
 
-    def _timed(self, released: Iterable[tuple[Stamped, float | None]]) -> Iterator[tuple[Stamped, float | None]]:
-        """Give an event without a timestamp the clock's time (the run's first event time before any)."""
-        origin = self.config.time_origin
-        for stamped, clock in released:
-            if stamped.event.time is None:
-                stamped = stamped._replace(event=stamped.event.timed(origin if clock is None else clock))
-            yield stamped, clock
+    def _released(self, *, final: bool) -> pl.DataFrame:
+        """The events the sequencer lets go, in order, timed (`RELEASED_SCHEMA`)."""
+        seq = self.state.sequencer
+        if isinstance(seq, Sequencer):
+            frame = seq.release_all() if final else seq.release()
+        else:
+            pairs = list(seq.release_all() if final else seq.release())
+            frame = stamped_frame(s for s, _ in pairs).with_columns(
+                pl.Series("clock", [clock for _, clock in pairs], dtype=pl.Float64)
+            )
+        return timed(frame, self.config.time_origin)
 
-    def _process(self, released: Iterable[tuple[Stamped, float | None]], out: _Outputs) -> float | None:
-        """Judge, window and queue for matching each released event; return the clock after the last one.
+    def _process(self, released: pl.DataFrame, out: _Outputs, *, final: bool) -> float | None:
+        """Judge, window and match the released events; return the clock after the last one."""
+        gate = self.state.gate
+        if gate is None:
+            return self._columns(released, out)
+        pairs = list(_pairs(released))
+        if final:
+            gate.held.extend(pairs)
+            return self._judged(gate.release_all(), out)
+        return self._judged(gate.admit(pairs), out)
+
+    def _columns(self, released: pl.DataFrame, out: _Outputs) -> float | None:
+        """Without a rules stream: window every event of the shard's sessions, column-wise."""
+        if released.is_empty():
+            return None
+        latest = cast(float | None, released["clock"].max())
+        if isinstance(self.state.sequencer, Sequencer):
+            latest = later(latest, cast(float | None, released["time"].max()))
+        patterns = self.state.patterns
+        if patterns is not None:
+            for stamped, clock in _pairs(released):
+                patterns.add(stamped.event, clock, scope=stamped.scope)
+        own = pl.col("scope") != "user"
+        out.late.extend(self.state.windows.add(released.with_columns(own.alias("windowed"))))
+        out.frames.append(released.filter(own).select(RECORD_FIELDS))
+        return latest
+
+    def _judged(self, admitted: Iterable[tuple[Stamped, float | None]], out: _Outputs) -> float | None:
+        """With a rules stream: judge each admitted event, then window those it lets through.
 
         An event of scope `user` (its session is another shard's) is judged (its role and masked
-        text reach the patterns) and matched only: its session's shard outputs it.
+        text reach the patterns) and matched only: its session's shard outputs it. A blocked event
+        still moves the watermark, as every released event does.
         """
-        book, patterns, gate = self.state.book, self.state.patterns, self.state.gate
+        patterns, gate, seq = self.state.patterns, self.state.gate, self.state.sequencer
+        assert gate is not None
         latest: float | None = None
-        for stamped, clock in released:
+        events: list[Event] = []
+        clocks: list[float | None] = []
+        windowed: list[bool] = []
+        for stamped, clock in admitted:
             event, scope = stamped.event, stamped.scope
-            latest = later(latest, self.state.sequencer.clock_after(clock, event.time))
-            out.windows.extend(book.advance(clock))
-            verdict = None
-            if gate is not None:
-                verdict = _judge(gate.book, event) if gate.book.version() else _NO_RULES
-                if verdict.action == "block":
-                    if scope != "user":
-                        out.moderated.append({**event.as_record(), "moderation": _moderation_record(verdict)})
-                    continue
+            latest = later(latest, seq.clock_after(clock, event.time))
+            verdict = _judge(gate.book, event) if gate.book.version() else _NO_RULES
+            blocked = verdict.action == "block"
+            if blocked:
+                if scope != "user":
+                    out.moderated.append({**event.as_record(), "moderation": _moderation_record(verdict)})
+            else:
                 if verdict.action == "mask":
                     event = event._replace(text=verdict.text)
-            if patterns is not None:
-                if gate is None or verdict is None:
-                    patterns.add(event, clock, scope=scope)
-                else:
+                if patterns is not None:
                     patterns.add(event, clock, pattern_role(verdict.role), gate.book, scope)
-            if scope != "user":
-                late = book.add(event)
-                record = event.as_record()
-                if verdict is not None:
+                if scope != "user":
+                    record = event.as_record()
                     record["moderation"] = _moderation_record(verdict)
-                out.messages.append(record)
-                if late is not None:
-                    out.late.append(late.as_record())
+                    out.messages.append(record)
+            events.append(event)
+            clocks.append(clock)
+            windowed.append(not blocked and scope != "user")
+        if events:
+            frame = events_frame(events).with_columns(
+                pl.Series("clock", clocks, dtype=pl.Float64), pl.Series("windowed", windowed, dtype=pl.Boolean)
+            )
+            out.late.extend(self.state.windows.add(frame))
         return latest
 
     def _advance(self, clock: float | None, out: _Outputs) -> None:
-        out.windows.extend(self.state.book.advance(clock))
+        out.windows += self.state.windows.advance(clock)
         if self.state.patterns is not None:
             out.alerts.extend(self.state.patterns.advance(clock, self.state.gate.book if self.state.gate else None))
         if self.state.gate is not None and clock is not None:
@@ -287,16 +343,17 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
 
     def _batches(self, out: _Outputs) -> list[tuple[str, Any]]:
         batches: list[tuple[str, Any]] = []
+        batches += [(OutputKind.MESSAGES, frame) for frame in out.frames if len(frame)]
+        batches += [(OutputKind.WINDOWS, windows) for windows in out.windows if len(windows)]
         for kind, records in (
             (OutputKind.MESSAGES, out.messages),
-            (OutputKind.WINDOWS, [w.as_record() for w in out.windows]),
             (OutputKind.LATE, out.late),
             (OutputKind.ALERTS, [a.as_record() for a in self._switched_on(out.alerts)]),
             (OutputKind.MODERATED, out.moderated),
         ):
             if records:
                 batches.append((kind, records))
-        count = len(self.state.book.open)
+        count = self.state.windows.open_windows
         if count != self.reported_open:
             self.reported_open = count
             batches.append((GAUGE, {"open_windows": count, "buffered": self.state.sequencer.buffered}))
@@ -312,18 +369,22 @@ class _Outputs:
     """What one call of a shard produced, by kind, before encoding."""
 
     messages: list[Record] = field(default_factory=list)
-    windows: list[WindowRecord] = field(default_factory=list)
+    frames: list[pl.DataFrame] = field(default_factory=list)
+    """Messages as frames of their record fields (`RECORD_FIELDS`)."""
+    windows: list[Records] = field(default_factory=list)
+    """Batches of window records: frames, and dicts for windows closed event by event."""
     late: list[Record] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     moderated: list[Record] = field(default_factory=list)
 
 
-def _unwired(wires: list[Wire | pl.DataFrame]) -> Iterator[Stamped | Marker]:
-    for wire in wires:
-        if isinstance(wire, pl.DataFrame):
-            yield from stamped_rows(wire)
-        else:
-            yield from_wire(wire)
+_WIDTH = len(EVENT_SCHEMA)
+
+
+def _pairs(released: pl.DataFrame) -> Iterator[tuple[Stamped, float | None]]:
+    """Released events one by one, each with the clock before it (for what is sequential per event)."""
+    for row in released.select([*ROUTED_SCHEMA.names(), "clock"]).iter_rows():
+        yield Stamped(Event._make(row[:_WIDTH]), row[_WIDTH], row[_WIDTH + 1], row[_WIDTH + 2]), row[_WIDTH + 3]
 
 
 _NO_RULES = Moderation("allow", "")
@@ -358,7 +419,8 @@ def _by_user(config: FlowConfig) -> bool:
 def _router(config: FlowConfig) -> Callable[[list[SourceItem | RulesSourceItem]], list[tuple[str, Any]]]:
     """Group a batch from the source by shard, one item per shard, in the source's order.
 
-    Each event goes to its session's shard. A conversation's user (`session/sender`) lives in one
+    Events go on as frames (`ROUTED_SCHEMA`, one per shard; a replay's single events are gathered
+    into one), a live flow's one by one as wires. Each event goes to its session's shard. A conversation's user (`session/sender`) lives in one
     session, so its user-keyed patterns run there too; a chat user can be in many rooms, so when
     user-keyed patterns may run, a chat event whose user hashes to another shard than its session
     goes to both, scoped (`chat_shards`) so that each does its part. Markers go to every shard,
@@ -375,12 +437,24 @@ def _router(config: FlowConfig) -> Callable[[list[SourceItem | RulesSourceItem]]
         groups: dict[str, list[Wire | pl.DataFrame]] = {}
         dead: list[Record] = []
         rules = RulesBatch()
+        singles: list[Stamped] = []
+
+        def add_frame(frame: pl.DataFrame) -> None:
+            for (shard,), part in routed_frame(frame, shards, by_user).partition_by("shard", as_dict=True).items():
+                groups.setdefault(str(shard), []).append(part)
+
+        def add_singles() -> None:
+            if singles:
+                add_frame(stamped_frame(singles).drop("scope"))
+                singles.clear()
+
         for item in items:
             if isinstance(item, pl.DataFrame):
-                for (shard,), part in routed_frame(item, shards, by_user).partition_by("shard", as_dict=True).items():
-                    groups.setdefault(str(shard), []).append(part)
+                add_frame(item)
             elif isinstance(item, Stamped):
-                if by_user and item.event.shape == "chat":
+                if not config.live:
+                    singles.append(item)
+                elif by_user and item.event.shape == "chat":
                     for shard, scope in chat_shards(item.event, shards):
                         groups.setdefault(shard, []).append(to_wire(item, scope))
                 else:
@@ -390,9 +464,11 @@ def _router(config: FlowConfig) -> Callable[[list[SourceItem | RulesSourceItem]]
             elif isinstance(item, RulesMark | Rule):
                 rules.append(item)
             else:
+                add_singles()
                 wire = to_wire(item)
                 for key in every_shard:
                     groups.setdefault(key, []).append(wire)
+        add_singles()
         routed: list[tuple[str, Any]] = [(key, rules) for key in every_shard] if rules else []
         routed += groups.items()
         if dead:
@@ -411,14 +487,15 @@ values: they are not part of the record's identity (the lake's `record_hash` lea
 class Stage(Protocol):
     """A step that enriches records on their way to the outputs, a batch at a time (e.g. LLM calls).
 
-    Called on each worker with batches of `(kind, records)`; returns them in the same order,
-    records possibly enriched (only `ENRICHMENT_FIELDS`), none dropped. Built in `connectors/` (it
+    Called on each worker with batches of `(kind, records)` (`Records`: dicts or a frame); returns
+    them in the same order, records possibly enriched (only `ENRICHMENT_FIELDS`, added as the last
+    fields), none dropped. Built in `connectors/` (it
     may do I/O); it must be picklable, so it opens its clients on first use in the worker.
     """
 
     name: str
 
-    def __call__(self, batches: list[tuple[str, list[Record]]]) -> list[tuple[str, list[Record]]]: ...
+    def __call__(self, batches: list[tuple[str, Records]]) -> list[tuple[str, Records]]: ...
 
     def close(self) -> None:
         """Release what the stage opened in this process (called once the flow has ended)."""
@@ -478,8 +555,8 @@ def build_flow(
     return flow
 
 
-def _encoding(encode: Encoder) -> Callable[[tuple[str, list[Record]]], tuple[str, Any]]:
-    def apply(kind_records: tuple[str, list[Record]]) -> tuple[str, Any]:
+def _encoding(encode: Encoder) -> Callable[[tuple[str, Records]], tuple[str, Any]]:
+    def apply(kind_records: tuple[str, Records]) -> tuple[str, Any]:
         return (kind_records[0], encode(*kind_records))
 
     return apply

@@ -22,7 +22,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.json as pa_json
 
-from dataflows.event_frame import EVENT_SCHEMA, events_frame
+from dataflows.event_frame import EVENT_SCHEMA, events_frame, iso_expr
 from dataflows.events import DeadLetter, Event, LineRef
 from dataflows.parse import MAX_JSON_DEPTH, MAX_LINE_BYTES, MESSAGE_TYPES, RAW_EXCERPT_CHARS, oversized, parse_line
 from dataflows.timestamps import _MAX_EPOCH, _MILLIS_THRESHOLD, _MIN_EPOCH
@@ -269,15 +269,3 @@ def _event_columns(source: str) -> list[pl.Expr]:
     ]
     assert [c.meta.output_name() for c in columns] == EVENT_SCHEMA.names()
     return columns
-
-
-def iso_expr(seconds: pl.Expr) -> pl.Expr:
-    """Epoch seconds as `dataflows.events.iso` formats them (`2024-01-01T10:00:03.250000+00:00`), column-wise."""
-    whole = seconds.floor()
-    micro = ((seconds - whole) * 1_000_000).round(0, mode="half_to_even").cast(pl.Int64)
-    carry = micro >= 1_000_000
-    second = whole.cast(pl.Int64) + carry.cast(pl.Int64)
-    micro = pl.when(carry).then(micro - 1_000_000).otherwise(micro)
-    date = pl.from_epoch(second, time_unit="s").dt.strftime("%Y-%m-%dT%H:%M:%S")
-    fraction = pl.when(micro > 0).then(pl.lit(".") + micro.cast(pl.String).str.zfill(6)).otherwise(pl.lit(""))
-    return pl.when(seconds.is_not_null()).then(date + fraction + pl.lit("+00:00"))

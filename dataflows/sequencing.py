@@ -9,20 +9,22 @@ their latest event time, and in a paced replay the current replay time). Markers
 replicated to every shard and travel behind the events on the same worker-to-worker channel,
 which is FIFO, so a shard knows every line below `min(next_offset)` has arrived.
 
-The `Sequencer` releases a shard's events in file order up to that frontier and gives each the
-replay clock as a single reader would have had it: the latest event time of all earlier lines
-of the file (`clock_for`). Results therefore do not depend on how many partitions, workers or
+The `Sequencer` keeps a shard's events as frames, releases them in file order up to that
+frontier (one frame per call) and gives each the replay clock as a single reader would have had
+it: the latest event time of all earlier lines of the file. Results therefore do not depend on how many partitions, workers or
 processes read the file, nor on the speed factor.
 """
 
 from __future__ import annotations
 
-import heapq
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
+import polars as pl
+
+from dataflows.event_frame import EVENT_SCHEMA, ROUTED_SCHEMA, events_frame
 from dataflows.events import DeadLetter, Event, LineRef
 from dataflows.parse import parse_line
 
@@ -140,6 +142,10 @@ def later(a: float | None, b: float | None) -> float | None:
     return a if a >= b else b
 
 
+RELEASED_SCHEMA = pl.Schema([*ROUTED_SCHEMA.items(), ("clock", pl.Float64)])
+"""Events a shard releases: routed, each with `clock`, the replay clock before it (null: none yet)."""
+
+
 @dataclass
 class Sequencer:
     """Releases one shard's events in file order as the partitions' frontier passes them."""
@@ -147,7 +153,7 @@ class Sequencer:
     layout: ReplayLayout
     frontier: list[int] = field(default_factory=list)
     ticks: list[float | None] = field(default_factory=list)
-    pending: list[tuple[int, Stamped]] = field(default_factory=list)
+    pending: list[pl.DataFrame] = field(default_factory=list)
     unfolded: dict[int, float | None] = field(default_factory=dict)
     folded_blocks: int = 0
     folded_latest: float | None = None
@@ -157,24 +163,40 @@ class Sequencer:
             self.frontier = [self.layout.block_start(p) for p in range(self.layout.partitions)]
             self.ticks = [None] * self.layout.partitions
 
-    def push(self, items: Iterable[Stamped | Progress]) -> None:
+    def push(self, items: Iterable[pl.DataFrame | Progress]) -> None:
+        """Take frames of routed events (`ROUTED_SCHEMA`, maybe more columns after) and markers."""
         for item in items:
-            if isinstance(item, Stamped):
-                heapq.heappush(self.pending, (item.event.offset, item))
+            if isinstance(item, pl.DataFrame):
+                if not item.is_empty():
+                    self.pending.append(item.select(ROUTED_SCHEMA.names()))
             else:
                 self.frontier[item.partition] = item.next_offset
                 self.ticks[item.partition] = item.clock
                 for block, latest in item.finished:
                     self.unfolded[block] = latest
 
-    def release(self) -> Iterator[tuple[Stamped, float | None]]:
-        """Pop events below the frontier in file order, each with the clock before it."""
+    def release(self) -> pl.DataFrame:
+        """The events below the frontier, in file order, each with the clock before it (`RELEASED_SCHEMA`)."""
+        if not self.pending:
+            return _NOTHING_RELEASED
+        events = self.pending[0] if len(self.pending) == 1 else pl.concat(self.pending)
         horizon = min(self.frontier)
-        while self.pending and self.pending[0][0] < horizon:
-            _, stamped = heapq.heappop(self.pending)
-            yield stamped, later(self._fold_until(stamped.block), stamped.clock_before)
+        offsets = events["offset"]
+        if offsets.min() >= horizon:  # type: ignore[operator]
+            self.pending = [events]
+            return _NOTHING_RELEASED
+        due = offsets < horizon
+        if offsets.max() < horizon:  # type: ignore[operator]
+            released, rest = events.sort("offset"), events.clear()
+        else:
+            released, rest = events.filter(due).sort("offset"), events.filter(~due)
+        self.pending = [] if rest.is_empty() else [rest]
+        blocks = released["block"].unique().sort().to_list()
+        folds = pl.Series([self._fold_until(block) for block in blocks], dtype=pl.Float64)
+        fold = released["block"].replace_strict(blocks, folds, return_dtype=pl.Float64)
+        return released.with_columns(pl.max_horizontal(fold, pl.col("clock_before")).alias("clock"))
 
-    def release_all(self) -> Iterator[tuple[Stamped, float | None]]:
+    def release_all(self) -> pl.DataFrame:
         """At end of input: every partition is done, whatever markers were seen."""
         self.frontier = [DONE] * self.layout.partitions
         return self.release()
@@ -195,7 +217,7 @@ class Sequencer:
 
     @property
     def buffered(self) -> int:
-        return len(self.pending)
+        return sum(frame.height for frame in self.pending)
 
     def _first_missing_block(self) -> int:
         block = self.folded_blocks
@@ -230,3 +252,30 @@ def replay_items(lines: Iterable[str | bytes], source: str = "input.jsonl") -> l
         offset += len(raw) + 1
     out.append(Progress(partition=0, next_offset=DONE, finished=(stamper.finish(),)))
     return out
+
+
+_NOTHING_RELEASED = pl.DataFrame(schema=RELEASED_SCHEMA)
+_EVENT_WIDTH = len(EVENT_SCHEMA)
+
+
+def stamped_rows(frame: pl.DataFrame) -> Iterator[Stamped]:
+    """The rows of a stamped (`STAMPED_SCHEMA`, scope `all`) or routed frame (`ROUTED_SCHEMA`,
+    maybe with more columns after) as `Stamped` events, in the frame's order."""
+    width = _EVENT_WIDTH
+    if "scope" not in frame.columns:
+        frame = frame.with_columns(pl.lit("all").alias("scope"))
+    if frame.columns[: len(ROUTED_SCHEMA)] != ROUTED_SCHEMA.names():
+        frame = frame.select(ROUTED_SCHEMA.names())
+    for row in frame.iter_rows():
+        scope: Scope = row[width + 2]
+        yield Stamped(Event._make(row[:width]), row[width], row[width + 1], scope)
+
+
+def stamped_frame(items: Iterable[Stamped]) -> pl.DataFrame:
+    """`Stamped` events as one routed frame (`ROUTED_SCHEMA`)."""
+    items = list(items)
+    return events_frame(s.event for s in items).with_columns(
+        pl.Series("block", [s.block for s in items], dtype=pl.Int64),
+        pl.Series("clock_before", [s.clock_before for s in items], dtype=pl.Float64),
+        pl.Series("scope", [s.scope for s in items], dtype=pl.String),
+    )

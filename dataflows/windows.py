@@ -124,10 +124,14 @@ class WindowBook:
     def advance(self, now: float | None) -> list[WindowRecord]:
         """Emit the windows closed early since the last call; then move the watermark to
         `now - out_of_orderness` and emit every window it passed."""
+        return self.advance_mark(None if now is None else now - self.config.out_of_orderness)
+
+    def advance_mark(self, mark: float | None) -> list[WindowRecord]:
+        """Emit the windows closed early since the last call; then move the watermark to `mark`
+        and emit every window it passed."""
         closed, self.early = self.early, []
-        if now is None:
+        if mark is None:
             return closed
-        mark = now - self.config.out_of_orderness
         if mark <= self.watermark:
             return closed
         self.watermark = mark

@@ -1,10 +1,14 @@
 from pathlib import Path
 
 import orjson
+import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from connectors.jsonl import JsonlSink, json_line, prepare_out_dir
+from connectors.jsonl import JsonlSink, json_line, json_lines, prepare_out_dir
 from dataflows.errors import ConvoflowError
+from dataflows.flow import as_records
 
 
 def test_refuses_a_non_empty_out_dir_unless_overwrite(tmp_path: Path) -> None:
@@ -62,3 +66,30 @@ def test_a_partition_without_a_snapshot_rewrites_its_file(tmp_path: Path) -> Non
     resumed.write_batch([json_line({"n": 1}), json_line({"n": 2})])
     resumed.close()
     assert [orjson.loads(line) for line in (tmp_path / "late.jsonl").read_bytes().splitlines()] == [{"n": 1}, {"n": 2}]
+
+
+texts = st.text(alphabet=st.sampled_from(['a', 'é', '😀', '"', '\\', '/', '\n', '\t', '\x00', '\x1f', '\u2028', '<', ' ']),
+                max_size=8)
+rows = st.fixed_dictionaries({
+    "session_id": texts,
+    "messages": st.lists(st.builds(lambda t, n: {"text": t, "n": n}, texts, st.integers(-5, 5)), max_size=3),
+    "counts": st.lists(st.tuples(texts, st.integers(0, 9)), max_size=4).map(lambda pairs: dict(pairs)),
+    "score": st.one_of(st.none(), st.floats(-1e6, 1e6, allow_nan=False)),
+    "closed_early": st.one_of(st.none(), texts),
+})
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(rows, min_size=1, max_size=6))
+def test_a_frame_of_records_is_written_as_its_records_are(drawn: list[dict]) -> None:
+    records = [{key: r[key] for key in ("session_id", "messages", "counts", "score", "closed_early")} for r in drawn]
+    frame = pl.DataFrame({
+        "session_id": [r["session_id"] for r in records],
+        "messages": [r["messages"] for r in records],
+        "counts": [[{"key": k, "value": v} for k, v in r["counts"].items()] for r in records],
+        "score": pl.Series([r["score"] for r in records], dtype=pl.Float64),
+        "closed_early": pl.Series([r["closed_early"] for r in records], dtype=pl.String),
+    }, schema_overrides={"counts": pl.List(pl.Struct({"key": pl.String, "value": pl.Int64})),
+                         "messages": pl.List(pl.Struct({"text": pl.String, "n": pl.Int64}))})
+    assert as_records(frame) == records, "a map column reads back as a dict"
+    assert json_lines("windows", frame) == b"".join(map(json_line, records))

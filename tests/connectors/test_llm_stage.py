@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import orjson
+import polars as pl
 import pytest
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 
@@ -18,7 +19,7 @@ from connectors import llm_stage
 from connectors.llm import LlmConfig
 from connectors.llm_stage import FLAG_OFF, NO_READER, NO_SOURCE, LlmStage, ReaderLanguages, model_for
 from dataflows.events import DeadLetter, Event, WindowRecord, iso
-from dataflows.flow import FlowConfig, FlowOutput, OutputKind, Record, build_flow
+from dataflows.flow import FlowConfig, FlowOutput, OutputKind, Record, as_records, build_flow
 from dataflows.sequencing import DONE, Progress, ReplayLayout, Stamped, replay_items
 from tests.connectors.fake_openai import FakeOpenAI
 
@@ -95,13 +96,23 @@ def test_llm_off_marks_every_record_skipped_and_calls_nothing(
     batches: Batches = [(OutputKind.WINDOWS, [window(*CARD)]), (OutputKind.MESSAGES, [message(), message("x", line=2)]),
                         (OutputKind.ALERTS, [alert])]
     out = stage(batches)
-    assert out is batches and [len(records) for _, records in out] == [1, 2, 1]
+    assert all(got is given for (_, got), (_, given) in zip(out, batches, strict=True)), "dicts are enriched in place"
+    assert [len(records) for _, records in out] == [1, 2, 1]
     assert out[0][1][0]["assistant"] == {"suggested_reply": None, "summary": None, "model": "gpt-4o-mini",
                                          "latency_ms": None, "status": "skipped", "reason": reason}
     for record in out[1][1]:
         assert record["translated"] is None and record["language"] == "es"
         assert record["translation"] == {"status": "skipped", "model": "gpt-4o-mini", "latency_ms": None, "reason": reason}
     assert alert == {"pattern": "spam", "session_id": "s-1"} and fake.requests == 0
+    stage.close()
+
+
+def test_llm_off_marks_a_frame_of_records_as_it_marks_dicts(fake: FakeOpenAI) -> None:
+    stage = LlmStage(LlmConfig.from_env({}, mode="off"))
+    records = [message(), message("x", line=2)]
+    [(_, framed)] = stage([(OutputKind.MESSAGES, pl.DataFrame(records))])
+    [(_, listed)] = stage([(OutputKind.MESSAGES, [dict(r) for r in records])])
+    assert isinstance(framed, pl.DataFrame) and as_records(framed) == listed and fake.requests == 0
     stage.close()
 
 

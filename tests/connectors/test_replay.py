@@ -10,7 +10,7 @@ import pytest
 from connectors.replay import ReplayPartition, ReplaySource, check_readable, first_event_time
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
-from dataflows.event_frame import stamped_rows
+from dataflows.sequencing import stamped_rows
 from dataflows.events import DeadLetter
 from dataflows.sequencing import DONE, Progress, ReplayLayout, Stamped
 

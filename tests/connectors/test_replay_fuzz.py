@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from connectors.replay import ReplayPartition, ReplaySource, first_event_time
 from dataflows.clock import ReplayClock
-from dataflows.event_frame import stamped_rows
+from dataflows.sequencing import stamped_rows
 from dataflows.events import DeadLetter, Event
 from dataflows.parse import RAW_EXCERPT_CHARS
 from dataflows.sequencing import ReplayLayout, Stamped

@@ -12,7 +12,8 @@ from polars.testing import assert_frame_equal
 from dataflows.event_frame import EVENT_SCHEMA, events_frame
 from dataflows.events import DeadLetter, Event, LineRef, iso
 from dataflows.parse import parse_line
-from dataflows.parse_block import iso_expr, parse_block
+from dataflows.event_frame import iso_expr
+from dataflows.parse_block import parse_block
 
 T0 = 1_709_542_800.0
 

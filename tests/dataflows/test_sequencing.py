@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dataflows.events import Event, LineRef
-from dataflows.sequencing import DONE, BlockStamper, Progress, ReplayLayout, Sequencer, Stamped
+from dataflows.sequencing import DONE, BlockStamper, Progress, ReplayLayout, Sequencer, Stamped, stamped_frame
 
 LAYOUT = ReplayLayout(partitions=2, block_bytes=100)
 
@@ -31,11 +31,16 @@ def partition_streams() -> list[list[Stamped | Progress]]:
     return streams
 
 
+def framed(items: list[Stamped | Progress]) -> list:
+    """Events as the shard receives them (frames), markers as they are."""
+    return [stamped_frame([item]) if isinstance(item, Stamped) else item for item in items]
+
+
 def drain(sequencer: Sequencer, arrivals: list[Stamped | Progress]) -> list[tuple[int, float | None]]:
     released = []
     for item in arrivals:
-        sequencer.push([item])
-        released.extend((s.event.ref.offset, clock) for s, clock in sequencer.release())
+        sequencer.push(framed([item]))
+        released.extend(sequencer.release().select("offset", "clock").iter_rows())
     return released
 
 
@@ -64,8 +69,8 @@ def test_any_interleaving_of_partitions_gives_the_same_release(rnd: random.Rando
 
 def test_nothing_is_released_past_a_lagging_partition() -> None:
     sequencer = Sequencer(LAYOUT)
-    sequencer.push([stamped(100, 100.0), stamped(110, 110.0), Progress(1, 300)])
-    assert list(sequencer.release()) == []
+    sequencer.push(framed([stamped(100, 100.0), stamped(110, 110.0), Progress(1, 300)]))
+    assert sequencer.release().is_empty()
     assert sequencer.buffered == 2
 
 
@@ -81,5 +86,5 @@ def test_clock_floor_uses_finished_blocks_and_paced_ticks() -> None:
 
 def test_release_all_flushes_at_end_of_input() -> None:
     sequencer = Sequencer(LAYOUT)
-    sequencer.push([stamped(0, 1.0), Progress(0, 5)])
-    assert [s.event.ref.offset for s, _ in sequencer.release_all()] == [0]
+    sequencer.push(framed([stamped(0, 1.0), Progress(0, 5)]))
+    assert sequencer.release_all()["offset"].to_list() == [0]

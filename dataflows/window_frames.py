@@ -1,0 +1,214 @@
+"""Event-time tumbling windows over frames of events: `WindowBook`'s semantics, a batch at a time.
+
+A shard hands `FrameWindows.add` the events it released, in order, each with the clock before
+it. The watermark before each event is the running maximum of `clock - out_of_orderness`; an
+event whose window ends at or before it is late. Every other event joins its window's open rows,
+and `advance` emits the windows the watermark has passed as records, messages in time order
+(then file order), the earliest `max_messages` listed and the rest counted in `overflow`.
+
+A session that could open more than `max_open_windows` windows, or hold more than twice
+`max_messages` events in one, in a batch is handed for good to a `WindowBook` (`escaped`), which
+closes windows early event by event exactly as before: the limits exist so that no input can
+grow a shard's state without bound, and their meaning is sequential. The book is moved to each
+event's watermark before it takes the event, so both share one watermark.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import numpy as np
+import polars as pl
+
+from dataflows.event_frame import EVENT_SCHEMA, event_records, iso_expr
+from dataflows.events import LATE_REASON, Event, iso
+from dataflows.windows import WindowBook, WindowConfig
+
+Record = dict[str, Any]
+Records = list[Record] | pl.DataFrame
+OPEN_SCHEMA = pl.Schema([*EVENT_SCHEMA.items(), ("start", pl.Float64)])
+"""An open window's events: the event columns and the window's start."""
+_CHRONOLOGICAL = ["time", "source", "offset"]
+_MESSAGE_FIELDS = ["event_id", "sender", "kind", "text", "timestamp", "time_source"]
+"""The fields of a message inside a window record (`Event.as_window_message`)."""
+
+
+@dataclass
+class FrameWindows:
+    """The open windows of one shard's sessions, and their shared watermark."""
+
+    config: WindowConfig
+    watermark: float = -math.inf
+    open: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=OPEN_SCHEMA))
+    escaped: WindowBook | None = None
+    """The sessions that met a limit, window by window (see the module docstring)."""
+    escaped_sessions: set[str] = field(default_factory=set)
+    emitted: list[Record] = field(default_factory=list)
+    """Windows the book emitted while it took events, for the next `advance` or `flush`."""
+    next_end: float = math.inf
+    """The earliest end of an open window: until the watermark reaches it, nothing closes."""
+    open_count: int = 0
+    """How many windows are open (without the book's)."""
+
+    def add(self, events: pl.DataFrame) -> list[Record]:
+        """Window `events` (event columns, `clock` and `windowed`, in release order); return the late records.
+
+        Every event moves the watermark; only those with `windowed` set join windows (the others
+        are a shard's share of another shard's session, or blocked by the rules).
+        """
+        if events.is_empty():
+            return []
+        clock = events["clock"].to_numpy().astype(np.float64)
+        marks = np.where(np.isnan(clock), -np.inf, clock - self.config.out_of_orderness)
+        watermarks = np.maximum.accumulate(np.maximum(marks, self.watermark))
+        times = events["time"].to_numpy()
+        starts = np.floor((times - self.config.align_to) / self.config.size) * self.config.size + self.config.align_to
+        framed = events.with_columns(pl.Series("start", starts), pl.Series("watermark", watermarks))
+        windowed = framed.filter("windowed")
+        self._escape(windowed)
+        late: list[Record] = []
+        if self.escaped_sessions:
+            escaping = windowed["session_id"].is_in(list(self.escaped_sessions))
+            late += self._add_escaped(framed, escaping.any())
+            windowed = windowed.filter(~escaping)
+        self.watermark = max(self.watermark, float(watermarks[-1]))
+        is_late = (pl.col("start") + self.config.size) <= pl.col("watermark")
+        late += self._late_records(windowed.filter(is_late))
+        kept = windowed.filter(~is_late).select(OPEN_SCHEMA.names())
+        if not kept.is_empty():
+            self.open = pl.concat([self.open, kept]) if not self.open.is_empty() else kept
+            self._opened()
+        return late
+
+    def advance(self, now: float | None) -> list[Records]:
+        """Move the watermark to `now - out_of_orderness` and emit every window it passed, as
+        batches of records (a frame, and dicts for the windows the book closed)."""
+        early, self.emitted = self.emitted + self._escaped_advance(None), []
+        if now is None:
+            return [early]
+        self.watermark = max(self.watermark, now - self.config.out_of_orderness)
+        if self.watermark < self.next_end:
+            return [early + self._escaped_advance(self.watermark)]
+        closing = (self.open["start"] + self.config.size) <= self.watermark
+        emitted = self.open.filter(closing)
+        self.open = self.open.filter(~closing)
+        self._opened()
+        return [early + self._escaped_advance(self.watermark), self._records(emitted)]
+
+    def flush(self) -> list[Records]:
+        """Emit every open window (end of a finite input)."""
+        emitted, self.open = self.open, self.open.clear()
+        self._opened()
+        escaped = [w.as_record() for w in self.escaped.flush()] if self.escaped is not None else []
+        early, self.emitted = self.emitted, []
+        return [early + escaped, self._records(emitted)]
+
+    @property
+    def open_windows(self) -> int:
+        return self.open_count + (len(self.escaped.open) if self.escaped is not None else 0)
+
+    def _opened(self) -> None:
+        """Note the open rows' earliest window end and window count, once they have changed."""
+        if self.open.is_empty():
+            self.next_end, self.open_count = math.inf, 0
+            return
+        starts = self.open["start"]
+        self.next_end = cast(float, starts.min()) + self.config.size
+        self.open_count = self.open.select(pl.struct("session_id", "start").n_unique()).item()
+
+    def _escape(self, windowed: pl.DataFrame) -> None:
+        """Hand to the `WindowBook` the sessions that could meet a limit in this batch."""
+        if windowed.is_empty():
+            return
+        rows = pl.concat([self.open.select("session_id", "start"), windowed.select("session_id", "start")])
+        per_window = rows.group_by("session_id", "start").len()
+        over = per_window.group_by("session_id").agg(
+            ((pl.len() > self.config.max_open_windows) | (pl.col("len").max() > 2 * self.config.max_messages)).alias("over")
+        ).filter("over")
+        sessions = set(over["session_id"].to_list()) - self.escaped_sessions
+        if not sessions:
+            return
+        if self.escaped is None:
+            self.escaped = WindowBook(self.config, watermark=self.watermark)
+        moving = self.open["session_id"].is_in(list(sessions))
+        book = self.escaped
+        for row in self.open.filter(moving).select(OPEN_SCHEMA.names()).iter_rows():
+            event, start = Event._make(row[:-1]), row[-1]
+            messages = book.open.get((event.session_id, start))
+            if messages is None:
+                book.open[(event.session_id, start)] = [event]
+                heapq.heappush(book.ends, (start + self.config.size, event.session_id, start))
+                heapq.heappush(book.starts.setdefault(event.session_id, []), start)
+            else:
+                messages.append(event)
+        self.open = self.open.filter(~moving)
+        self._opened()
+        self.escaped_sessions |= sessions
+
+    def _add_escaped(self, framed: pl.DataFrame, any_escaped: bool) -> list[Record]:
+        """The escaped sessions' events, one by one, each at its own watermark."""
+        assert self.escaped is not None
+        if not any_escaped:
+            return []
+        late = []
+        escaping = pl.col("windowed") & pl.col("session_id").is_in(list(self.escaped_sessions))
+        for row in framed.filter(escaping).select([*EVENT_SCHEMA.names(), "watermark"]).iter_rows():
+            self.emitted += [window.as_record() for window in self.escaped.advance_mark(row[-1])]
+            found = self.escaped.add(Event._make(row[:-1]))
+            if found is not None:
+                late.append(found.as_record())
+        return late
+
+    def _escaped_advance(self, mark: float | None) -> list[Record]:
+        if self.escaped is None:
+            return []
+        return [w.as_record() for w in self.escaped.advance_mark(mark)]
+
+    def _late_records(self, late: pl.DataFrame) -> list[Record]:
+        if late.is_empty():
+            return []
+        size = self.config.size
+        return [
+            {"session_id": event["session_id"], "window_start": iso(start), "window_end": iso(start + size),
+             "watermark": iso(mark) if math.isfinite(mark) else None, "reason": LATE_REASON, "event": event}
+            for event, start, mark in zip(
+                event_records(late), late["start"].to_list(), late["watermark"].to_list(), strict=True
+            )
+        ]
+
+    def _records(self, emitted: pl.DataFrame) -> pl.DataFrame:
+        """The window records of `emitted` open rows (whole windows), a row each (`Event.as_record`'s
+        fields; `counts` a map column, see `dataflows.flow.Records`)."""
+        if emitted.is_empty():
+            return _NO_WINDOWS
+        ordered = emitted.sort(["session_id", "start", *_CHRONOLOGICAL])
+        counts = (
+            ordered.group_by("session_id", "start", "sender", maintain_order=True).len()
+            .group_by("session_id", "start", maintain_order=True)
+            .agg(pl.struct(pl.col("sender").alias("key"), pl.col("len").alias("value")).alias("counts"))
+        )
+        size, most = self.config.size, self.config.max_messages
+        windows = ordered.group_by("session_id", "start", maintain_order=True).agg(
+            pl.struct(_MESSAGE_FIELDS).head(most).alias("messages"),
+            pl.col("timestamp").first().alias("first_event_time"),
+            pl.col("timestamp").last().alias("last_event_time"),
+            (pl.len() - pl.len().clip(upper_bound=most)).alias("overflow"),
+        )
+        return windows.join(counts, on=["session_id", "start"], how="left", maintain_order="left").select(
+            "session_id",
+            iso_expr(pl.col("start")).alias("window_start"),
+            iso_expr(pl.col("start") + size).alias("window_end"),
+            "messages",
+            "counts",
+            "first_event_time",
+            "last_event_time",
+            (pl.col("overflow") > 0).alias("truncated"),
+            pl.col("overflow").cast(pl.Int64),
+            pl.lit(None, pl.String).alias("closed_early"),
+        )
+
+
+_NO_WINDOWS = pl.DataFrame(schema={"session_id": pl.String})
