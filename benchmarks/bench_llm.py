@@ -46,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 from connectors.llm_config import LlmConfig  # noqa: E402
 from connectors.llm_stage import Batches, LlmStage  # noqa: E402
 from dataflows.events import Event, WindowRecord, iso  # noqa: E402
-from dataflows.flow import OutputKind, Record  # noqa: E402
+from dataflows.flow import OutputKind  # noqa: E402
+from dataflows.records import Record  # noqa: E402
 from tests.connectors.fake_openai import FakeOpenAI  # noqa: E402
 
 CONCURRENCIES = (1, 16, 64)

@@ -19,7 +19,7 @@ from bytewax.outputs import StatefulSinkPartition
 from connectors.by_kind import KindPartitionedSink
 
 from dataflows.errors import ConvoflowError
-from dataflows.flow import Records, is_map
+from dataflows.records import Records, is_map
 
 Record = dict[str, Any]
 

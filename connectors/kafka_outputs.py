@@ -21,7 +21,8 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Producer
 
 from dataflows.errors import ConvoflowError
-from dataflows.flow import FlowOutput, OutputKind, Record, Records, as_records
+from dataflows.flow import FlowOutput, OutputKind
+from dataflows.records import Record, Records, as_records
 
 ONLY_ERRORS = "delivery.report.only.error"
 PRODUCER_DEFAULTS: Mapping[str, Any] = MappingProxyType({ONLY_ERRORS: True})

@@ -81,7 +81,8 @@ from typing import TYPE_CHECKING, Any, Final
 import polars as pl
 
 from connectors.llm_config import LlmConfig, TranslationRequest, describe_error, language_code
-from dataflows.flow import OutputKind, Record, Records, as_records
+from dataflows.flow import OutputKind
+from dataflows.records import Record, Records, as_records
 
 if TYPE_CHECKING:
     from connectors.llm import LlmClient

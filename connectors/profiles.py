@@ -46,7 +46,7 @@ from connectors.iceberg import TABLES, open_catalog
 from connectors.lake_admin import AsOf, snapshot_at
 from dataflows.errors import ConvoflowError
 from dataflows.events import iso
-from dataflows.flow import Records, as_records
+from dataflows.records import Records, as_records
 
 Record = dict[str, Any]
 UserContext = dict[str, Any]

@@ -21,7 +21,7 @@ import orjson
 from bytewax.outputs import DynamicSink, FixedPartitionedSink, StatefulSinkPartition, StatelessSinkPartition
 
 if TYPE_CHECKING:
-    from dataflows.flow import Records
+    from dataflows.records import Records
 
 
 class GaugeSink(FixedPartitionedSink[dict[str, Any], None]):

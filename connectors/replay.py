@@ -333,9 +333,8 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
         data = data[: data.rfind(b"\n") + 1]
         parsed = parse_block(data, source=self.src.path.name, offset=self.offset, line=self.line,
                              max_bytes=self.src.max_line_bytes)
-        newlines = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == ord("\n"))
-        starts = np.concatenate(([0], newlines[:-1] + 1)) + self.offset if len(newlines) else np.empty(0, np.int64)
-        self.loaded = _Loaded(self._stamped(parsed.events, self.latest), parsed.dead, starts, self.offset + len(data))
+        self.loaded = _Loaded(self._stamped(parsed.events, self.latest), parsed.dead, parsed.starts,
+                              self.offset + len(data))
 
     def _stamped(self, events: pl.DataFrame, latest: float | None) -> pl.DataFrame:
         """`events` with their block and the latest event time before each in it (`latest` before the first)."""

@@ -41,7 +41,6 @@ ROUTED_SCHEMA = pl.Schema([*STAMPED_SCHEMA.items(), ("scope", pl.String)])
 """Events as a shard receives them: each with its `Scope` in that shard."""
 
 
-
 def events_frame(events: Iterable[Event]) -> pl.DataFrame:
     """A frame of `EVENT_SCHEMA` holding `events` (for events parsed one by one, and tests)."""
     return pl.DataFrame(list(events), schema=EVENT_SCHEMA, orient="row")

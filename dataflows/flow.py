@@ -29,32 +29,21 @@ from bytewax.inputs import Source
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 
-from dataflows.event_frame import EVENT_SCHEMA, RECORD_FIELDS, ROUTED_SCHEMA, events_frame, timed
+from dataflows.event_frame import RECORD_FIELDS, events_frame, timed
 from dataflows.events import DeadLetter, Event
 from dataflows.patterns.definitions import KeyKind, PatternDef, key_of
 from dataflows.patterns.engine import Alert, PatternBook, patterns_keyed_by
 from dataflows.live import LiveMerger
+from dataflows.records import Record, Records, as_records
 from dataflows.rules import Moderation, Rule, RuleBook, Verdict, pattern_role
 from dataflows.rules_gate import RuleGate, RulesBatch, RulesItem, RulesMark
 from dataflows.sequencing import (
-    LiveMark, Marker, Progress, ReplayLayout, Scope, Sequencer, Stamped, Wire, from_wire, later, stamped_frame, to_wire,
+    LiveMark, Marker, Progress, ReplayLayout, Scope, Sequencer, Stamped, Wire, from_wire, later, stamped_frame, stamped_rows,
+    to_wire,
 )
 from dataflows.window_frames import FrameWindows
 from dataflows.windows import WindowConfig
 
-Record = dict[str, Any]
-Records = list[Record] | pl.DataFrame
-"""A batch of records of one kind: JSON-ready dicts, or a frame with a column per field (in the
-record's order; nested fields as structs and lists), which encoders write column-wise. A column
-of lists of `{key, value}` structs (a map column, `is_map`) stands for a JSON object with those
-keys (a window's `counts`: one key per sender)."""
-MAP_FIELDS = ("key", "value")
-
-
-def is_map(dtype: pl.DataType) -> bool:
-    """Whether a column of this type is a map column (see `Records`)."""
-    return (isinstance(dtype, pl.List) and isinstance(dtype.inner, pl.Struct)
-            and tuple(f.name for f in dtype.inner.fields) == MAP_FIELDS)
 SourceItem = pl.DataFrame | Stamped | DeadLetter | Marker
 """What a flow's source emits (see the module docstring): events as a frame (`STAMPED_SCHEMA`)
 or one by one, dead letters and markers."""
@@ -62,17 +51,6 @@ RulesSourceItem = RulesItem | DeadLetter
 """What a rules source emits: rules, its clock (`RulesMark`) and rejected rules."""
 Encoder = Callable[[str, Records], Any]
 """Turns a batch of records of one kind (`kind`, `records`) into the payload a sink writes."""
-
-
-def as_records(records: Records) -> list[Record]:
-    """A batch as JSON-ready dicts (a frame's rows become dicts, its map columns dicts too)."""
-    if not isinstance(records, pl.DataFrame):
-        return records
-    rows = records.to_dicts()
-    for name in [name for name, dtype in records.schema.items() if is_map(dtype)]:
-        for row in rows:
-            row[name] = {entry["key"]: entry["value"] for entry in row[name]}
-    return rows
 
 
 def as_list(kind: str, records: Records) -> list[Record]:
@@ -378,13 +356,9 @@ class _Outputs:
     moderated: list[Record] = field(default_factory=list)
 
 
-_WIDTH = len(EVENT_SCHEMA)
-
-
 def _pairs(released: pl.DataFrame) -> Iterator[tuple[Stamped, float | None]]:
     """Released events one by one, each with the clock before it (for what is sequential per event)."""
-    for row in released.select([*ROUTED_SCHEMA.names(), "clock"]).iter_rows():
-        yield Stamped(Event._make(row[:_WIDTH]), row[_WIDTH], row[_WIDTH + 1], row[_WIDTH + 2]), row[_WIDTH + 3]
+    return zip(stamped_rows(released), released["clock"].to_list(), strict=True)
 
 
 _NO_RULES = Moderation("allow", "")
@@ -445,7 +419,7 @@ def _router(config: FlowConfig) -> Callable[[list[SourceItem | RulesSourceItem]]
 
         def add_singles() -> None:
             if singles:
-                add_frame(stamped_frame(singles).drop("scope"))
+                add_frame(stamped_frame(singles, scoped=False))
                 singles.clear()
 
         for item in items:

@@ -47,10 +47,11 @@ _EMPTY = events_frame(())
 @dataclass(frozen=True)
 class ParsedBlock:
     """What a block's lines became: the accepted events (`EVENT_SCHEMA`, in file order) and the
-    rejected lines, in file order."""
+    rejected lines, in file order; and where each line starts (byte offsets in the file)."""
 
     events: pl.DataFrame
     dead: list[DeadLetter]
+    starts: np.ndarray
 
 
 def parse_block(
@@ -60,7 +61,7 @@ def parse_block(
     and numbered `line`; a line of more than `max_bytes` bytes is rejected unread."""
     ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == _NEWLINE)
     if not len(ends):
-        return ParsedBlock(_EMPTY, [])
+        return ParsedBlock(_EMPTY, [], np.empty(0, np.int64))
     starts = np.concatenate(([0], ends[:-1] + 1))
     raw = data.split(b"\n")
     lines = pl.DataFrame({
@@ -82,7 +83,7 @@ def parse_block(
             dead.append(parsed)
     if slow:
         fast = pl.concat([fast, events_frame(slow)]).sort("offset")
-    return ParsedBlock(fast, dead)
+    return ParsedBlock(fast, dead, starts + offset)
 
 
 def _bodies(data: bytes, raw: list[bytes]) -> pl.Series:

@@ -271,11 +271,14 @@ def stamped_rows(frame: pl.DataFrame) -> Iterator[Stamped]:
         yield Stamped(Event._make(row[:width]), row[width], row[width + 1], scope)
 
 
-def stamped_frame(items: Iterable[Stamped]) -> pl.DataFrame:
-    """`Stamped` events as one routed frame (`ROUTED_SCHEMA`)."""
+def stamped_frame(items: Iterable[Stamped], *, scoped: bool = True) -> pl.DataFrame:
+    """`Stamped` events as one routed frame (`ROUTED_SCHEMA`), or without their scopes
+    (`STAMPED_SCHEMA`) when not `scoped`."""
     items = list(items)
-    return events_frame(s.event for s in items).with_columns(
+    columns = [
         pl.Series("block", [s.block for s in items], dtype=pl.Int64),
         pl.Series("clock_before", [s.clock_before for s in items], dtype=pl.Float64),
-        pl.Series("scope", [s.scope for s in items], dtype=pl.String),
-    )
+    ]
+    if scoped:
+        columns.append(pl.Series("scope", [s.scope for s in items], dtype=pl.String))
+    return events_frame(s.event for s in items).with_columns(columns)

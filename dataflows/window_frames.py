@@ -15,20 +15,18 @@ event's watermark before it takes the event, so both share one watermark.
 
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 import polars as pl
 
 from dataflows.event_frame import EVENT_SCHEMA, event_records, iso_expr
 from dataflows.events import LATE_REASON, Event, iso
+from dataflows.records import Record, Records
 from dataflows.windows import WindowBook, WindowConfig
 
-Record = dict[str, Any]
-Records = list[Record] | pl.DataFrame
 OPEN_SCHEMA = pl.Schema([*EVENT_SCHEMA.items(), ("start", pl.Float64)])
 """An open window's events: the event columns and the window's start."""
 _CHRONOLOGICAL = ["time", "source", "offset"]
@@ -134,16 +132,8 @@ class FrameWindows:
         if self.escaped is None:
             self.escaped = WindowBook(self.config, watermark=self.watermark)
         moving = self.open["session_id"].is_in(list(sessions))
-        book = self.escaped
         for row in self.open.filter(moving).select(OPEN_SCHEMA.names()).iter_rows():
-            event, start = Event._make(row[:-1]), row[-1]
-            messages = book.open.get((event.session_id, start))
-            if messages is None:
-                book.open[(event.session_id, start)] = [event]
-                heapq.heappush(book.ends, (start + self.config.size, event.session_id, start))
-                heapq.heappush(book.starts.setdefault(event.session_id, []), start)
-            else:
-                messages.append(event)
+            self.escaped.adopt(Event._make(row[:-1]), row[-1])
         self.open = self.open.filter(~moving)
         self._opened()
         self.escaped_sessions |= sessions

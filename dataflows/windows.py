@@ -121,6 +121,18 @@ class WindowBook:
                 self._trim(key, messages)
         return None
 
+    def adopt(self, event: Event, start: float) -> None:
+        """Take an event of an open window kept elsewhere until now (`FrameWindows` hands over
+        a session): no lateness test, and no limit, since that window held it already."""
+        key = (event.session_id, start)
+        messages = self.open.get(key)
+        if messages is None:
+            self.open[key] = [event]
+            heapq.heappush(self.ends, (start + self.config.size, event.session_id, start))
+            heapq.heappush(self.starts.setdefault(event.session_id, []), start)
+        else:
+            messages.append(event)
+
     def advance(self, now: float | None) -> list[WindowRecord]:
         """Emit the windows closed early since the last call; then move the watermark to
         `now - out_of_orderness` and emit every window it passed."""

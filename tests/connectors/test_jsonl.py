@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from connectors.jsonl import JsonlSink, json_line, json_lines, prepare_out_dir
 from dataflows.errors import ConvoflowError
-from dataflows.flow import as_records
+from dataflows.records import as_records
 
 
 def test_refuses_a_non_empty_out_dir_unless_overwrite(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ from connectors import llm_stage
 from connectors.llm import LlmConfig
 from connectors.llm_stage import FLAG_OFF, NO_READER, NO_SOURCE, LlmStage, ReaderLanguages, model_for
 from dataflows.events import DeadLetter, Event, WindowRecord, iso
-from dataflows.flow import FlowConfig, FlowOutput, OutputKind, Record, as_records, build_flow
+from dataflows.flow import FlowConfig, FlowOutput, OutputKind, build_flow
+from dataflows.records import Record, as_records
 from dataflows.sequencing import DONE, Progress, ReplayLayout, Stamped, replay_items
 from tests.connectors.fake_openai import FakeOpenAI
 

@@ -4,22 +4,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import orjson
-import polars as pl
 import pytest
 
 from connectors.replay import ReplayPartition, ReplaySource, check_readable, first_event_time
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
-from dataflows.sequencing import stamped_rows
+from tests.connectors.replay_batches import expanded
 from dataflows.events import DeadLetter
 from dataflows.sequencing import DONE, Progress, ReplayLayout, Stamped
 
 T0 = 1_704_103_200.0
-
-
-def expanded(items: list) -> list:
-    """A batch with its event frame as the `Stamped` events the flow makes of it."""
-    return [one for item in items for one in (stamped_rows(item) if isinstance(item, pl.DataFrame) else [item])]
 
 
 class FakeWall:

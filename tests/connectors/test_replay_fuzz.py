@@ -6,23 +6,17 @@ import tracemalloc
 from pathlib import Path
 
 import orjson
-import polars as pl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from connectors.replay import ReplayPartition, ReplaySource, first_event_time
 from dataflows.clock import ReplayClock
-from dataflows.sequencing import stamped_rows
+from tests.connectors.replay_batches import expanded
 from dataflows.events import DeadLetter, Event
 from dataflows.parse import RAW_EXCERPT_CHARS
 from dataflows.sequencing import ReplayLayout, Stamped
 
 T0 = 1_704_103_200.0
-
-
-def expanded(items: list) -> list:
-    """A batch with its event frame as the `Stamped` events the flow makes of it."""
-    return [one for item in items for one in (stamped_rows(item) if isinstance(item, pl.DataFrame) else [item])]
 
 
 def event_line(n: int, text: str) -> bytes:

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from dataflows.event_frame import events_frame
 from dataflows.events import Event, iso
-from dataflows.flow import as_records
+from dataflows.records import as_records
 from dataflows.window_frames import FrameWindows
 from dataflows.windows import WindowBook, WindowConfig
 
