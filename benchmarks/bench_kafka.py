@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_replay import cpu_seconds, ensure_sample, session_and_time, session_windows  # noqa: E402  (after the path is set)
 
-TARGET_RATIO = 0.5
+TARGET_RATIO = 0.8
 PARTITIONS = 3
 CASES = ("loop", "bytewax", "bytewax-windows", "convoflow", "convoflow2")
 LABELS = {"loop": "(a) confluent-kafka loop", "bytewax": "bare Bytewax Kafka → Kafka",

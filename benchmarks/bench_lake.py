@@ -25,7 +25,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-TARGET_ROWS_PER_SECOND = 100_000
+TARGET_ROWS_PER_SECOND = 300_000
 T0 = 1709542800.0  # 2024-03-04T09:00:00Z
 TEXTS = (
     "Hi, any news on my loan application from last week?",

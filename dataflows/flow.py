@@ -249,10 +249,8 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
         latest = cast(float | None, released["clock"].max())
         if isinstance(self.state.sequencer, Sequencer):
             latest = later(latest, cast(float | None, released["time"].max()))
-        patterns = self.state.patterns
-        if patterns is not None:
-            for stamped, clock in _pairs(released):
-                patterns.add(stamped.event, clock, scope=stamped.scope)
+        if self.state.patterns is not None:
+            self.state.patterns.add_frame(released)
         own = pl.col("scope") != "user"
         out.late.extend(self.state.windows.add(released.with_columns(own.alias("windowed"))))
         out.frames.append(released.filter(own).select(RECORD_FIELDS))
@@ -270,32 +268,39 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
         latest: float | None = None
         events: list[Event] = []
         clocks: list[float | None] = []
-        windowed: list[bool] = []
+        scopes: list[str] = []
+        roles: list[str | None] = []
+        blocked: list[bool] = []
         for stamped, clock in admitted:
             event, scope = stamped.event, stamped.scope
             latest = later(latest, seq.clock_after(clock, event.time))
             verdict = _judge(gate.book, event) if gate.book.version() else _NO_RULES
-            blocked = verdict.action == "block"
-            if blocked:
+            stopped = verdict.action == "block"
+            if stopped:
                 if scope != "user":
                     out.moderated.append({**event.as_record(), "moderation": _moderation_record(verdict)})
             else:
                 if verdict.action == "mask":
                     event = event._replace(text=verdict.text)
-                if patterns is not None:
-                    patterns.add(event, clock, pattern_role(verdict.role), gate.book, scope)
                 if scope != "user":
                     record = event.as_record()
                     record["moderation"] = _moderation_record(verdict)
                     out.messages.append(record)
             events.append(event)
             clocks.append(clock)
-            windowed.append(not blocked and scope != "user")
+            scopes.append(scope)
+            roles.append(pattern_role(verdict.role))
+            blocked.append(stopped)
         if events:
             frame = events_frame(events).with_columns(
-                pl.Series("clock", clocks, dtype=pl.Float64), pl.Series("windowed", windowed, dtype=pl.Boolean)
+                pl.Series("clock", clocks, dtype=pl.Float64), pl.Series("scope", scopes, dtype=pl.String),
+                pl.Series("role", roles, dtype=pl.String), pl.Series("blocked", blocked, dtype=pl.Boolean),
             )
-            out.late.extend(self.state.windows.add(frame))
+            if patterns is not None:
+                patterns.add_frame(frame.filter(~pl.col("blocked")), gate.book)
+            out.late.extend(self.state.windows.add(
+                frame.with_columns((~pl.col("blocked") & (pl.col("scope") != "user")).alias("windowed"))
+            ))
         return latest
 
     def _advance(self, clock: float | None, out: _Outputs) -> None:

@@ -20,11 +20,14 @@ patterns in effect at their own time, and an absence fires only if its pattern i
 deadline; a pattern whose definition is unchanged keeps its state across a change, a redefined one
 starts afresh. Roles that the rules give chat users (`rm` is an agent) reach the predicates too.
 
-Per event the work is kept to what the event can change. An event's kind, shape and resolved role
-decide every static test of every predicate, so each such class of event gets a route, built once:
-per pattern, the `ResidualTest` left of each step and of the absence.
-An event then costs a state lookup per pattern, and tests only against the steps its key's
-partial matches wait on; one that can start nothing, for a key with no state, costs nothing more.
+Events come and wait as frames; what can be decided for a whole frame is decided column-wise
+(lateness, roles, keys, the order of release), and per event the work is kept to what the event
+can change. An event's kind, shape, resolved role and scope (its class) decide every static test
+of every predicate, so each class gets a route, built once: per pattern, the `ResidualTest` left of
+each step and of the absence. Per pattern, a frame's events of classes it has no route for, and
+those of keys that hold no state and have no event there that could start it, are never visited
+one by one (the latter only mark their keys as seen, all at once). A visited event costs a state
+lookup per pattern, and tests only against the steps its key's partial matches wait on.
 Partial matches are plain tuples that keep each step's sender (the only thing later steps test).
 """
 
@@ -32,12 +35,14 @@ from __future__ import annotations
 
 import heapq
 import math
-from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from operator import itemgetter
 from typing import Any, Protocol, TypeAlias
 
+import numpy as np
+import polars as pl
+
+from dataflows.event_frame import EVENT_SCHEMA, events_frame
 from dataflows.events import Event, iso
 from dataflows.sequencing import Scope
 from dataflows.patterns.definitions import (
@@ -48,7 +53,6 @@ from dataflows.patterns.definitions import (
     Summarizer,
     iso_of,
     key_of,
-    role_of,
 )
 
 TEXT_EXCERPT_CHARS = 80
@@ -64,10 +68,16 @@ _Partial: TypeAlias = "tuple[int, int, float, float, tuple[Event, ...], tuple[st
 _Waiting: TypeAlias = "tuple[float, _Partial]"
 """A completed match waiting for its absence to hold until a deadline: (deadline, match)."""
 
-_Buffered: TypeAlias = "tuple[float, int, Event, ResolvedRole, Scope]"
-"""An event waiting for the watermark: (time, offset, event, its sender's resolved role, its scope)."""
-
-_event_time = itemgetter(0)
+BUFFER_SCHEMA = pl.Schema([*EVENT_SCHEMA.items(), ("role", pl.String), ("scope", pl.String), ("user_key", pl.String),
+                           ("class", pl.String)])
+"""Events waiting for the watermark: each with its sender's resolved role, its scope, its user
+(`key_of(event, "user")`) and its class (kind, shape, role and scope: what decides its routes)."""
+_KEY_COLUMN = {False: "session_id", True: "user_key"}
+"""The buffer's column of a pattern's key, by whether it is keyed by user."""
+_TIME = EVENT_SCHEMA.names().index("time")
+_SESSION = EVENT_SCHEMA.names().index("session_id")
+_RELEASE_ORDER = ["time", "offset", "event_id", "session_id", "sender", "kind", "text"]
+"""Event-time order, ties broken by file order, then (for events of different inputs) by content."""
 
 
 class PatternRules(Protocol):
@@ -396,8 +406,8 @@ class PatternBook:
     out_of_orderness: float
     watermark: float = -math.inf
     arrival_mark: float = -math.inf
-    buffer: list[_Buffered] = field(default_factory=list)
-    """Events not yet matched; sorted by each `advance`."""
+    buffer: list[pl.DataFrame] = field(default_factory=list)
+    """Events not yet matched (`BUFFER_SCHEMA`), in frames as they came; sorted by each `advance`."""
     deadlines: list[tuple[float, int, _Matcher, str]] = field(default_factory=list)
     """Heap of waiting absences: (deadline, sequence, pattern's matcher, key)."""
     released: tuple[float, int] = (-math.inf, -1)
@@ -405,7 +415,7 @@ class PatternBook:
     swept_at: float = -math.inf
     _sequence: int = 0
     _matchers: tuple[_Matcher, ...] = field(init=False, repr=False)
-    _routes: dict[tuple[str, str, ResolvedRole, Scope], tuple[_Route, ...]] = field(init=False, repr=False)
+    _routes: dict[tuple[str, str, str, str], tuple[_Route | None, ...]] = field(init=False, repr=False)
     _span: tuple[float, float] = field(init=False, repr=False)
     """The event times over which the rules' definitions were last looked up: `[lo, hi)`."""
     _rules_version: int = field(init=False, repr=False)
@@ -454,27 +464,53 @@ class PatternBook:
 
     def add(self, event: Event, clock: float | None, role: ResolvedRole | None = None,
             rules: PatternRules | None = None, scope: Scope = "all") -> None:
-        """Take a timed event that arrived at `clock`; it is matched once the watermark passes it.
+        """`add_frame` for one event (tests, and callers with a single event)."""
+        frame = events_frame([event]).with_columns(
+            pl.lit(clock, pl.Float64).alias("clock"), pl.lit(scope, pl.String).alias("scope"),
+            pl.lit(role, pl.String).alias("role"),
+        )
+        self.add_frame(frame, rules)
 
-        It is late, and skipped, when it is behind the watermark it arrived at: judged by the clock
+    def add_frame(self, events: pl.DataFrame, rules: PatternRules | None = None) -> None:
+        """Take timed events in arrival order (event columns, `clock`, `scope`, maybe `role`): each
+        arrived at its `clock` and is matched once the watermark passes it.
+
+        One is late, and skipped, when it is behind the watermark it arrived at: judged by the clock
         at arrival (a function of the input), the same however events are batched into `advance`.
-        `role` is the role the rules give a chat event's sender (a conversation's sender field is
-        its role). `scope` says which of the patterns it meets: those keyed by its session
-        (`session`), by its user (`user`) or both (`all`). An event that no pattern could be in
-        effect for is not kept.
+        `role`, where set, is the role the rules give a chat event's sender (a conversation's sender
+        field is its role). `scope` says which of the patterns it meets: those keyed by its session
+        (`session`), by its user (`user`) or both (`all`). Events that no pattern could be in effect
+        for are not kept.
         """
-        time = event.time
-        assert time is not None, "events are timed before pattern matching"
-        if clock is not None and clock - self.out_of_orderness > self.arrival_mark:
-            self.arrival_mark = clock - self.out_of_orderness
-        released = self.released
-        if time < self.arrival_mark or (time <= released[0] and (time, event.offset) < released):
-            self.skipped_late += 1
+        if events.is_empty():
             return
-        if not self.patterns and not self._matchers and (rules is None or not rules.patterns_span(time)[0]):
+        times = events["time"].to_numpy()
+        assert not np.isnan(times).any(), "events are timed before pattern matching"
+        clock = events["clock"].to_numpy().astype(np.float64)
+        marks = np.where(np.isnan(clock), -np.inf, clock - self.out_of_orderness)
+        arrival = np.maximum.accumulate(np.maximum(marks, self.arrival_mark))
+        self.arrival_mark = float(arrival[-1])
+        at, offset = self.released
+        offsets = events["offset"].to_numpy()
+        late = (times < arrival) | (times < at) | ((times == at) & (offsets < offset))
+        self.skipped_late += int(late.sum())
+        keep = ~late
+        if not self.patterns and not self._matchers:
+            keep &= self._in_effect(times, rules)
+        if not keep.any():
             return
-        resolved = role if role is not None and event.shape == "chat" else role_of(event)
-        self.buffer.append((time, event.offset, event, resolved, scope))
+        role = pl.col("role") if "role" in events.columns else pl.lit(None, pl.String)
+        resolved = (
+            pl.when(pl.col("shape") == "conversation")
+            .then(pl.when(pl.col("sender") == "rm").then(pl.lit("agent")).otherwise(pl.lit("customer")))
+            .otherwise(pl.coalesce(role, pl.lit("user")))
+        )
+        kept = events.filter(pl.Series(keep)) if not keep.all() else events
+        self.buffer.append(kept.select(
+            *EVENT_SCHEMA.names(), resolved.alias("role"), "scope",
+            pl.coalesce("username", pl.concat_str("session_id", pl.lit("/"), "sender")).alias("user_key"),
+            pl.concat_str("kind", "shape", resolved, "scope", separator="\x00").alias("class"),
+        ))
 
     def advance(self, now: float | None, rules: PatternRules | None = None) -> list[Alert]:
         """Move the watermark to `now - out_of_orderness`; match what it passed, fire due absences."""
@@ -482,15 +518,12 @@ class PatternBook:
             return []
         self.watermark = mark = now - self.out_of_orderness
         alerts: list[Alert] = []
-        buffer = self.buffer
-        if buffer:
-            # Mostly in order already: a sort of the new tail, then one cut, beats a heap per event.
-            buffer.sort()
-            cut = bisect_right(buffer, mark, key=_event_time)
+        if self.buffer:
+            waiting = self._sorted_buffer()
+            cut = int(np.searchsorted(waiting["time"].to_numpy(), mark, side="right"))
+            self.buffer = [waiting.slice(cut)] if cut < len(waiting) else []
             if cut:
-                ready = buffer[:cut]
-                del buffer[:cut]
-                self._release(ready, alerts, rules)
+                self._release(waiting.slice(0, cut), alerts, rules)
         self._fire(mark, alerts, rules, inclusive=False)
         if mark - self.swept_at >= SWEEP_EVERY_SECONDS:
             self._sweep()
@@ -499,9 +532,10 @@ class PatternBook:
     def flush(self, rules: PatternRules | None = None) -> list[Alert]:
         """End of input: match every buffered event, then fire every waiting absence."""
         alerts: list[Alert] = []
-        ready = sorted(self.buffer)
-        self.buffer.clear()
-        self._release(ready, alerts, rules)
+        if self.buffer:
+            ready = self._sorted_buffer()
+            self.buffer = []
+            self._release(ready, alerts, rules)
         self._fire(math.inf, alerts, rules, inclusive=True)
         for matcher in self._matchers:
             matcher.states.clear()
@@ -510,26 +544,87 @@ class PatternBook:
         return alerts
 
     @property
+    def buffered(self) -> int:
+        """Events waiting for the watermark."""
+        return sum(len(frame) for frame in self.buffer)
+
+    @property
     def open_keys(self) -> int:
         """Keys with state, and keys remembered as seen, over all patterns."""
         return sum(len(m.states) + len(m.seen or ()) for m in self._matchers)
 
-    def _release(self, ready: list[_Buffered], alerts: list[Alert], rules: PatternRules | None) -> None:
-        """Match events in time order, firing each absence whose deadline comes before the next event."""
-        deadlines = self.deadlines
+    def _sorted_buffer(self) -> pl.DataFrame:
+        waiting = self.buffer[0] if len(self.buffer) == 1 else pl.concat(self.buffer)
+        return waiting.sort(_RELEASE_ORDER)
+
+    def _in_effect(self, times: np.ndarray, rules: PatternRules | None) -> np.ndarray:
+        """Whether some pattern of the rules is in effect at each of `times` (a span at a time)."""
+        found = np.zeros(len(times), dtype=bool)
+        if rules is None:
+            return found
+        order = np.argsort(times, kind="stable")
+        ordered = times[order]
+        at = 0
+        while at < len(ordered):
+            defs, _, hi = rules.patterns_span(float(ordered[at]))
+            stop = max(at + 1, int(np.searchsorted(ordered, hi, side="left")))
+            found[order[at:stop]] = bool(defs)
+            at = stop
+        return found
+
+    def _release(self, ready: pl.DataFrame, alerts: list[Alert], rules: PatternRules | None) -> None:
+        """Match events (sorted, `BUFFER_SCHEMA`) in time order, a stretch of constant definitions
+        at a time; each absence fires before the first event after its deadline."""
         self._check_rules(rules)
-        lo, hi = self._span
-        for time, _, event, role, scope in ready:
+        if rules is None:
+            self._match(ready, alerts, rules)
+        else:
+            times = ready["time"].to_numpy()
+            at = 0
+            while at < len(times):
+                first = float(times[at])
+                if self.deadlines and self.deadlines[0][0] < first:
+                    self._fire(first, alerts, rules, inclusive=False)
+                if not self._span[0] <= first < self._span[1]:
+                    self._follow(rules, first)
+                stop = max(at + 1, int(np.searchsorted(times, self._span[1], side="left")))
+                self._match(ready.slice(at, stop - at), alerts, rules)
+                at = stop
+        last = ready.row(len(ready) - 1, named=True)
+        self.released = (last["time"], last["offset"])
+
+    def _match(self, ready: pl.DataFrame, alerts: list[Alert], rules: PatternRules | None) -> None:
+        """Match events of one stretch of constant definitions, visiting per pattern only the
+        events that can start or move on a match.
+
+        A key holds a pattern's state only from an event that can start it; so an event of a key
+        with no state, none of whose events here can start the pattern, changes nothing but (for
+        patterns that ask for a key's first event) when the key was last seen: that is noted for
+        all such events at once.
+        """
+        if not self._matchers:
+            return
+        routes, class_of, visits = self._visits(ready)
+        chosen = visits != 0
+        if not chosen.any():
+            return
+        chosen_rows = pl.Series(chosen)
+        rows = ready.filter(chosen_rows).select(EVENT_SCHEMA.names()).iter_rows()
+        plans: dict[tuple[int, int], tuple[_Route, ...]] = {}
+        deadlines = self.deadlines
+        make = tuple.__new__
+        for row, cls, visit in zip(rows, class_of[chosen].tolist(), visits[chosen].tolist(), strict=True):
+            plan = plans.get((cls, visit))
+            if plan is None:
+                plan = plans[(cls, visit)] = tuple(
+                    r for i, r in enumerate(routes[cls]) if r is not None and visit >> i & 1
+                )
+            event: Event = make(Event, row)
+            time: float = row[_TIME]
             if deadlines and deadlines[0][0] < time:
                 self._fire(time, alerts, rules, inclusive=False)
-            if rules is not None and not lo <= time < hi:
-                self._follow(rules, time)
-                lo, hi = self._span
-            route = self._routes.get((event.kind, event.shape, role, scope))
-            if route is None:
-                route = self._route(event, role, scope)
-            session, user = event.session_id, None
-            for matcher, by_user, tests, absence, can_start, touches in route:
+            session, user = row[_SESSION], None
+            for matcher, by_user, tests, absence, can_start, touches in plan:
                 if not by_user:
                     key = session
                 elif user is None:
@@ -557,8 +652,43 @@ class PatternBook:
                         continue
                 if seen is not None:
                     seen[key] = time
-        if ready:
-            self.released = ready[-1][:2]
+
+    def _visits(self, ready: pl.DataFrame) -> tuple[list[tuple[_Route | None, ...]], np.ndarray, np.ndarray]:
+        """The routes of each class in `ready`, each row's class, and per row a bit per pattern
+        that must visit it (see `_match`); marks the keys of the others as seen."""
+        matchers = self._matchers
+        classes = ready["class"]
+        distinct = classes.unique(maintain_order=True)
+        class_of = classes.replace_strict(distinct, pl.Series(range(len(distinct)), dtype=pl.Int64)).to_numpy()
+        routes = [self._routes_of(*name.split("\x00")) for name in distinct.to_list()]
+        visits = np.zeros(len(ready), dtype=np.int64)
+        membership: dict[str, pl.Expr] = {}
+        routed_of: dict[int, np.ndarray] = {}
+        for index, matcher in enumerate(matchers):
+            routed = np.array([r[index] is not None for r in routes])[class_of]
+            if not routed.any():
+                continue
+            starts = np.array([(route := r[index]) is not None and route[4] for r in routes])[class_of]
+            if (starts == routed).all():
+                visits |= routed.astype(np.int64) << index
+                continue
+            column = _KEY_COLUMN[matcher.by_user]
+            active = set(matcher.states)
+            active.update(ready[column].filter(pl.Series(starts)).to_list())
+            membership[str(index)] = pl.col(column).is_in(pl.Series(list(active), dtype=pl.String).implode())
+            routed_of[index] = routed
+        if not membership:
+            return routes, class_of, visits
+        found = ready.select(**membership)
+        for index, routed in routed_of.items():
+            visited = routed & found[str(index)].to_numpy()
+            visits |= visited.astype(np.int64) << index
+            seen, passed = matchers[index].seen, routed & ~visited
+            if seen is not None and passed.any():
+                column = _KEY_COLUMN[matchers[index].by_user]
+                last = ready.filter(pl.Series(passed)).group_by(column).agg(pl.col("time").max())
+                seen.update(last.iter_rows())
+        return routes, class_of, visits
 
     def _check_rules(self, rules: PatternRules | None) -> None:
         """Forget the span of the definitions in effect if rules came since it was looked up."""
@@ -574,15 +704,16 @@ class PatternBook:
         self.set_patterns(by_id.values())
         self._span = (lo, hi)
 
-    def _route(self, event: Event, role: ResolvedRole, scope: Scope) -> tuple[_Route, ...]:
-        """Build (once per class of event) the routes of `event`'s kind, shape, role and scope to the patterns."""
-        kind = event.kind
-        route = tuple(
-            r for m in self._matchers
-            if scope != ("session" if m.by_user else "user") and (r := m.route(kind, event.shape, role)) is not None
-        )
-        self._routes[(kind, event.shape, role, scope)] = route
-        return route
+    def _routes_of(self, kind: str, shape: str, role: str, scope: str) -> tuple[_Route | None, ...]:
+        """Each pattern's route for events of `kind`, `shape`, `role` and `scope` (None: it need
+        not see them); built once per class of event."""
+        found = self._routes.get((kind, shape, role, scope))
+        if found is None:
+            found = self._routes[(kind, shape, role, scope)] = tuple(
+                m.route(kind, shape, role) if scope != ("session" if m.by_user else "user") else None  # type: ignore[arg-type]
+                for m in self._matchers
+            )
+        return found
 
     def _fire(self, until: float, alerts: list[Alert], rules: PatternRules | None, *, inclusive: bool) -> None:
         """Fire waiting absences whose deadline is before `until` (at or before, if inclusive) and
