@@ -19,7 +19,7 @@ from bytewax.outputs import StatefulSinkPartition
 from connectors.by_kind import KindPartitionedSink
 
 from dataflows.errors import ConvoflowError
-from dataflows.records import Records, is_map
+from dataflows.records import Records, is_json, is_map
 
 Record = dict[str, Any]
 
@@ -60,16 +60,19 @@ def json_lines(kind: str, records: Records) -> bytes:
 def json_expr(schema: pl.Schema) -> pl.Expr:
     """Each row of a frame of `schema` as the JSON `json_line` makes of its record (`as_records`)."""
     maps = {name for name, dtype in schema.items() if is_map(dtype)}
-    if not maps:
+    texts = {name for name, dtype in schema.items() if is_json(dtype)}
+    if not maps and not texts:
         return pl.struct(pl.all()).struct.json_encode()
     pieces: list[pl.Expr] = []
     plain: list[str] = []
     for name in [*schema.names(), None]:
-        if (name is None or name in maps) and plain:
+        if (name is None or name in maps or name in texts) and plain:
             pieces.append(pl.struct(plain).struct.json_encode().str.slice(1).str.head(-1))
             plain = []
         if name in maps:
             pieces.append(pl.lit(f"{orjson.dumps(name).decode()}:") + _json_object(pl.col(name)))
+        elif name in texts:
+            pieces.append(pl.lit(f"{orjson.dumps(name).decode()}:") + pl.col(name).cast(pl.String).fill_null("null"))
         elif name is not None:
             plain.append(name)
     return pl.concat_str([pl.lit("{"), pl.concat_str(pieces, separator=","), pl.lit("}")])

@@ -18,6 +18,7 @@ SAME_IN_EVERY_SHARD = ("rules_version", "rules_stale")
 """Gauges every shard reports alike (each holds every rule): the view shows the latest, not a sum."""
 
 import orjson
+import polars as pl
 from bytewax.outputs import DynamicSink, FixedPartitionedSink, StatefulSinkPartition, StatelessSinkPartition
 
 if TYPE_CHECKING:
@@ -80,8 +81,13 @@ def tally_of(kind: str, records: Records) -> dict[str, int]:
     The encoder of the `TallySink` output, so only these small dicts cross workers.
     """
     counts = {str(kind): len(records)}
-    if not isinstance(records, list):
-        return counts  # a frame: messages without a rules stream
+    if isinstance(records, pl.DataFrame):
+        if kind == MESSAGES and "moderation" in records.columns:
+            for text, count in records["moderation"].value_counts().iter_rows():
+                action = orjson.loads(text)["action"]
+                if action != "allow":
+                    counts[action] = counts.get(action, 0) + count
+        return counts
     if kind == ALERTS:
         for record in records:
             key = f"{ALERTS}:{record.get('pattern')}"

@@ -14,10 +14,9 @@ are hashed onto the same shards, for the patterns keyed by user (see `_router`).
 
 from __future__ import annotations
 
-import functools
 import pickle
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, cast
@@ -29,17 +28,17 @@ from bytewax.inputs import Source
 from bytewax.operators import StatefulBatchLogic
 from bytewax.outputs import Sink
 
-from dataflows.event_frame import RECORD_FIELDS, events_frame, timed
+from dataflows.event_frame import RECORD_FIELDS, timed
 from dataflows.events import DeadLetter, Event
 from dataflows.patterns.definitions import KeyKind, PatternDef, key_of
 from dataflows.patterns.engine import Alert, PatternBook, patterns_keyed_by
+from dataflows.judging import judged, pattern_roles
 from dataflows.live import LiveMerger
 from dataflows.records import Record, Records, as_records
-from dataflows.rules import Moderation, Rule, RuleBook, Verdict, pattern_role
+from dataflows.rules import Rule
 from dataflows.rules_gate import RuleGate, RulesBatch, RulesItem, RulesMark
 from dataflows.sequencing import (
-    LiveMark, Marker, Progress, ReplayLayout, Scope, Sequencer, Stamped, Wire, from_wire, later, stamped_frame, stamped_rows,
-    to_wire,
+    LiveMark, Marker, Progress, ReplayLayout, Scope, Sequencer, Stamped, Wire, from_wire, later, stamped_frame, to_wire,
 )
 from dataflows.window_frames import FrameWindows
 from dataflows.windows import WindowConfig
@@ -236,72 +235,47 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
         gate = self.state.gate
         if gate is None:
             return self._columns(released, out)
-        pairs = list(_pairs(released))
-        if final:
-            gate.held.extend(pairs)
-            return self._judged(gate.release_all(), out)
-        return self._judged(gate.admit(pairs), out)
+        return self._judged(gate.release_all(released) if final else gate.admit(released), out)
+
+    def _latest(self, released: pl.DataFrame) -> float | None:
+        """The clock once `released` have been read: a replay's counts their times too (`clock_after`)."""
+        latest = cast(float | None, released["clock"].max())
+        if isinstance(self.state.sequencer, Sequencer):
+            latest = later(latest, cast(float | None, released["time"].max()))
+        return latest
 
     def _columns(self, released: pl.DataFrame, out: _Outputs) -> float | None:
         """Without a rules stream: window every event of the shard's sessions, column-wise."""
         if released.is_empty():
             return None
-        latest = cast(float | None, released["clock"].max())
-        if isinstance(self.state.sequencer, Sequencer):
-            latest = later(latest, cast(float | None, released["time"].max()))
         if self.state.patterns is not None:
             self.state.patterns.add_frame(released)
         own = pl.col("scope") != "user"
         out.late.extend(self.state.windows.add(released.with_columns(own.alias("windowed"))))
         out.frames.append(released.filter(own).select(RECORD_FIELDS))
-        return latest
+        return self._latest(released)
 
-    def _judged(self, admitted: Iterable[tuple[Stamped, float | None]], out: _Outputs) -> float | None:
-        """With a rules stream: judge each admitted event, then window those it lets through.
+    def _judged(self, admitted: pl.DataFrame | None, out: _Outputs) -> float | None:
+        """With a rules stream: judge the admitted events, then window those it lets through.
 
         An event of scope `user` (its session is another shard's) is judged (its role and masked
         text reach the patterns) and matched only: its session's shard outputs it. A blocked event
         still moves the watermark, as every released event does.
         """
-        patterns, gate, seq = self.state.patterns, self.state.gate, self.state.sequencer
+        if admitted is None or admitted.is_empty():
+            return None
+        gate = self.state.gate
         assert gate is not None
-        latest: float | None = None
-        events: list[Event] = []
-        clocks: list[float | None] = []
-        scopes: list[str] = []
-        roles: list[str | None] = []
-        blocked: list[bool] = []
-        for stamped, clock in admitted:
-            event, scope = stamped.event, stamped.scope
-            latest = later(latest, seq.clock_after(clock, event.time))
-            verdict = _judge(gate.book, event) if gate.book.version() else _NO_RULES
-            stopped = verdict.action == "block"
-            if stopped:
-                if scope != "user":
-                    out.moderated.append({**event.as_record(), "moderation": _moderation_record(verdict)})
-            else:
-                if verdict.action == "mask":
-                    event = event._replace(text=verdict.text)
-                if scope != "user":
-                    record = event.as_record()
-                    record["moderation"] = _moderation_record(verdict)
-                    out.messages.append(record)
-            events.append(event)
-            clocks.append(clock)
-            scopes.append(scope)
-            roles.append(pattern_role(verdict.role))
-            blocked.append(stopped)
-        if events:
-            frame = events_frame(events).with_columns(
-                pl.Series("clock", clocks, dtype=pl.Float64), pl.Series("scope", scopes, dtype=pl.String),
-                pl.Series("role", roles, dtype=pl.String), pl.Series("blocked", blocked, dtype=pl.Boolean),
+        frame = judged(gate.book, admitted)
+        own, blocked = pl.col("scope") != "user", pl.col("action") == "block"
+        out.moderated.append(frame.filter(blocked & own).select(*RECORD_FIELDS, "moderation"))
+        out.frames.append(frame.filter(~blocked & own).select(*RECORD_FIELDS, "moderation"))
+        if self.state.patterns is not None:
+            self.state.patterns.add_frame(
+                frame.filter(~blocked).with_columns(pattern_roles(pl.col("role")).alias("role")), gate.book
             )
-            if patterns is not None:
-                patterns.add_frame(frame.filter(~pl.col("blocked")), gate.book)
-            out.late.extend(self.state.windows.add(
-                frame.with_columns((~pl.col("blocked") & (pl.col("scope") != "user")).alias("windowed"))
-            ))
-        return latest
+        out.late.extend(self.state.windows.add(frame.with_columns((~blocked & own).alias("windowed"))))
+        return self._latest(admitted)
 
     def _advance(self, clock: float | None, out: _Outputs) -> None:
         out.windows += self.state.windows.advance(clock)
@@ -328,11 +302,10 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
         batches: list[tuple[str, Any]] = []
         batches += [(OutputKind.MESSAGES, frame) for frame in out.frames if len(frame)]
         batches += [(OutputKind.WINDOWS, windows) for windows in out.windows if len(windows)]
+        batches += [(OutputKind.MODERATED, frame) for frame in out.moderated if len(frame)]
         for kind, records in (
-            (OutputKind.MESSAGES, out.messages),
             (OutputKind.LATE, out.late),
             (OutputKind.ALERTS, [a.as_record() for a in self._switched_on(out.alerts)]),
-            (OutputKind.MODERATED, out.moderated),
         ):
             if records:
                 batches.append((kind, records))
@@ -351,42 +324,14 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
 class _Outputs:
     """What one call of a shard produced, by kind, before encoding."""
 
-    messages: list[Record] = field(default_factory=list)
     frames: list[pl.DataFrame] = field(default_factory=list)
-    """Messages as frames of their record fields (`RECORD_FIELDS`)."""
+    """Messages as frames of their record fields (`RECORD_FIELDS`, then `moderation` when judged)."""
     windows: list[Records] = field(default_factory=list)
     """Batches of window records: frames, and dicts for windows closed event by event."""
     late: list[Record] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
-    moderated: list[Record] = field(default_factory=list)
-
-
-def _pairs(released: pl.DataFrame) -> Iterator[tuple[Stamped, float | None]]:
-    """Released events one by one, each with the clock before it (for what is sequential per event)."""
-    return zip(stamped_rows(released), released["clock"].to_list(), strict=True)
-
-
-_NO_RULES = Moderation("allow", "")
-"""The verdict while the rules stream has sent no rule (its text is never read)."""
-
-
-def _moderation_record(verdict: Moderation) -> Record:
-    """A message's `moderation`: the same few values again and again, so each is built once.
-
-    Shared by the records that carry it, which are serialised and never changed.
-    """
-    return _record_of(verdict.action, verdict.rules, verdict.reasons, verdict.flags, verdict.role, verdict.models)
-
-
-@functools.lru_cache(maxsize=4096)
-def _record_of(action: Verdict, rules: tuple[tuple[str, int], ...], reasons: tuple[str, ...],
-               flags: tuple[tuple[str, bool], ...], role: str | None, models: tuple[tuple[str, str], ...]) -> Record:
-    return Moderation(action, "", rules, reasons, flags, role, models).as_record()
-
-
-def _judge(book: RuleBook, event: Event) -> Moderation:
-    assert event.time is not None, "events are timed before they are judged"
-    return book.judge(event.text, time=event.time, user=key_of(event, "user"), room=event.session_id)
+    moderated: list[pl.DataFrame] = field(default_factory=list)
+    """Blocked messages, as frames like `frames`."""
 
 
 def _by_user(config: FlowConfig) -> bool:

@@ -56,7 +56,7 @@ STEP: Final = "rules"
 COMPILED_VIEWS: Final = 64
 COMPILED_LISTS: Final = 64
 
-_PATTERN_ROLES: Final[dict[str, ResolvedRole]] = {"rm": "agent", "customer": "customer"}
+PATTERN_ROLES: Final[dict[str, ResolvedRole]] = {"rm": "agent", "customer": "customer"}
 
 _Text = Annotated[str, Field(strict=True, min_length=1)]
 _Flag = Annotated[bool, Field(strict=True)]
@@ -306,11 +306,6 @@ def _show(value: object) -> str:
         return orjson.dumps(value).decode()
     except TypeError:
         return repr(value)
-
-
-def pattern_role(role: str | None) -> ResolvedRole | None:
-    """How the pattern engine sees a permission role: `rm` is an agent, `customer` a customer; otherwise None."""
-    return None if role is None else _PATTERN_ROLES.get(role)
 
 
 class Moderation(NamedTuple):

@@ -21,13 +21,14 @@ The same input therefore gives the same decisions with any number of workers and
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
+import numpy as np
+import polars as pl
+
 from dataflows.rules import Rule, RuleBook
-from dataflows.sequencing import Stamped
 
 
 PRUNE_EVERY_S = 60.0
@@ -52,11 +53,15 @@ def arrived(rule: Rule, arrival: float | None) -> Rule:
 
 @dataclass
 class RuleGate:
-    """One shard's rule set, and the messages waiting for the rules stream to pass their time."""
+    """One shard's rule set, and the messages waiting for the rules stream to pass their time.
+
+    Messages come and wait as frames of released events (event columns and the `clock` before
+    each, in release order).
+    """
 
     book: RuleBook = field(default_factory=RuleBook)
     until: float = -math.inf
-    held: deque[tuple[Stamped, float | None]] = field(default_factory=deque)
+    held: pl.DataFrame | None = None
     pruned_at: float = -math.inf
 
     def add(self, rule: Rule) -> None:
@@ -73,30 +78,36 @@ class RuleGate:
             else:
                 self.add(item)
 
-    def admit(self, released: Iterable[tuple[Stamped, float | None]]) -> Iterator[tuple[Stamped, float | None]]:
-        """The released events, in order, whose time the rules stream has passed; the rest wait."""
-        if not self.held and self.until == math.inf:
-            return iter(released)
-        self.held.extend(released)
-        return self._pop_due()
+    def admit(self, released: pl.DataFrame | None) -> pl.DataFrame | None:
+        """The held and then the `released` events, in order, up to the first whose time the rules
+        stream has not passed (head of line); that one and those behind it wait."""
+        parts = [frame for frame in (self.held, released) if frame is not None and not frame.is_empty()]
+        if not parts:
+            self.held = None
+            return None
+        waiting = parts[0] if len(parts) == 1 else pl.concat(parts)
+        if self.until == math.inf:
+            self.held = None
+            return waiting
+        times = waiting["time"].to_numpy()
+        behind = np.flatnonzero(times > self.until)  # NaN (untimed) compares False: always due
+        cut = int(behind[0]) if len(behind) else len(waiting)
+        self.held = waiting.slice(cut) if cut < len(waiting) else None
+        return waiting.slice(0, cut) if cut else None
 
-    def _pop_due(self) -> Iterator[tuple[Stamped, float | None]]:
-        while self.held and self._due(self.held[0][0]):
-            yield self.held.popleft()
-
-    def release_all(self) -> Iterator[tuple[Stamped, float | None]]:
-        """At end of input: every held event, judged by the rules there are."""
+    def release_all(self, released: pl.DataFrame | None) -> pl.DataFrame | None:
+        """At end of input: every held event and `released`, judged by the rules there are."""
         self.until = math.inf
-        return self.admit(())
+        return self.admit(released)
 
     def cap(self, clock: float | None) -> float | None:
         """The clock windows may advance to: not past the first held event's, which is still to come."""
-        if not self.held:
+        if self.held is None:
             return clock
-        before = self.held[0][1]
+        before = self.held["clock"][0]
         if clock is None or before is None:
             return None
-        return min(clock, before)
+        return min(clock, float(before))
 
     def prune(self, horizon: float | None, every: float = PRUNE_EVERY_S) -> None:
         """Forget rule versions no message at `horizon` or later can be judged by, every `every` s of it.
@@ -109,10 +120,6 @@ class RuleGate:
             self.pruned_at = horizon
             if self.book.superseded():  # pruning also drops the book's caches: not for nothing
                 self.book.prune(horizon)
-
-    def _due(self, stamped: Stamped) -> bool:
-        time = stamped.event.time
-        return time is None or time <= self.until
 
 
 RulesItem = Rule | RulesMark

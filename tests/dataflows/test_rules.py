@@ -3,11 +3,13 @@ import re
 from typing import Any
 
 import orjson
+import polars as pl
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from dataflows.events import DeadLetter, LineRef
+from dataflows.judging import pattern_roles
 from dataflows.patterns.definitions import PatternDef
 from dataflows.rules import (
     BlockedWords,
@@ -19,7 +21,6 @@ from dataflows.rules import (
     RuleError,
     UserPermission,
     parse_rule,
-    pattern_role,
     rule_from_dict,
 )
 from dataflows.timestamps import parse_timestamp
@@ -434,7 +435,8 @@ def test_rm_role_marks_an_agent_without_moderating() -> None:
     book = RuleBook([permission("perm-ann", "ann", "rm")])
     verdict = judge(book, "hello", user="ann")
     assert (verdict.action, verdict.role, verdict.rules) == ("allow", "rm", ())
-    assert [pattern_role(r) for r in ("rm", "customer", "muted", None)] == ["agent", "customer", None, None]
+    roles = pl.select(pattern_roles(pl.lit(pl.Series(["rm", "customer", "muted", None], dtype=pl.String))))
+    assert roles.to_series().to_list() == ["agent", "customer", None, None]
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import orjson
+import polars as pl
 import pytest
 from bytewax.inputs import Source
 from bytewax.testing import TestingSink, TestingSource, run_main
@@ -15,7 +16,7 @@ from dataflows.flow import FlowConfig, build_flow
 from dataflows.patterns.definitions import PatternDef, patterns_from_text
 from dataflows.rules import Rule, parse_rule, rule_from_dict
 from dataflows.rules_gate import RuleGate, RulesMark, arrived
-from dataflows.sequencing import Progress, Stamped, replay_items
+from dataflows.sequencing import Progress, Stamped, replay_items, stamped_frame
 from dataflows.timestamps import parse_timestamp
 from tests.conftest import run_by_kind
 from tests.conftest import jsonl
@@ -74,8 +75,15 @@ def stamped(time: float | None, line: int = 1, clock: float | None = None) -> tu
     return Stamped(event(time, line), 0, clock), clock
 
 
-def lines_of(released: Any) -> list[int]:
-    return [s.event.line for s, _ in released]
+def released(*pairs: tuple[Stamped, float | None]) -> pl.DataFrame:
+    """Released events as a frame, as the shard hands them to the gate (event columns, then `clock`)."""
+    return stamped_frame(s for s, _ in pairs).with_columns(
+        pl.Series("clock", [clock for _, clock in pairs], dtype=pl.Float64)
+    )
+
+
+def lines_of(frame: pl.DataFrame | None) -> list[int]:
+    return [] if frame is None else frame["line"].to_list()
 
 
 def streamed(lines: list[str]) -> list[Stamped | DeadLetter | Progress]:
@@ -172,20 +180,20 @@ def test_arrived_without_an_arrival_time_leaves_the_rule(effective: str | None) 
 def test_gate_admits_only_events_the_rules_stream_has_passed_and_holds_the_rest_in_order() -> None:
     gate = RuleGate()
     gate.mark(RulesMark(10.0))
-    admitted = lines_of(gate.admit([stamped(5.0, 1), stamped(10.0, 2), stamped(20.0, 3), stamped(7.0, 4)]))
+    admitted = lines_of(gate.admit(released(stamped(5.0, 1), stamped(10.0, 2), stamped(20.0, 3), stamped(7.0, 4))))
     assert admitted == [1, 2]
     assert lines_of(gate.held) == [3, 4], "an event behind a held one waits too (head of line)"
-    assert lines_of(gate.admit([stamped(8.0, 5)])) == [], "new events queue behind the held ones"
+    assert lines_of(gate.admit(released(stamped(8.0, 5)))) == [], "new events queue behind the held ones"
     gate.mark(RulesMark(15.0))
-    assert lines_of(gate.admit(())) == [], "line 3 (t=20) still waits, and everything behind it"
+    assert lines_of(gate.admit(None)) == [], "line 3 (t=20) still waits, and everything behind it"
     gate.mark(RulesMark(20.0))
-    assert lines_of(gate.admit(())) == [3, 4, 5]
-    assert not gate.held
+    assert lines_of(gate.admit(None)) == [3, 4, 5]
+    assert gate.held is None
 
 
 def test_gate_holds_everything_timed_before_any_mark_but_not_untimed_events() -> None:
     gate = RuleGate()
-    assert lines_of(gate.admit([stamped(None, 1), stamped(-1e12, 2)])) == [1]
+    assert lines_of(gate.admit(released(stamped(None, 1), stamped(-1e12, 2)))) == [1]
     assert lines_of(gate.held) == [2]
 
 
@@ -195,14 +203,14 @@ def test_marks_never_lower_the_gate() -> None:
     gate.mark(RulesMark(10.0))
     gate.mark(RulesMark(-math.inf))
     assert gate.until == 30.0
-    assert lines_of(gate.admit([stamped(25.0)])) == [1]
+    assert lines_of(gate.admit(released(stamped(25.0)))) == [1]
 
 
 def test_cap_keeps_the_clock_at_the_first_held_events_clock() -> None:
     gate = RuleGate()
     assert gate.cap(50.0) == 50.0, "nothing held: the clock is free"
     assert gate.cap(None) is None
-    list(gate.admit([stamped(20.0, 1, clock=12.0), stamped(30.0, 2, clock=20.0)]))
+    gate.admit(released(stamped(20.0, 1, clock=12.0), stamped(30.0, 2, clock=20.0)))
     assert gate.cap(50.0) == 12.0
     assert gate.cap(5.0) == 5.0, "never raises the clock"
     assert gate.cap(None) is None
@@ -210,15 +218,15 @@ def test_cap_keeps_the_clock_at_the_first_held_events_clock() -> None:
 
 def test_cap_is_unknown_when_the_first_held_event_has_no_clock() -> None:
     gate = RuleGate()
-    list(gate.admit([stamped(20.0, 1, clock=None), stamped(30.0, 2, clock=25.0)]))
+    gate.admit(released(stamped(20.0, 1, clock=None), stamped(30.0, 2, clock=25.0)))
     assert gate.cap(50.0) is None
 
 
 def test_release_all_lets_every_held_event_through_in_order() -> None:
     gate = RuleGate()
-    list(gate.admit([stamped(20.0, 1), stamped(5.0, 2), stamped(30.0, 3)]))
-    assert lines_of(gate.release_all()) == [1, 2, 3]
-    assert not gate.held
+    gate.admit(released(stamped(20.0, 1), stamped(5.0, 2), stamped(30.0, 3)))
+    assert lines_of(gate.release_all(None)) == [1, 2, 3]
+    assert gate.held is None
     assert gate.until == math.inf
 
 
