@@ -17,12 +17,14 @@ from types import MappingProxyType
 from typing import Any
 
 import orjson
+import polars as pl
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Producer
 
 from dataflows.errors import ConvoflowError
 from dataflows.flow import FlowOutput, OutputKind
-from dataflows.records import Record, Records, as_records
+from connectors.jsonl import json_expr
+from dataflows.records import Record, Records
 
 ONLY_ERRORS = "delivery.report.only.error"
 PRODUCER_DEFAULTS: Mapping[str, Any] = MappingProxyType({ONLY_ERRORS: True})
@@ -89,12 +91,50 @@ Keyed = tuple[bytes | None, bytes]
 
 
 def encode_for_kafka(kind: str, batch: Records) -> list[Keyed]:
-    """The flow's encoder for Kafka: each record keyed by session, messages in the envelope."""
+    """The flow's encoder for Kafka: each record keyed by session, messages in the envelope. A
+    frame is encoded column-wise, byte for byte as its rows would be."""
+    if isinstance(batch, pl.DataFrame):
+        return _encoded_frame(kind, batch)
     dumps = orjson.dumps
-    records = as_records(batch)
     if kind == OutputKind.MESSAGES:
-        return [(_key(r), dumps(envelope(r))) for r in records]
-    return [(_key(r), dumps(r)) for r in records]
+        return [(_key(r), dumps(envelope(r))) for r in batch]
+    return [(_key(r), dumps(r)) for r in batch]
+
+
+def _encoded_frame(kind: str, frame: pl.DataFrame) -> list[Keyed]:
+    if frame.is_empty():
+        return []
+    if kind == OutputKind.MESSAGES:
+        payloads = _payloads(frame)
+        seconds = _epoch_seconds(frame["timestamp"])
+        values = payloads.select(pl.concat_str(
+            pl.lit('{"type":"chat_message","timestamp":'), pl.lit(seconds).cast(pl.String), pl.lit(',"payload":'),
+            json_expr(payloads.schema), pl.lit("}"),
+        )).to_series()
+    else:
+        values = frame.select(json_expr(frame.schema)).to_series()
+    keys = frame["session_id"].cast(pl.Binary).to_list() if "session_id" in frame.columns else [None] * len(frame)
+    return list(zip(keys, values.cast(pl.Binary).to_list(), strict=True))
+
+
+def _payloads(messages: pl.DataFrame) -> pl.DataFrame:
+    """`envelope`'s payload of each message, a column per field."""
+    username = pl.col("username")
+    return messages.select(
+        pl.col("event_id").alias("id"),
+        pl.when(username.is_null() | (username == "")).then(pl.col("sender")).otherwise(username).alias("username"),
+        "text",
+        (pl.col("translated") if "translated" in messages.columns else pl.lit(None, pl.String)).alias("translated"),
+        "language", "session_id", "sender", "kind", "time_source",
+        *[extra for extra in ("moderation", "translation") if extra in messages.columns],
+    )
+
+
+def _epoch_seconds(timestamps: pl.Series) -> pl.Series:
+    """`envelope`'s `timestamp` of each ISO time: whole epoch seconds, computed once per distinct time."""
+    distinct = timestamps.unique()
+    seconds = [int(datetime.fromisoformat(ts).timestamp()) for ts in distinct.to_list()]
+    return timestamps.replace_strict(distinct, pl.Series(seconds, dtype=pl.Int64), return_dtype=pl.Int64)
 
 
 def _key(record: Record) -> bytes | None:

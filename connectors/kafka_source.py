@@ -2,9 +2,11 @@
 
 As with Bytewax's `KafkaSource`, every topic-partition is one input partition with its own
 consumer, assigned to it without a consumer group, and the next offset to read lives in Bytewax's
-recovery snapshots (so a resumed run reads on from there, at least once). Each message is parsed
-into an `Event` or a `DeadLetter` (naming topic, partition and offset) and stamped with the
-partition's clock, and a `LiveMark` follows every batch (see `dataflows.live`). When a partition
+recovery snapshots (so a resumed run reads on from there, at least once). A poll's messages are
+parsed as one block (`parse_block`, each message a line numbered by its offset; a value that is not
+one plain line is parsed on its own) into one frame of events, stamped with the partition's clock
+column-wise (`LiveStamper.stamp_frame`), and `DeadLetter`s naming topic, partition and offset;
+a `LiveMark` follows every batch (see `dataflows.live`). When a partition
 is idle, a mark goes out every `tick` seconds so that the wall clock can close windows.
 
 The partition reads with `confluent_kafka.Consumer` itself rather than through Bytewax's
@@ -33,17 +35,22 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
+import numpy as np
+import polars as pl
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
 
+from dataflows.event_frame import EVENT_SCHEMA, events_frame
 from dataflows.events import DeadLetter, Event, LineRef
 from dataflows.live import IDLE_AFTER_S, LiveStamper
-from dataflows.parse import parse_line
-from dataflows.sequencing import LiveMark, Stamped
+from dataflows.parse import MAX_LINE_BYTES, parse_line
+from dataflows.parse_block import parse_block
+from dataflows.sequencing import LiveMark
 
-Item = Stamped | DeadLetter | LiveMark
+Item = pl.DataFrame | DeadLetter | LiveMark
+"""A stamped frame of events (`STAMPED_SCHEMA`), a dead letter, or the partition's mark."""
 WallClock = Callable[[], float]
 
 CONSUMER_DEFAULTS: Mapping[str, str] = MappingProxyType({
@@ -222,14 +229,17 @@ class LivePartition(StatefulSourcePartition[Item, LiveResume]):
 
     def _items(self, messages: list[MessageLike], now: float) -> list[Item]:
         """Parse and stamp `messages`; at the partition's end stop there, or, live, tell the clock."""
-        stamp, parse, source, position = self.stamper.stamp, self._parse, self.source, self.position
+        position = self.position
         items: list[Item] = []
+        run: list[tuple[int, bytes | None]] = []
         for message in messages:
             error = message.error()
             offset = message.offset()
             if error is None and offset is not None:
-                items.append(stamp(parse(message.value(), LineRef(source, offset, offset)), now))
+                run.append((offset, message.value()))
             elif error is not None and error.code() == KafkaError._PARTITION_EOF:
+                items += self._parsed(run, now)
+                run = []
                 if self.tail:
                     self.stamper.caught_up(now)
                     continue
@@ -239,7 +249,45 @@ class LivePartition(StatefulSourcePartition[Item, LiveResume]):
                 items.append(self._error(message, error, offset))
             if offset is not None:
                 position.offset = offset + 1
+        items += self._parsed(run, now)
         return items
+
+    def _parsed(self, run: list[tuple[int, bytes | None]], now: float) -> list[Item]:
+        """Messages read one after another as one stamped frame of events, then their dead letters.
+
+        Values that are single plain lines are parsed as a block, column-wise (`parse_block`); any
+        other (empty, spanning lines, oversized) one by one, as before.
+        """
+        if not run:
+            return []
+        block: list[int] = []
+        events: list[Event] = []
+        dead: list[DeadLetter] = []
+        for index, (offset, value) in enumerate(run):
+            if value and len(value) <= MAX_LINE_BYTES and b"\n" not in value and b"\r" not in value:
+                block.append(index)
+                continue
+            parsed = self._parse(value, LineRef(self.source, offset, offset))
+            if isinstance(parsed, Event):
+                events.append(parsed)
+            else:
+                dead.append(parsed)
+        frames = [events_frame(events)] if events else []
+        if block:
+            offsets = np.array([run[i][0] for i in block], dtype=np.int64)
+            parsed_block = parse_block(b"\n".join([cast(bytes, run[i][1]) for i in block]) + b"\n",
+                                       source=self.source, offset=0, line=0, positions=offsets)
+            frames.append(parsed_block.events)
+            dead += [replace(letter, origin=self.position.origin(letter.ref.offset)) for letter in parsed_block.dead]
+        if not frames:
+            frame = pl.DataFrame(schema=EVENT_SCHEMA)
+        else:
+            frame = frames[0] if len(frames) == 1 else pl.concat(frames).sort("offset")
+        stamped = self.stamper.stamp_frame(frame, now, dead=bool(dead))
+        dead.sort(key=lambda letter: letter.ref.offset)
+        out: list[Item] = [stamped] if not stamped.is_empty() else []
+        out.extend(dead)
+        return out
 
     def _parse(self, value: bytes | None, ref: LineRef) -> Event | DeadLetter:
         """One message's event; an empty or unreadable one is a dead letter like a bad line."""

@@ -157,7 +157,7 @@ class ShardState:
 
 ShardBatch = list[Wire | pl.DataFrame] | RulesBatch
 """What a shard receives: its share of a source batch (event frames of `ROUTED_SCHEMA` and marker
-wires; a live flow's events come as wires), or its rules."""
+wires), or its rules."""
 
 
 class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
@@ -196,10 +196,8 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
             if isinstance(wires, RulesBatch):
                 assert gate is not None, "rules reach shards only of a flow with a rules stream"
                 gate.take(wires)
-            elif isinstance(seq, Sequencer):
-                seq.push(w if isinstance(w, pl.DataFrame) else cast(Progress, from_wire(w)) for w in wires)
             else:
-                seq.push(cast(Stamped | LiveMark, from_wire(w)) for w in wires if not isinstance(w, pl.DataFrame))
+                seq.push(w if isinstance(w, pl.DataFrame) else cast(Progress | LiveMark, from_wire(w)) for w in wires)
         out = _Outputs()
         clock = self._process(self._released(final=False), out, final=False)
         floor = later(clock, seq.clock_floor())
@@ -221,14 +219,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
     def _released(self, *, final: bool) -> pl.DataFrame:
         """The events the sequencer lets go, in order, timed (`RELEASED_SCHEMA`)."""
         seq = self.state.sequencer
-        if isinstance(seq, Sequencer):
-            frame = seq.release_all() if final else seq.release()
-        else:
-            pairs = list(seq.release_all() if final else seq.release())
-            frame = stamped_frame(s for s, _ in pairs).with_columns(
-                pl.Series("clock", [clock for _, clock in pairs], dtype=pl.Float64)
-            )
-        return timed(frame, self.config.time_origin)
+        return timed(seq.release_all() if final else seq.release(), self.config.time_origin)
 
     def _process(self, released: pl.DataFrame, out: _Outputs, *, final: bool) -> float | None:
         """Judge, window and match the released events; return the clock after the last one."""
@@ -343,11 +334,11 @@ def _by_user(config: FlowConfig) -> bool:
 def _router(config: FlowConfig) -> Callable[[list[SourceItem | RulesSourceItem]], list[tuple[str, Any]]]:
     """Group a batch from the source by shard, one item per shard, in the source's order.
 
-    Events go on as frames (`ROUTED_SCHEMA`, one per shard; a replay's single events are gathered
-    into one), a live flow's one by one as wires. Each event goes to its session's shard. A conversation's user (`session/sender`) lives in one
+    Events go on as frames (`ROUTED_SCHEMA`, one per shard; single events are gathered into one).
+    Each event goes to its session's shard. A conversation's user (`session/sender`) lives in one
     session, so its user-keyed patterns run there too; a chat user can be in many rooms, so when
     user-keyed patterns may run, a chat event whose user hashes to another shard than its session
-    goes to both, scoped (`chat_shards`) so that each does its part. Markers go to every shard,
+    goes to both, scoped (`chat_shards`, `routed_frame`) so that each does its part. Markers go to every shard,
     after the events that preceded them; the batch's rules items go to every shard as one
     `RulesBatch` ahead of its events (a shard applies rules before it releases events: their order
     between does not count). Dead letters leave as one batch. Grouping cuts the items Bytewax moves per event, its main
@@ -376,13 +367,7 @@ def _router(config: FlowConfig) -> Callable[[list[SourceItem | RulesSourceItem]]
             if isinstance(item, pl.DataFrame):
                 add_frame(item)
             elif isinstance(item, Stamped):
-                if not config.live:
-                    singles.append(item)
-                elif by_user and item.event.shape == "chat":
-                    for shard, scope in chat_shards(item.event, shards):
-                        groups.setdefault(shard, []).append(to_wire(item, scope))
-                else:
-                    groups.setdefault(shard_of(item.event.session_id, shards), []).append(to_wire(item))
+                singles.append(item)
             elif isinstance(item, DeadLetter):
                 dead.append(item.as_record())
             elif isinstance(item, RulesMark | Rule):
@@ -440,7 +425,7 @@ class FlowOutput:
 
 def build_flow(
     source: Source[pl.DataFrame | DeadLetter | Progress] | Source[Stamped | DeadLetter | Progress]
-    | Source[Stamped | DeadLetter | LiveMark],
+    | Source[pl.DataFrame | DeadLetter | LiveMark] | Source[Stamped | DeadLetter | LiveMark],
     outputs: Sequence[FlowOutput],
     config: FlowConfig,
     *,

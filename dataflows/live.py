@@ -28,11 +28,15 @@ on one partition when keyed by session) lateness is bounded out-of-orderness as 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
+import polars as pl
+
+from dataflows.event_frame import STAMPED_SCHEMA, iso_expr
 from dataflows.events import DeadLetter, Event
-from dataflows.sequencing import LiveMark, Progress, Stamped, later
+from dataflows.sequencing import RELEASED_SCHEMA, LiveMark, Progress, Stamped, later
 
 IDLE_AFTER_S = 30.0
 """How long a partition that has neither read a message nor reached its end may hold the clock."""
@@ -69,6 +73,32 @@ class LiveStamper:
             self.base = item.time
         return Stamped(item, self.partition, clock)
 
+    def stamp_frame(self, events: pl.DataFrame, now: float, *, dead: bool = False) -> pl.DataFrame:
+        """`stamp` of a batch read at `now`, column-wise: `events` (event columns, in read order)
+        with the partition as `block` and the clock before each (`STAMPED_SCHEMA`), untimed ones
+        timed by it. `dead`: the batch also held dead letters (they stop the clock's drift too)."""
+        clock = self.clock(now)
+        if events.is_empty():
+            if dead:
+                self.base, self.caught_up_at = clock, None
+            return pl.DataFrame(schema=STAMPED_SCHEMA)
+        self.caught_up_at = None
+        times = events["time"].to_numpy().astype(np.float64)
+        untimed = np.isnan(times)
+        if clock is None and untimed[0]:
+            times[0] = now  # only the system clock to go by: it becomes the partition's clock
+        before = np.fmax.accumulate(np.concatenate(([np.nan if clock is None else clock], times)))
+        clocks = before[:-1]
+        timed = np.where(untimed & ~np.isnan(clocks), clocks, times)
+        self.base = None if np.isnan(before[-1]) else float(before[-1])
+        given = pl.Series("time", timed)
+        return events.with_columns(
+            given,
+            pl.when(pl.Series(untimed)).then(iso_expr(pl.lit(given))).otherwise(pl.col("timestamp")).alias("timestamp"),
+            pl.lit(self.partition, pl.Int64).alias("block"),
+            pl.Series("clock_before", clocks).fill_nan(None),
+        ).select(STAMPED_SCHEMA.names())
+
     def caught_up(self, now: float) -> None:
         """The partition has nothing more to read for now: from here its clock follows the wall."""
         if self.caught_up_at is None:
@@ -87,13 +117,14 @@ class LiveStamper:
 class LiveMerger:
     """Releases a shard's live events in arrival order, each with the flow's clock at that point.
 
-    Has the `Sequencer`'s interface, so a shard works the same on replayed and live input.
+    Has the `Sequencer`'s interface, so a shard works the same on replayed and live input: events
+    come as frames (`ROUTED_SCHEMA`) between the partitions' marks.
     """
 
     partitions: int
     clocks: list[float | None] = field(default_factory=list)
     idle: list[bool] = field(default_factory=list)
-    queue: list[Stamped | LiveMark] = field(default_factory=list)
+    queue: list[pl.DataFrame | LiveMark] = field(default_factory=list)
     current: float | None = None
 
     def __post_init__(self) -> None:
@@ -101,22 +132,27 @@ class LiveMerger:
             self.clocks = [None] * self.partitions
             self.idle = [False] * self.partitions
 
-    def push(self, items: Iterable[Stamped | LiveMark | Progress]) -> None:
+    def push(self, items: Iterable[pl.DataFrame | LiveMark | Progress]) -> None:
         for item in items:
             if isinstance(item, Progress):
                 msg = "a replay Progress marker reached a live shard; the flow's source and config disagree"
                 raise TypeError(msg)
             self.queue.append(item)
 
-    def release(self) -> Iterator[tuple[Stamped, float | None]]:
+    def release(self) -> pl.DataFrame:
+        """The queued events, in arrival order, each with the clock at that point (`RELEASED_SCHEMA`)."""
         queue, self.queue = self.queue, []
+        parts: list[pl.DataFrame] = []
         for item in queue:
             if isinstance(item, LiveMark):
                 self._update(item)
-            else:
-                yield item, self.current
+            elif not item.is_empty():
+                parts.append(item.select(*RELEASED_SCHEMA.names()[:-1], pl.lit(self.current, pl.Float64).alias("clock")))
+        if not parts:
+            return pl.DataFrame(schema=RELEASED_SCHEMA)
+        return parts[0] if len(parts) == 1 else pl.concat(parts)
 
-    def release_all(self) -> Iterator[tuple[Stamped, float | None]]:
+    def release_all(self) -> pl.DataFrame:
         return self.release()
 
     def clock_after(self, clock: float | None, event_time: float | None) -> float | None:
@@ -128,7 +164,7 @@ class LiveMerger:
 
     @property
     def buffered(self) -> int:
-        return len(self.queue)
+        return sum(len(item) for item in self.queue if isinstance(item, pl.DataFrame))
 
     def _update(self, mark: LiveMark) -> None:
         self.clocks[mark.partition] = later(self.clocks[mark.partition], mark.clock)

@@ -55,10 +55,12 @@ class ParsedBlock:
 
 
 def parse_block(
-    data: bytes, *, source: str, offset: int, line: int, max_bytes: int = MAX_LINE_BYTES
+    data: bytes, *, source: str, offset: int, line: int, max_bytes: int = MAX_LINE_BYTES,
+    positions: np.ndarray | None = None,
 ) -> ParsedBlock:
     """Parse `data`, whole lines each ending in a newline, the first at byte `offset` of `source`
-    and numbered `line`; a line of more than `max_bytes` bytes is rejected unread."""
+    and numbered `line`; a line of more than `max_bytes` bytes is rejected unread. `positions`,
+    when given, is each line's number and offset instead (a Kafka message's offset, for both)."""
     ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == _NEWLINE)
     if not len(ends):
         return ParsedBlock(_EMPTY, [], np.empty(0, np.int64))
@@ -66,8 +68,8 @@ def parse_block(
     raw = data.split(b"\n")
     lines = pl.DataFrame({
         "row": np.arange(len(ends)),
-        "line": np.arange(line, line + len(ends)),
-        "offset": starts + offset,
+        "line": np.arange(line, line + len(ends)) if positions is None else positions,
+        "offset": starts + offset if positions is None else positions,
         "size": ends - starts,
         "body": _bodies(data, raw),
     }).with_columns(_plain(max_bytes), _text_times(), _names_conversation_fields())

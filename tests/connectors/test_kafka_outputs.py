@@ -7,7 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from connectors.kafka_outputs import (
     ONLY_ERRORS,
@@ -20,8 +23,10 @@ from connectors.kafka_outputs import (
     undelivered,
 )
 from dataflows.errors import ConvoflowError
+from dataflows.event_frame import RECORD_FIELDS, events_frame
 from dataflows.events import Event, iso
 from dataflows.flow import OutputKind
+from dataflows.records import as_records
 
 T0 = 1_704_103_200.0
 """2024-01-01T10:00:00+00:00"""
@@ -186,3 +191,35 @@ def test_the_runs_own_producer_settings_win_and_a_text_switch_becomes_a_bool(giv
     config = KafkaTopicsSink("b1:9092", OutputTopics(), {ONLY_ERRORS: given, "linger.ms": "50"}).producer_config()
     assert config[ONLY_ERRORS] is expected
     assert config["linger.ms"] == "50"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(
+    st.one_of(st.none(), st.just(""), st.text(max_size=5)),         # username
+    st.floats(-2e9, 4e9, allow_nan=False),                            # event time (before 1970 too)
+    st.text(max_size=20),                                             # text
+    st.sampled_from(["allow", "mask", "block"]),                      # a moderation action
+), min_size=1, max_size=12), st.booleans(), st.booleans())
+def test_a_frame_of_messages_is_encoded_as_its_records_are(
+    rows: list[tuple[str | None, float, str, str]], judged: bool, translated: bool
+) -> None:
+    events = [Event(f"chat/0:{i}", f"s-{i % 3}", "customer", "message", text, t, "event", "chat", "chat/0", i, i,
+                    "en", username, iso(t)) for i, (username, t, text, _) in enumerate(rows)]
+    frame = events_frame(events).select(RECORD_FIELDS)
+    if judged:
+        frame = frame.with_columns(pl.Series("moderation", [orjson.dumps({"action": a, "rules": []}) for *_, a in rows],
+                                             dtype=pl.Binary))
+    if translated:
+        frame = frame.with_columns(pl.lit(None).alias("translated"),
+                                   pl.lit({"status": "skipped", "model": None}).alias("translation"))
+    assert encode_for_kafka(OutputKind.MESSAGES, frame) == encode_for_kafka(OutputKind.MESSAGES, as_records(frame))
+
+
+def test_a_frame_of_windows_is_encoded_as_its_records_are() -> None:
+    windows = pl.DataFrame({
+        "session_id": ["s-1", None], "window_start": ["a", "b"],
+        "counts": [[{"key": "ann", "value": 2}], [{"key": "bob", "value": 1}, {"key": "cy", "value": 3}]],
+        "overflow": [0, 1],
+    })
+    assert encode_for_kafka(OutputKind.WINDOWS, windows) == encode_for_kafka(OutputKind.WINDOWS, as_records(windows))
+    assert [key for key, _ in encode_for_kafka(OutputKind.WINDOWS, windows)] == [b"s-1", None]

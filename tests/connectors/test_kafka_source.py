@@ -26,6 +26,7 @@ from connectors.kafka_source import (
 from dataflows.events import DeadLetter, Event, LineRef, iso
 from dataflows.live import LiveStamper
 from dataflows.sequencing import LiveMark, Stamped
+from tests.connectors.replay_batches import expanded
 
 T0 = 1_704_103_200.0
 """2024-01-01T10:00:00+00:00"""
@@ -51,6 +52,11 @@ class FakeMessage:
 
     def offset(self) -> int | None:
         return self.offset_
+
+
+def batch(part: LivePartition) -> list:
+    """The partition's next batch, its event frame as the `Stamped` events it holds."""
+    return expanded(part.next_batch())
 
 
 def message(offset: int, value: bytes | None) -> FakeMessage:
@@ -116,7 +122,7 @@ def test_kafka_ref_names_topic_partition_and_offset() -> None:
 
 def test_good_message_becomes_a_stamped_event_then_a_mark() -> None:
     part, _ = partition([message(5, line(10, "hello"))])
-    stamped, mark = part.next_batch()
+    stamped, mark = batch(part)
     assert isinstance(stamped, Stamped)
     event = stamped.event
     assert isinstance(event, Event)
@@ -133,7 +139,7 @@ def test_good_message_becomes_a_stamped_event_then_a_mark() -> None:
 ])
 def test_unreadable_message_becomes_a_dead_letter_naming_where_it_came_from(value: bytes | None, reason: str) -> None:
     part, _ = partition([message(9, value)])
-    dead, mark = part.next_batch()
+    dead, mark = batch(part)
     assert isinstance(dead, DeadLetter)
     record = dead.as_record()
     assert (record["topic"], record["partition"], record["offset"]) == (TOPIC, PARTITION, 9)
@@ -144,7 +150,7 @@ def test_unreadable_message_becomes_a_dead_letter_naming_where_it_came_from(valu
 
 def test_kafka_error_becomes_a_dead_letter_of_the_read_step() -> None:
     part, _ = partition([kafka_error(ConfluentKafkaError._MSG_TIMED_OUT, offset=4, value=b"partial")])
-    dead, _ = part.next_batch()
+    dead, _ = batch(part)
     assert isinstance(dead, DeadLetter)
     record = dead.as_record()
     assert (record["topic"], record["partition"], record["offset"], record["step"]) == (TOPIC, PARTITION, 4, "read")
@@ -155,8 +161,8 @@ def test_kafka_error_becomes_a_dead_letter_of_the_read_step() -> None:
 
 def test_kafka_error_of_no_message_is_a_dead_letter_at_the_partitions_position_and_moves_no_offset() -> None:
     part, _ = partition([message(6, line(1))], [kafka_error(ConfluentKafkaError._TRANSPORT)])
-    part.next_batch()
-    dead, _ = part.next_batch()
+    batch(part)
+    dead, _ = batch(part)
     assert isinstance(dead, DeadLetter)
     record = dead.as_record()
     assert (record["topic"], record["partition"], record["offset"], record["step"]) == (TOPIC, PARTITION, 7, "read")
@@ -165,7 +171,7 @@ def test_kafka_error_of_no_message_is_a_dead_letter_at_the_partitions_position_a
 
 def test_a_mark_follows_every_non_empty_batch() -> None:
     part, _ = partition([message(0, line(1))], [message(1, line(3)), message(2, line(2))])
-    first, second = part.next_batch(), part.next_batch()
+    first, second = batch(part), batch(part)
     assert [type(i) for i in first] == [Stamped, LiveMark]
     assert [type(i) for i in second] == [Stamped, Stamped, LiveMark]
     assert second[-1] == LiveMark(PARTITION, T0 + 3, False)
@@ -175,57 +181,57 @@ def test_a_mark_follows_every_non_empty_batch() -> None:
 def test_empty_batches_give_a_mark_once_tick_seconds_have_passed() -> None:
     wall = Wall()
     part, _ = partition([message(0, line(1)), end_of_partition()], [], [], [], [], wall=wall, tail=True)
-    assert part.next_batch()[-1] == LiveMark(PARTITION, T0 + 1, False)
+    assert batch(part)[-1] == LiveMark(PARTITION, T0 + 1, False)
     wall.now = W0 + TICK - 0.01
-    assert part.next_batch() == []
+    assert batch(part) == []
     wall.now = W0 + TICK
-    assert part.next_batch() == [LiveMark(PARTITION, T0 + 1 + TICK, False)]
+    assert batch(part) == [LiveMark(PARTITION, T0 + 1 + TICK, False)]
     wall.now = W0 + TICK + 0.1
-    assert part.next_batch() == []
+    assert batch(part) == []
     wall.now = W0 + 2 * TICK
-    assert part.next_batch() == [LiveMark(PARTITION, T0 + 1 + 2 * TICK, False)]
+    assert batch(part) == [LiveMark(PARTITION, T0 + 1 + 2 * TICK, False)]
 
 
 def test_first_empty_batch_reports_the_partition_at_once() -> None:
     part, _ = partition([])
-    assert part.next_batch() == [LiveMark(PARTITION, None, False)]
+    assert batch(part) == [LiveMark(PARTITION, None, False)]
 
 
 def test_end_of_partition_gives_one_final_idle_mark_then_stops() -> None:
     wall = Wall()
     part, _ = partition([message(0, line(1)), end_of_partition()], wall=wall)
-    part.next_batch()
+    batch(part)
     wall.now = W0 + 2
-    assert part.next_batch() == [LiveMark(PARTITION, T0 + 1, True)]
+    assert batch(part) == [LiveMark(PARTITION, T0 + 1, True)]
     with pytest.raises(StopIteration):
-        part.next_batch()
+        batch(part)
     with pytest.raises(StopIteration):
-        part.next_batch()
+        batch(part)
 
 
 def test_the_batch_that_reaches_the_end_keeps_its_messages_and_nothing_after_the_end() -> None:
     part, consumer = partition([message(0, line(1)), message(1, line(2)), end_of_partition(), message(2, line(3))])
-    items = part.next_batch()
+    items = batch(part)
     assert [i.event.offset for i in items if isinstance(i, Stamped)] == [0, 1]
     assert isinstance(items[-1], LiveMark) and not items[-1].idle
     assert part.snapshot().offset == 2, "a message after the end is not counted as read"
-    assert part.next_batch() == [LiveMark(PARTITION, T0 + 2, True)]
+    assert batch(part) == [LiveMark(PARTITION, T0 + 2, True)]
     assert len(consumer.asked) == 1, "no read after the end"
 
 
 def test_an_end_reached_in_an_empty_batch_is_reported_on_the_next_read() -> None:
     part, _ = partition([message(0, line(1))], [end_of_partition()])
-    part.next_batch()
-    assert part.next_batch() == []
-    assert part.next_batch() == [LiveMark(PARTITION, T0 + 1, True)]
+    batch(part)
+    assert batch(part) == []
+    assert batch(part) == [LiveMark(PARTITION, T0 + 1, True)]
     with pytest.raises(StopIteration):
-        part.next_batch()
+        batch(part)
 
 
 def test_snapshot_is_the_next_offset_and_the_latest_event_time() -> None:
     part, consumer = partition([message(0, line(5)), message(1, line(2)), message(2, None)])
     assert part.snapshot() == LiveResume(None, None)
-    part.next_batch()
+    batch(part)
     assert part.snapshot() == LiveResume(3, T0 + 5)
     part.close()
     assert consumer.closed
@@ -233,7 +239,7 @@ def test_snapshot_is_the_next_offset_and_the_latest_event_time() -> None:
 
 def test_each_read_asks_for_at_most_a_batch_and_waits_briefly() -> None:
     part, consumer = partition([], read=ReadSettings(batch_size=250, wait_s=0.002))
-    part.next_batch()
+    batch(part)
     assert consumer.asked == [(250, 0.002)]
 
 
@@ -281,24 +287,24 @@ def test_a_tailing_partition_reads_on_past_the_end_and_its_clock_follows_the_wal
     wall = Wall()
     part, _ = partition([message(0, line(1))], [message(1, line(2))], [end_of_partition()], [],
                         [end_of_partition(), message(2, line(3))], [], wall=wall, tail=True)
-    part.next_batch()
+    batch(part)
     wall.now = W0 + 60
-    assert part.next_batch()[-1] == LiveMark(PARTITION, T0 + 2, False), "a backlog read slowly keeps its clock"
-    assert part.next_batch() == [], "the end reached, no tick since the last mark"
+    assert batch(part)[-1] == LiveMark(PARTITION, T0 + 2, False), "a backlog read slowly keeps its clock"
+    assert batch(part) == [], "the end reached, no tick since the last mark"
     wall.now = W0 + 61
-    assert part.next_batch() == [LiveMark(PARTITION, T0 + 3, False)], "read to the end: the wall moves it on"
+    assert batch(part) == [LiveMark(PARTITION, T0 + 3, False)], "read to the end: the wall moves it on"
     wall.now = W0 + 70
-    items = part.next_batch()
+    items = batch(part)
     assert [i.event.offset for i in items if isinstance(i, Stamped)] == [2], "messages after the end are read"
     assert items[-1] == LiveMark(PARTITION, T0 + 12, False)
     wall.now = W0 + 75
-    assert part.next_batch() == [LiveMark(PARTITION, T0 + 12, False)], "reading again stopped the wall's clock"
+    assert batch(part) == [LiveMark(PARTITION, T0 + 12, False)], "reading again stopped the wall's clock"
     assert part.snapshot() == LiveResume(3, T0 + 12)
 
 
 def test_a_tailing_partition_found_empty_is_idle_at_once() -> None:
     part, _ = partition([end_of_partition()], tail=True)
-    assert part.next_batch() == [LiveMark(PARTITION, None, True)]
+    assert batch(part) == [LiveMark(PARTITION, None, True)]
 
 
 def test_a_partition_of_another_topic_is_refused() -> None:
@@ -310,7 +316,7 @@ def read_to_end(part: LivePartition) -> list[Any]:
     items: list[Any] = []
     while True:
         try:
-            items += part.next_batch()
+            items += batch(part)
         except StopIteration:
             return items
 

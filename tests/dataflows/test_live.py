@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+import polars as pl
 import pytest
 from bytewax.testing import TestingSource
 
@@ -14,7 +17,7 @@ from dataflows.events import DeadLetter, Event, LineRef, iso
 from dataflows.flow import FlowConfig, build_flow
 from dataflows.live import LiveMerger, LiveStamper
 from dataflows.parse import parse_line
-from dataflows.sequencing import LiveMark, Progress, ReplayLayout, Stamped, from_wire, to_wire
+from dataflows.sequencing import LiveMark, Progress, ReplayLayout, Stamped, from_wire, stamped_frame, to_wire
 from dataflows.windows import WindowConfig
 from tests.conftest import run_by_kind
 
@@ -204,17 +207,21 @@ def stamped(partition: int, offset: int, t: float) -> Stamped:
     return Stamped(make_event(partition=partition, offset=offset, t=t), partition, None)
 
 
+def framed(item: Stamped) -> pl.DataFrame:
+    return stamped_frame([item])
+
+
 def released(merger: LiveMerger) -> list[tuple[str, float | None]]:
-    return [(s.event.event_id, clock) for s, clock in merger.release()]
+    return merger.release().select("event_id", "clock").rows()
 
 
 def test_merger_releases_in_arrival_order_with_the_clock_at_that_point() -> None:
     merger = LiveMerger(2)
     merger.push([
-        stamped(0, 0, 30), LiveMark(0, 10.0), stamped(1, 0, 5), LiveMark(1, 20.0),
-        stamped(0, 1, 1), LiveMark(0, 30.0), stamped(1, 1, 40),
+        framed(stamped(0, 0, 30)), LiveMark(0, 10.0), framed(stamped(1, 0, 5)), LiveMark(1, 20.0),
+        framed(stamped(0, 1, 1)), LiveMark(0, 30.0), framed(stamped(1, 1, 40)),
     ])
-    assert merger.buffered == 7
+    assert merger.buffered == 4, "four events wait"
     assert released(merger) == [("chat/0:0", None), ("chat/1:0", None), ("chat/0:1", 10.0), ("chat/1:1", 20.0)]
     assert merger.buffered == 0
     assert merger.clock_floor() == 20.0
@@ -224,42 +231,42 @@ def test_merger_releases_in_arrival_order_with_the_clock_at_that_point() -> None
 def test_merger_has_no_clock_while_a_non_idle_partition_has_not_reported() -> None:
     merger = LiveMerger(3)
     merger.push([LiveMark(0, 10.0), LiveMark(1, 20.0), LiveMark(2, None)])
-    list(merger.release())
+    merger.release()
     assert merger.clock_floor() is None
     merger.push([LiveMark(2, 15.0)])
-    list(merger.release())
+    merger.release()
     assert merger.clock_floor() == 10.0, "the minimum over the partitions"
 
 
 def test_idle_partitions_do_not_hold_the_clock_back() -> None:
     merger = LiveMerger(3)
     merger.push([LiveMark(0, 10.0), LiveMark(1, None, idle=True), LiveMark(2, 30.0)])
-    list(merger.release())
+    merger.release()
     assert merger.clock_floor() == 10.0
     merger.push([LiveMark(0, 40.0, idle=True)])
-    list(merger.release())
+    merger.release()
     assert merger.clock_floor() == 30.0, "an ended partition no longer counts"
 
 
 def test_all_idle_partitions_leave_the_clock_where_it_was() -> None:
     merger = LiveMerger(2)
     merger.push([LiveMark(0, 10.0), LiveMark(1, 12.0), LiveMark(0, 50.0, idle=True)])
-    list(merger.release())
+    merger.release()
     assert merger.clock_floor() == 12.0
     merger.push([LiveMark(1, 60.0, idle=True)])
-    list(merger.release())
+    merger.release()
     assert merger.clock_floor() == 12.0, "with no partition left to count, the last reading stands"
 
 
 def test_merger_clock_never_goes_back() -> None:
     merger = LiveMerger(2)
     merger.push([LiveMark(0, 100.0), LiveMark(1, None, idle=True)])
-    list(merger.release())
+    merger.release()
     assert merger.clock_floor() == 100.0
-    merger.push([LiveMark(1, 50.0), stamped(1, 0, 50)])
+    merger.push([LiveMark(1, 50.0), framed(stamped(1, 0, 50))])
     assert released(merger) == [("chat/1:0", 100.0)], "a partition back from idle cannot pull the clock back"
     merger.push([LiveMark(1, 120.0), LiveMark(0, 80.0)])
-    list(merger.release())
+    merger.release()
     assert merger.clock_floor() == 100.0, "nor can a partition's own lower reading"
     assert merger.clocks == [100.0, 120.0]
 
@@ -268,15 +275,15 @@ def test_merger_clock_moves_only_with_marks() -> None:
     merger = LiveMerger(1)
     assert merger.clock_after(10.0, 99.0) == 10.0
     assert merger.clock_after(None, 99.0) is None
-    merger.push([stamped(0, 0, 99)])
+    merger.push([framed(stamped(0, 0, 99))])
     assert released(merger) == [("chat/0:0", None)]
     assert merger.clock_floor() is None
 
 
 def test_release_all_is_release() -> None:
     merger = LiveMerger(1)
-    merger.push([LiveMark(0, 5.0), stamped(0, 0, 6)])
-    assert [(s.event.event_id, c) for s, c in merger.release_all()] == [("chat/0:0", 5.0)]
+    merger.push([LiveMark(0, 5.0), framed(stamped(0, 0, 6))])
+    assert merger.release_all().select("event_id", "clock").rows() == [("chat/0:0", 5.0)]
 
 
 def test_replay_progress_marker_in_a_live_merger_is_refused() -> None:
@@ -418,3 +425,32 @@ def test_live_dead_letters_and_untimed_events_in_the_flow() -> None:
 
 def test_ref_of_a_live_event_names_topic_partition_and_offset() -> None:
     assert make_event(partition=2, offset=7).ref == LineRef("chat/2", 7, 7)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(
+    st.lists(st.one_of(st.none(), st.floats(-50, 50)), max_size=6),  # event times of a batch (None: untimed)
+    st.booleans(),                                                   # a dead letter in the batch too
+    st.booleans(),                                                   # the partition's end after it
+    st.floats(0, 30),                                                # wall time passed before it
+), max_size=8), st.one_of(st.none(), st.floats(-20, 20)))
+def test_stamp_frame_is_stamp_of_each_event_in_turn(batches: list[tuple[list[float | None], bool, bool, float]],
+                                                    resumed: float | None) -> None:
+    one, many = LiveStamper(0, started=W0), LiveStamper(0, started=W0)
+    one.resume(None if resumed is None else T0 + resumed)
+    many.resume(None if resumed is None else T0 + resumed)
+    now = W0
+    for times, dead, at_end, passed in batches:
+        now += passed
+        events = [make_event(offset=i, t=t) for i, t in enumerate(times)]
+        expected = [s for s in (one.stamp(e, now) for e in events) if isinstance(s, Stamped)]
+        if dead:
+            one.stamp(DeadLetter(LineRef("chat/0", 99, 99), "", "bad"), now)
+        frame = many.stamp_frame(stamped_frame(Stamped(e, 0, None) for e in events).drop("block", "clock_before",
+                                                                                             "scope"), now, dead=dead)
+        got = frame.select("time", "timestamp", "clock_before").rows()
+        assert got == [(s.event.time, s.event.timestamp, s.clock_before) for s in expected]
+        assert (many.base, many.caught_up_at) == (one.base, one.caught_up_at)
+        if at_end:
+            one.caught_up(now)
+            many.caught_up(now)
