@@ -41,9 +41,10 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# The columnar-core targets (issue 19): pipeline without patterns and rules / bare Bytewax, 2 processes / 1,
-# patterns on / off, 100 rules / none.
+# The columnar-core targets (issue 19): pipeline without patterns and rules / bare Bytewax, the full
+# pipeline (four patterns, 100 rules) / bare, 2 processes / 1, patterns on / off, 100 rules / none.
 TARGET_RATIO = 2.5
+TARGET_FULL = 1.5
 TARGET_SCALING = 1.6
 TARGET_PATTERNS = 0.6
 TARGET_RULES = 0.8
@@ -186,7 +187,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=500_000)
     parser.add_argument("--data-dir", type=Path, default=ROOT / "benchmarks" / "data")
-    cases = ["bare", "pipeline", "pipeline2", "patterns", "rules", "rules-cold"]
+    cases = ["bare", "pipeline", "pipeline2", "patterns", "rules", "rules-cold", "full"]
     parser.add_argument("--case", choices=cases, help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="+", choices=cases,
                         help="run only these cases (ratios need their reference case too)")
@@ -199,7 +200,8 @@ def main() -> None:
                  "pipeline2": lambda: pipeline_seconds(args.input, 2),
                  "patterns": lambda: pipeline_seconds(args.input, 1, patterns=True),
                  "rules": lambda: pipeline_seconds(args.input, 1, rules=True),
-                 "rules-cold": lambda: pipeline_seconds(args.input, 1, rules=True, remember_texts=False)}
+                 "rules-cold": lambda: pipeline_seconds(args.input, 1, rules=True, remember_texts=False),
+                 "full": lambda: pipeline_seconds(args.input, 1, patterns=True, rules=True)}
         print(json.dumps(cases[args.case]()))
         return
 
@@ -211,12 +213,14 @@ def main() -> None:
     print(f"{'case':<34}{'seconds':>9}{'events/s':>11}{'windows':>10}{'CPU s':>8}")
     labels = {"bare": "bare Bytewax (parse + windows)", "pipeline": "convoflow replay, 1 process",
               "pipeline2": "convoflow replay, 2 processes", "patterns": "convoflow replay + 4 patterns",
-              "rules": "convoflow replay + 100 rules", "rules-cold": "convoflow replay + rules, cold"}
+              "rules": "convoflow replay + 100 rules", "rules-cold": "convoflow replay + rules, cold",
+              "full": "convoflow replay, patterns + rules"}
     for case in chosen:
         cpu = statistics.median(r[case]["cpu"] for r in rounds)
         print(f"{labels[case]:<34}{seconds[case]:>9.2f}{lines / seconds[case]:>11,.0f}"
               f"{int(rounds[0][case]['windows']):>10,}{cpu:>8.1f}")
     for case, reference, target, what in (("pipeline", "bare", TARGET_RATIO, "pipeline / bare"),
+                                          ("full", "bare", TARGET_FULL, "full pipeline (patterns, rules) / bare"),
                                           ("pipeline2", "pipeline", TARGET_SCALING, "2 processes / 1"),
                                           ("patterns", "pipeline", TARGET_PATTERNS, "with patterns / without"),
                                           ("rules", "pipeline", TARGET_RULES, "with rules / without"),

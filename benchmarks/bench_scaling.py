@@ -10,7 +10,7 @@ and two separate 1 x 1 runs at once (what two busy cores give this workload with
 Events/s are input lines over the wall time from building the job to its end; CPU s are the case's
 whole processes' (start-up included), which other work on the machine does not inflate. With
 `--repeat N` the cases run N times, interleaved; medians are reported and each round's ratio.
-Target: 2 processes >= 1.6 x one. Also shown: the ceiling that ratio could reach on idle cores, from
+Each process is held to one Polars thread (`POLARS_MAX_THREADS=1`). Target: 2 processes >= 1.6 x one. Also shown: the ceiling that ratio could reach on idle cores, from
 the CPU seconds alone (see `cpu_bound`).
 
 Then, unless `--skip-profile`, py-spy samples a 1-process run with the four patterns and a stream of
@@ -45,6 +45,9 @@ sys.path.insert(0, str(ROOT))
 TARGET_SCALING = 1.6
 CASES: dict[str, tuple[int, int]] = {"1p1w": (1, 1), "2p1w": (2, 1), "1p2w": (1, 2)}
 SIDE_BY_SIDE = "2x1p1w"
+ONE_THREAD = {**os.environ, "POLARS_MAX_THREADS": "1"}
+"""Every case's environment: each process holds one compute thread, as a process per machine of a
+cluster would (issue 19), so the ratio is the flow's scaling, not Polars' threads."""
 """Two separate 1 x 1 runs of the whole file at once: no cluster, nothing exchanged. Their joint
 events/s over one run's is what two busy cores give this workload on this machine, the most a
 2-process cluster could reach."""
@@ -179,8 +182,8 @@ def run_case(case: str, path: Path) -> dict[str, float]:
     before = children_cpu()
     runs = 2 if case == SIDE_BY_SIDE else 1
     command = case_command("1p1w" if case == SIDE_BY_SIDE else case, path)
-    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-             for _ in range(runs)]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              env=ONE_THREAD) for _ in range(runs)]
     results = []
     for proc in procs:
         stdout, stderr = proc.communicate()

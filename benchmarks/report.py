@@ -109,7 +109,8 @@ def key_for(label: str, keys: Sequence[tuple[str, str]], prefix: str) -> str:
     return f"{prefix}.{slug(label)}"
 
 
-REPLAY_KEYS = (("bare", "replay.bare"), ("2 processes", "replay.pipeline2"), ("patterns", "replay.patterns"),
+REPLAY_KEYS = (("bare", "replay.bare"), ("2 processes", "replay.pipeline2"), (r"patterns \+ rules", "replay.full"),
+               ("patterns", "replay.patterns"),
                ("cold", "replay.rules_cold"), ("rules", "replay.rules"), ("1 process", "replay.pipeline"))
 REPLAY_ROW = re.compile(rf"^(?P<label>\S.*?)\s+(?P<seconds>\d+\.\d+)\s+(?P<rate>{_NUMBER})\s+(?P<windows>{_NUMBER})"
                         r"(?:\s+\d+\.\d+)?$")
@@ -253,13 +254,31 @@ def parse_memory(text: str) -> list[Figure]:
     return figures
 
 
+LATENCY = re.compile(rf"^message latency \(due -> written\): p50 (?P<p50>{_NUMBER}) ms, p99 (?P<p99>{_NUMBER}) ms")
+LATENCY_P99 = re.compile(rf"^p99 latency: (?P<p99>{_NUMBER}) ms {_VERDICT}$")
+
+
+def parse_latency(text: str) -> list[Figure]:
+    """bench_latency: a paced replay's message latency, p50, and p99 against its target."""
+    figures = []
+    for line in text.splitlines():
+        if found := LATENCY.match(line.strip()):
+            figures.append(Figure("latency", "latency.p50", "message latency p50, paced replay 2,000 events/s",
+                                  number(found["p50"]), "ms"))
+        elif found := LATENCY_P99.match(line.strip()):
+            figures.append(Figure("latency", "latency.p99", "message latency p99, paced replay 2,000 events/s",
+                                  number(found["p99"]), "ms", found["target"], verdict_met(found["verdict"])))
+    return figures
+
+
 BENCHES = (
-    Bench("replay", "bench_replay.py", ("--events", "500000", "--repeat", "3"), ("--events", "100000", "--repeat", "1"),
+    Bench("replay", "bench_replay.py", ("--events", "1000000", "--repeat", "3"), ("--events", "100000", "--repeat", "1"),
           parse_replay),
-    Bench("kafka", "bench_kafka.py", ("--events", "200000"), ("--events", "20000"), parse_kafka),
+    Bench("kafka", "bench_kafka.py", ("--events", "200000", "--repeat", "3"), ("--events", "20000"), parse_kafka),
+    Bench("latency", "bench_latency.py", (), ("--seconds", "2"), parse_latency),
     Bench("lake", "bench_lake.py", ("--rows", "1000000"), ("--rows", "100000"), parse_lake),
     Bench("llm", "bench_llm.py", (), ("--items", "200", "--rounds", "5"), parse_llm),
-    Bench("scaling", "bench_scaling.py", ("--events", "1000000", "--repeat", "2"),
+    Bench("scaling", "bench_scaling.py", ("--events", "2000000", "--repeat", "2"),
           ("--events", "100000", "--profile-events", "50000"), parse_scaling),
     Bench("memory", "bench_memory.py", ("--sessions", "10000", "200000"), ("--sessions", "2000", "20000"),
           parse_memory),

@@ -294,3 +294,13 @@ def test_memory_input_has_3_to_5_messages_per_session_in_time_order() -> None:
     assert len(per_session) == 200 and set(per_session.values()) <= {3, 4, 5}
     times = [record["timestamp"] for record in lines]
     assert times == sorted(times)
+
+
+def test_parse_latency() -> None:
+    text = ("paced replay, 2,000 events/s for 10 s, 1 process, 8 shards, four patterns, LLM off\n"
+            "message latency (due -> written): p50 84.3 ms, p99 233.7 ms, max 310.7 ms over 20,000 messages\n"
+            "p99 latency: 233.7 ms (target <= 100: MISSED)\n")
+    figures = by_key(report.parse_latency(text))
+    assert figures["latency.p50"].value == 84.3
+    p99 = figures["latency.p99"]
+    assert (p99.value, p99.unit, p99.target, p99.met) == (233.7, "ms", "<= 100", False)
