@@ -228,13 +228,6 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
             return self._columns(released, out)
         return self._judged(gate.release_all(released) if final else gate.admit(released), out)
 
-    def _latest(self, released: pl.DataFrame) -> float | None:
-        """The clock once `released` have been read: a replay's counts their times too (`clock_after`)."""
-        latest = cast(float | None, released["clock"].max())
-        if isinstance(self.state.sequencer, Sequencer):
-            latest = later(latest, cast(float | None, released["time"].max()))
-        return latest
-
     def _columns(self, released: pl.DataFrame, out: _Outputs) -> float | None:
         """Without a rules stream: window every event of the shard's sessions, column-wise."""
         if released.is_empty():
@@ -244,7 +237,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
         own = pl.col("scope") != "user"
         out.late.extend(self.state.windows.add(released.with_columns(own.alias("windowed"))))
         out.frames.append(released.filter(own).select(RECORD_FIELDS))
-        return self._latest(released)
+        return self.state.sequencer.clock_after(released)
 
     def _judged(self, admitted: pl.DataFrame | None, out: _Outputs) -> float | None:
         """With a rules stream: judge the admitted events, then window those it lets through.
@@ -266,7 +259,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
                 frame.filter(~blocked).with_columns(pattern_roles(pl.col("role")).alias("role")), gate.book
             )
         out.late.extend(self.state.windows.add(frame.with_columns((~blocked & own).alias("windowed"))))
-        return self._latest(admitted)
+        return self.state.sequencer.clock_after(admitted)
 
     def _advance(self, clock: float | None, out: _Outputs) -> None:
         out.windows += self.state.windows.advance(clock)

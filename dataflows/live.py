@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import polars as pl
@@ -155,9 +156,9 @@ class LiveMerger:
     def release_all(self) -> pl.DataFrame:
         return self.release()
 
-    def clock_after(self, clock: float | None, event_time: float | None) -> float | None:
-        """Unlike a replay's, the flow's clock does not move with one event: only marks move it."""
-        return clock
+    def clock_after(self, released: pl.DataFrame) -> float | None:
+        """Unlike a replay's, the flow's clock does not move with events: only marks move it."""
+        return cast(float | None, released["clock"].max())
 
     def clock_floor(self) -> float | None:
         return self.current

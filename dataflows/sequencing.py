@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import polars as pl
 
@@ -201,9 +201,9 @@ class Sequencer:
         self.frontier = [DONE] * self.layout.partitions
         return self.release()
 
-    def clock_after(self, clock: float | None, event_time: float | None) -> float | None:
-        """The replay clock once an event released at `clock` has been read: its time counts too."""
-        return later(clock, event_time)
+    def clock_after(self, released: pl.DataFrame) -> float | None:
+        """The replay clock once `released` (`RELEASED_SCHEMA`) have been read: their times count too."""
+        return later(cast(float | None, released["clock"].max()), cast(float | None, released["time"].max()))
 
     def clock_floor(self) -> float | None:
         """The replay time that every line not yet released is known to be at or after."""

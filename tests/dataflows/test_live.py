@@ -273,8 +273,9 @@ def test_merger_clock_never_goes_back() -> None:
 
 def test_merger_clock_moves_only_with_marks() -> None:
     merger = LiveMerger(1)
-    assert merger.clock_after(10.0, 99.0) == 10.0
-    assert merger.clock_after(None, 99.0) is None
+    read = framed(stamped(0, 0, 99)).with_columns(pl.lit(10.0).alias("clock"))
+    assert merger.clock_after(read) == 10.0, "an event's time does not move it"
+    assert merger.clock_after(read.with_columns(pl.lit(None, pl.Float64).alias("clock"))) is None
     merger.push([framed(stamped(0, 0, 99))])
     assert released(merger) == [("chat/0:0", None)]
     assert merger.clock_floor() is None
