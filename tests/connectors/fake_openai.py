@@ -67,10 +67,17 @@ def completion(model: str, content: str, number: int) -> dict[str, Any]:
 
 
 class FakeOpenAI:
-    """The server and what it saw. `latency` (seconds) delays every answer."""
+    """The server and what it saw. `latency` (seconds) delays every answer.
+
+    `gather`, when set, holds every request until that many have been in flight at once (a one-time
+    barrier), so a test sees a client's concurrency reached whatever the machine's speed; a client
+    that never gets there is held for `gather_bound` seconds (that only bounds a failing test).
+    """
 
     def __init__(self, *, latency: float = 0.0, hang_seconds: float = 3600.0) -> None:
         self.latency = latency
+        self.gather = 0
+        self.gather_bound = 60.0
         self.hang_seconds = hang_seconds
         self.requests = 0
         self.hanging = 0
@@ -82,6 +89,7 @@ class FakeOpenAI:
         self.arrivals: list[float] = []
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
+        self._gathered = threading.Condition(self._lock)
         self._stopping = threading.Event()
         self._connections: set[socket.socket] = set()
         self._server = _Server(("127.0.0.1", 0), _Handler)
@@ -148,7 +156,14 @@ class FakeOpenAI:
             self.payloads.append(payload)
             self.headers.append(headers)
             self.arrivals.append(time.monotonic())
+            self._gathered.notify_all()
             return self.requests
+
+    def _wait_for_gather(self) -> None:
+        """Hold a request until `gather` requests have been in flight at once (see the class)."""
+        with self._gathered:
+            self._gathered.wait_for(lambda: self.max_in_flight >= self.gather or self._stopping.is_set(),
+                                    timeout=self.gather_bound)
 
     def _leave(self) -> None:
         with self._lock:
@@ -202,6 +217,8 @@ class _Handler(BaseHTTPRequestHandler):
         number = fake._enter(payload, {k.lower(): v for k, v in self.headers.items()})
         try:
             fault = fake._take_fault(raw)
+            if fake.gather:
+                fake._wait_for_gather()
             if fake.latency:
                 fake._stopping.wait(fake.latency)
             if fault is not None and fault.kind == "slow":

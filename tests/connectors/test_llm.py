@@ -248,7 +248,7 @@ def test_each_request_can_name_its_model_and_the_cache_tells_models_apart(
 def test_run_batch_sends_windows_and_translations_together(fake: FakeOpenAI, make_client: Callable[..., LlmClient]) -> None:
     client = make_client(concurrency=8)
     client.run_batch([CARD_WINDOW], [("warm", "de")])  # a process's first calls pay for lazy imports
-    fake.latency = 0.2
+    fake.gather = 8  # all eight calls are held until all are in flight: they went out together
     fake.reset_counts()
     windows, translations = client.run_batch([make_window(make_event(f"w{i}")) for i in range(4)],
                                              [(f"t{i}", "de") for i in range(4)])
@@ -269,7 +269,7 @@ def test_no_call_when_the_message_is_known_to_be_in_the_target_language(
 
 @pytest.mark.parametrize("concurrency", [1, 4])
 def test_concurrency_is_bounded_and_used(fake: FakeOpenAI, make_client: Callable[..., LlmClient], concurrency: int) -> None:
-    fake.latency = 0.05
+    fake.gather = concurrency  # held until that many are in flight; more would show in max_in_flight
     out = make_client(concurrency=concurrency).translate([(f"text {i}", "es") for i in range(12)])
     assert [o["translated"] for o in out] == [f"[es] text {i}" for i in range(12)]
     assert fake.max_in_flight == concurrency

@@ -171,7 +171,7 @@ def test_a_window_that_times_out_is_an_error(fake: FakeOpenAI, make_stage: Calla
 def test_windows_of_a_batch_are_called_concurrently_within_the_bound(
     fake: FakeOpenAI, make_stage: Callable[..., LlmStage]
 ) -> None:
-    fake.latency = 0.2
+    fake.gather = 16  # every call held until all sixteen are in flight
     windows = [window(("customer", f"question {i}")) for i in range(16)]
     [(_, out)] = make_stage(concurrency=16)([(OutputKind.WINDOWS, windows)])
     assert [w["assistant"]["suggested_reply"] for w in out] == [f"Re: question {i}" for i in range(16)]
@@ -179,7 +179,7 @@ def test_windows_of_a_batch_are_called_concurrently_within_the_bound(
 
 
 def test_concurrency_bounds_all_calls_of_a_batch(fake: FakeOpenAI, make_stage: Callable[..., LlmStage]) -> None:
-    fake.latency = 0.05
+    fake.gather = 3  # the first three held until all are in flight; a fourth would show in max_in_flight
     room = conversation_of(("bob", "en", "hi"), *(("alice", "es", f"texto {i}") for i in range(6)))
     make_stage(concurrency=3)([(OutputKind.WINDOWS, [window(("customer", f"q{i}")) for i in range(6)]),
                                (OutputKind.MESSAGES, room)])
