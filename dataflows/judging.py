@@ -15,15 +15,13 @@ import polars as pl
 
 from dataflows.rules import PATTERN_ROLES, Moderation, RuleBook, Verdict
 
-JUDGED_COLUMNS = pl.Schema({"action": pl.String, "role": pl.String, "moderation": pl.Binary})
-"""What `judged` adds to a frame (and the `text` it may change)."""
 NO_RULES = Moderation("allow", "")
 """The verdict while the rules stream has sent no rule (its text is never read)."""
 
 
 def judged(book: RuleBook, events: pl.DataFrame) -> pl.DataFrame:
     """`events` (timed, event columns) with each message's verdict: `text` as the rules leave it,
-    `action`, `role` and `moderation` (`JUDGED_COLUMNS`)."""
+    `action`, `role` (a permission rule's) and `moderation` (JSON, binary)."""
     if not book.version():
         return events.with_columns(
             pl.lit(NO_RULES.action, pl.String).alias("action"), pl.lit(None, pl.String).alias("role"),
