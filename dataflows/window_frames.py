@@ -16,6 +16,7 @@ event's watermark before it takes the event, so both share one watermark.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -50,6 +51,11 @@ class FrameWindows:
     """The earliest end of an open window: until the watermark reaches it, nothing closes."""
     open_count: int = 0
     """How many windows are open (without the book's)."""
+    held: dict[tuple[str, float], int] = field(default_factory=dict)
+    """How many of the open rows each open window (session, start) holds, kept as rows come and go,
+    so the limits are checked against a batch's new rows only."""
+    windows_of: dict[str, int] = field(default_factory=dict)
+    """How many windows each session has open (in `open`)."""
 
     def add(self, events: pl.DataFrame) -> list[Record]:
         """Window `events` (event columns, `clock` and `windowed`, in release order); return the late records.
@@ -78,6 +84,10 @@ class FrameWindows:
         kept = windowed.filter(~is_late).select(OPEN_SCHEMA.names())
         if not kept.is_empty():
             self.open = pl.concat([self.open, kept]) if not self.open.is_empty() else kept
+            for session, start, rows in kept.group_by("session_id", "start").len().iter_rows():
+                if (session, start) not in self.held:
+                    self.windows_of[session] = self.windows_of.get(session, 0) + 1
+                self.held[(session, start)] = self.held.get((session, start), 0) + rows
             self._opened()
         return late
 
@@ -93,12 +103,15 @@ class FrameWindows:
         closing = (self.open["start"] + self.config.size) <= self.watermark
         emitted = self.open.filter(closing)
         self.open = self.open.filter(~closing)
+        self._forget(emitted.select("session_id", "start").unique().iter_rows())
         self._opened()
         return [early + self._escaped_advance(self.watermark), self._records(emitted)]
 
     def flush(self) -> list[Records]:
         """Emit every open window (end of a finite input)."""
         emitted, self.open = self.open, self.open.clear()
+        self.held.clear()
+        self.windows_of.clear()
         self._opened()
         escaped = [w.as_record() for w in self.escaped.flush()] if self.escaped is not None else []
         early, self.emitted = self.emitted, []
@@ -113,20 +126,35 @@ class FrameWindows:
         if self.open.is_empty():
             self.next_end, self.open_count = math.inf, 0
             return
-        starts = self.open["start"]
-        self.next_end = cast(float, starts.min()) + self.config.size
-        self.open_count = self.open.select(pl.struct("session_id", "start").n_unique()).item()
+        self.next_end = cast(float, self.open["start"].min()) + self.config.size
+        self.open_count = len(self.held)
+
+    def _forget(self, windows: Iterable[tuple[str, float]]) -> None:
+        """Drop windows (session, start) that left `open` from the counts."""
+        for session, start in windows:
+            del self.held[(session, start)]
+            left = self.windows_of[session] - 1
+            if left:
+                self.windows_of[session] = left
+            else:
+                del self.windows_of[session]
 
     def _escape(self, windowed: pl.DataFrame) -> None:
-        """Hand to the `WindowBook` the sessions that could meet a limit in this batch."""
+        """Hand to the `WindowBook` the sessions that could meet a limit in this batch: counted
+        with every new row, late or not (so, if anything, too soon)."""
         if windowed.is_empty():
             return
-        rows = pl.concat([self.open.select("session_id", "start"), windowed.select("session_id", "start")])
-        per_window = rows.group_by("session_id", "start").len()
-        over = per_window.group_by("session_id").agg(
-            ((pl.len() > self.config.max_open_windows) | (pl.col("len").max() > 2 * self.config.max_messages)).alias("over")
-        ).filter("over")
-        sessions = set(over["session_id"].to_list()) - self.escaped_sessions
+        most_rows, most_windows = 2 * self.config.max_messages, self.config.max_open_windows
+        sessions: set[str] = set()
+        opening: dict[str, int] = {}
+        for session, start, rows in windowed.group_by("session_id", "start").len().iter_rows():
+            held = self.held.get((session, start))
+            if held is None:
+                opening[session] = opening.get(session, 0) + 1
+            if (held or 0) + rows > most_rows:
+                sessions.add(session)
+        sessions.update(s for s, new in opening.items() if self.windows_of.get(s, 0) + new > most_windows)
+        sessions -= self.escaped_sessions
         if not sessions:
             return
         if self.escaped is None:
@@ -135,6 +163,7 @@ class FrameWindows:
         for row in self.open.filter(moving).select(OPEN_SCHEMA.names()).iter_rows():
             self.escaped.adopt(Event._make(row[:-1]), row[-1])
         self.open = self.open.filter(~moving)
+        self._forget([key for key in self.held if key[0] in sessions])
         self._opened()
         self.escaped_sessions |= sessions
 

@@ -45,8 +45,18 @@ def by_frames(batches: list[list[tuple[Event, float | None, bool]]], config: Win
             pl.Series("windowed", [w for _, _, w in batch], dtype=pl.Boolean),
         )
         late += windows_of.add(frame)
+        assert_counts_match(windows_of)
         windows += records(windows_of.advance(_now(batch)))
+        assert_counts_match(windows_of)
     return windows + records(windows_of.flush()), late
+
+
+def assert_counts_match(windows_of: FrameWindows) -> None:
+    """The window counts kept as rows come and go are those of the open rows."""
+    rows = windows_of.open.group_by("session_id", "start").len().iter_rows()
+    assert windows_of.held == {(session, start): n for session, start, n in rows}
+    per_session = windows_of.open.group_by("session_id").agg(pl.col("start").n_unique()).iter_rows()
+    assert windows_of.windows_of == dict(per_session)
 
 
 def records(batches: list) -> list[dict[str, Any]]:
