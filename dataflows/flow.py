@@ -197,7 +197,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
                 assert gate is not None, "rules reach shards only of a flow with a rules stream"
                 gate.take(wires)
             else:
-                seq.push(w if isinstance(w, pl.DataFrame) else cast(Progress | LiveMark, from_wire(w)) for w in wires)
+                seq.push(w if isinstance(w, pl.DataFrame) else from_wire(w) for w in wires)
         out = _Outputs()
         clock = self._process(self._released(final=False), out, final=False)
         floor = later(clock, seq.clock_floor())

@@ -96,22 +96,17 @@ _PROGRESS = "progress"
 _LIVE_MARK = "mark"
 
 
-def to_wire(item: Stamped | Marker, scope: Scope | None = None) -> Wire:
-    """Plain tuples of builtins: what crosses workers cheaply (see `Event`); `scope` overrides a `Stamped`'s."""
-    if isinstance(item, Stamped):
-        return (tuple(item.event), item.block, item.clock_before, scope or item.scope)
+def to_wire(item: Marker) -> Wire:
+    """A marker as a plain tuple of builtins: what crosses workers cheaply (events travel as frames)."""
     if isinstance(item, LiveMark):
         return (_LIVE_MARK, *item)
     return (_PROGRESS, *item)
 
 
-def from_wire(wire: Wire) -> Stamped | Marker:
-    tag = wire[0]
-    if tag == _PROGRESS:
+def from_wire(wire: Wire) -> Marker:
+    if wire[0] == _PROGRESS:
         return Progress(*wire[1:])
-    if tag == _LIVE_MARK:
-        return LiveMark(*wire[1:])
-    return Stamped(Event._make(tag), wire[1], wire[2], wire[3])
+    return LiveMark(*wire[1:])
 
 
 class BlockStamper:

@@ -49,8 +49,6 @@ class FrameWindows:
     """Windows the book emitted while it took events, for the next `advance` or `flush`."""
     next_end: float = math.inf
     """The earliest end of an open window: until the watermark reaches it, nothing closes."""
-    open_count: int = 0
-    """How many windows are open (without the book's)."""
     held: dict[tuple[str, float], int] = field(default_factory=dict)
     """How many of the open rows each open window (session, start) holds, kept as rows come and go,
     so the limits are checked against a batch's new rows only."""
@@ -119,15 +117,14 @@ class FrameWindows:
 
     @property
     def open_windows(self) -> int:
-        return self.open_count + (len(self.escaped.open) if self.escaped is not None else 0)
+        return len(self.held) + (len(self.escaped.open) if self.escaped is not None else 0)
 
     def _opened(self) -> None:
-        """Note the open rows' earliest window end and window count, once they have changed."""
+        """Note the open rows' earliest window end, once they have changed."""
         if self.open.is_empty():
-            self.next_end, self.open_count = math.inf, 0
+            self.next_end = math.inf
             return
         self.next_end = cast(float, self.open["start"].min()) + self.config.size
-        self.open_count = len(self.held)
 
     def _forget(self, windows: Iterable[tuple[str, float]]) -> None:
         """Drop windows (session, start) that left `open` from the counts."""

@@ -192,12 +192,13 @@ def test_resume_continues_from_the_snapshot_clock_and_follows_the_wall_only_once
     assert fresh.clock(W0 + 200) is None
 
 
-def test_live_marks_and_stamped_kafka_events_cross_the_wire() -> None:
+def test_live_marks_and_progress_markers_cross_the_wire() -> None:
     mark = LiveMark(2, T0 + 5, True)
     assert from_wire(to_wire(mark)) == mark
     assert isinstance(from_wire(to_wire(mark)), LiveMark)
-    stamped = Stamped(make_event(partition=2, offset=9, t=5), 2, T0 + 4)
-    assert from_wire(to_wire(stamped)) == stamped
+    progress = Progress(1, 4096, ((0, T0),), T0 + 1)
+    assert from_wire(to_wire(progress)) == progress
+    assert isinstance(from_wire(to_wire(progress)), Progress)
 
 
 # LiveMerger
