@@ -8,9 +8,10 @@ are partitioned by its day and declare a sort order (session, time) that each ba
 before it is written. Every table has a `record_hash` column: a 64-bit BLAKE2b of the record's
 canonical JSON, without the fields stages fill from outside the flow (`ENRICHMENT_FIELDS`).
 
-A sink partition turns each incoming batch into Arrow columns at once (records are checked
-against the table's schema there: an unknown field or a missing required one is an error naming
-the table and field), buffers them and appends them (one Iceberg snapshot) once it holds
+A sink partition turns each incoming batch of dicts into Arrow columns at once, and frames
+(`Records`) once it has gathered `CONVERT_ROWS` rows of one schema, or before a commit or a
+snapshot (`connectors.lake_rows`; records are checked against the table's schema there: an
+unknown field or a missing required one is an error naming the table and field), buffers them and appends them (one Iceberg snapshot) once it holds
 `commit_rows` rows, once its oldest row has waited `commit_interval` seconds, and at `close()`;
 never empty. The interval is checked when a batch arrives and when Bytewax takes the partition's
 snapshot; Bytewax has no timer for sinks, so the rows of a stream gone idle wait for its next
@@ -73,10 +74,8 @@ own marker before raising. A failed expiry is logged and tried again later.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
-import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -86,7 +85,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import orjson
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 from bytewax.outputs import StatefulSinkPartition
@@ -104,16 +103,16 @@ from pyiceberg.table.sorting import NullOrder, SortDirection, SortField, SortOrd
 from pyiceberg.table.update.snapshot import ExpireSnapshots
 from pyiceberg.transforms import DayTransform, IdentityTransform
 from pyiceberg.types import (
-    BooleanType, DoubleType, IcebergType, IntegerType, ListType, LongType, MapType, NestedField, StringType, StructType,
+    BooleanType, DoubleType, IntegerType, ListType, LongType, MapType, NestedField, StringType, StructType,
     TimestamptzType,
 )
 from pyiceberg.utils.datetime import datetime_to_millis
 
 from connectors.by_kind import KindPartitionedSink
 from dataflows.errors import ConvoflowError
-from dataflows.flow import ENRICHMENT_FIELDS
+from connectors.lake_rows import ArrowRows
+from dataflows.records import Records
 
-Record = dict[str, Any]
 Row = dict[str, Any]
 PARTITION_KEY = "convoflow.partition"
 SEQ_KEY = "convoflow.batch-seq"
@@ -122,6 +121,8 @@ LEDGER_PREFIX = "convoflow.ledger."
 LEDGER_LIMIT = 2000
 """How many of a partition's expired commits the ledger remembers (its newest)."""
 TABLE_PROPERTIES = {"commit.manifest-merge.enabled": "true"}
+CONVERT_ROWS = 20_000
+"""Rows of frames a partition gathers before it converts them in one go (and checks them)."""
 COMMIT_ATTEMPTS = 3
 """Appends a partition tries (each with PyIceberg's own retries) before it gives up."""
 
@@ -289,229 +290,6 @@ TABLES: dict[str, TableSpec] = {spec.kind: spec for spec in (
     TableSpec("dead_letter", "dead_letter", dead_letter_schema(), None, ("source", "line")),
     TableSpec("moderated", "moderated_messages", messages_schema(), "timestamp", ("session_id", "timestamp")),
 )}
-
-
-# --- rows --------------------------------------------------------------------------------------
-
-def record_hash(record: Record) -> int:
-    """A 64-bit fingerprint of a record's content, the same in every process and run.
-
-    Fields a stage fills from outside the flow (`ENRICHMENT_FIELDS`: user history, LLM answers)
-    are left out: a record replayed after a crash is the same record even if its enrichment is not.
-    """
-    return record_hashes([record])[0]
-
-
-def record_hashes(records: Sequence[Record]) -> list[int]:
-    """`record_hash` of each record, in one pass."""
-    blake2b, dumps, sort_keys, enriched = hashlib.blake2b, orjson.dumps, orjson.OPT_SORT_KEYS, ENRICHMENT_FIELDS
-    digests = b"".join([
-        blake2b(dumps(record if enriched.isdisjoint(record) else {k: v for k, v in record.items() if k not in enriched},
-                      option=sort_keys), digest_size=8).digest()
-        for record in records
-    ])
-    return list(struct.unpack(f">{len(records)}q", digests))
-
-
-def to_timestamp(value: Any) -> datetime:
-    """An aware UTC datetime from an ISO-8601 string with offset, epoch seconds or an aware datetime."""
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    elif isinstance(value, (int, float)):
-        return datetime.fromtimestamp(value, timezone.utc)
-    if not isinstance(value, datetime) or value.tzinfo is None:
-        msg = f"expected an ISO-8601 time with an offset, epoch seconds or an aware datetime, got {value!r}"
-        raise ConvoflowError(msg)
-    return value
-
-
-def _converter(kind: IcebergType, where: str) -> Callable[[Any], Any] | None:
-    """A function turning a JSON value into the Python value PyArrow takes for `kind`; None: as is."""
-    if isinstance(kind, TimestamptzType):
-        return to_timestamp
-    if isinstance(kind, StructType):
-        return _struct_converter(kind.fields, where)
-    if isinstance(kind, ListType):
-        item = _converter(kind.element_type, where)
-        return None if item is None else (lambda values: [None if v is None else item(v) for v in values])
-    if isinstance(kind, MapType):
-        value = _converter(kind.value_type, where) or (lambda v: v)
-        return lambda mapping: [(k, None if v is None else value(v)) for k, v in mapping.items()]
-    return None
-
-
-def _struct_converter(fields: Sequence[NestedField], where: str) -> Callable[[Record], Row]:
-    plan = [(f.name, f.required, _converter(f.field_type, f"{where}.{f.name}")) for f in fields]
-    names = {f.name for f in fields}
-
-    def convert(record: Record) -> Row:
-        if not names.issuperset(record):
-            msg = f"{where}: fields {sorted(set(record) - names)} are not in the table's schema"
-            raise ConvoflowError(msg)
-        row: Row = {}
-        for name, required, conv in plan:
-            value = record.get(name)
-            if value is None:
-                if required:
-                    msg = f"{where}.{name} is required but missing in {record!r}"
-                    raise ConvoflowError(msg)
-                row[name] = None
-            else:
-                row[name] = value if conv is None else conv(value)
-        return row
-
-    return convert
-
-
-def row_converter(spec: TableSpec, schema: Schema | None = None) -> Callable[[Record], Row]:
-    """Turns a record of `spec.kind` into a row of its table, `record_hash` included.
-
-    `schema` is the table's (it may have columns added since); default: the declared one.
-    """
-    fields = [f for f in (schema or spec.schema).fields if f.name != "record_hash"]
-    convert = _struct_converter(fields, spec.name)
-    return lambda record: {**convert(record), "record_hash": record_hash(record)}
-
-
-class ArrowRows:
-    """Turns a batch of records of one table into an Arrow table of its rows, `record_hash` included.
-
-    Fast path: the records become one Arrow struct array in a single call, with times as text, and
-    one cast turns the text into `timestamptz`; field names are checked per record with set
-    operations. A batch the fast path cannot take (a time given as epoch seconds or a datetime, a
-    field outside the schema, a required field missing) goes through `row_converter` row by row,
-    which converts it the same way or raises the error that names the table and field.
-    """
-
-    def __init__(self, spec: TableSpec, schema: Schema) -> None:
-        self.schema = schema.as_arrow()
-        self.hash_field = self.schema.field("record_hash")
-        self.columns = pa.struct([f for f in self.schema if f.name != "record_hash"])
-        self.ingest = _as_text_times(self.columns)
-        self.names = frozenset(self.columns.names)
-        self.nested = [(f.name, _fits(f.type)) for f in self.columns if _has_struct(f.type)]
-        self.per_row = row_converter(spec, schema)
-
-    def __call__(self, records: Sequence[Record]) -> pa.Table:
-        rows = self._at_once(records)
-        if rows is None:
-            return pa.Table.from_pylist([self.per_row(record) for record in records], schema=self.schema)
-        hashes = pa.array(record_hashes(records), pa.int64())
-        return rows.append_column(self.hash_field, hashes).select(self.schema.names)
-
-    def _at_once(self, records: Sequence[Record]) -> pa.Table | None:
-        if not self._fit(records):
-            return None
-        try:
-            rows = _cast_times(pa.array(records, type=self.ingest), self.columns)
-        except (pa.ArrowException, TypeError, ValueError):
-            return None
-        if _nulls_in_required(rows, self.columns):
-            return None
-        return pa.Table.from_struct_array(rows)
-
-    def _fit(self, records: Sequence[Record]) -> bool:
-        """Whether every record names only the table's fields, nested ones included.
-
-        Nested values are checked once per distinct object: flows share them (one `moderation`
-        per verdict, one `user_context` per user).
-        """
-        if not all(map(self.names.issuperset, records)):
-            return False
-        for name, fits in self.nested:
-            values = list(map(dict.get, records, itertools.repeat(name)))
-            if not all(map(fits, dict(zip(map(id, values), values)).values())):
-                return False
-        return True
-
-    def conform(self, rows: pa.Table | list[Row]) -> pa.Table:
-        """Rows buffered by an earlier run (perhaps before the table's schema changed) in this table's schema."""
-        if isinstance(rows, pa.Table):
-            if rows.schema.equals(self.schema):
-                return rows
-            rows = rows.to_pylist()
-        return pa.Table.from_pylist(rows, schema=self.schema)
-
-
-def _as_text_times(kind: pa.DataType) -> pa.DataType:
-    """`kind` with every timestamp as a string: how records carry times."""
-    if pa.types.is_timestamp(kind):
-        return pa.large_string()
-    if pa.types.is_struct(kind):
-        return pa.struct([f.with_type(_as_text_times(f.type)) for f in kind])
-    if pa.types.is_map(kind):
-        return pa.map_(kind.key_field.with_type(_as_text_times(kind.key_type)),
-                       kind.item_field.with_type(_as_text_times(kind.item_type)))
-    if pa.types.is_large_list(kind):
-        return pa.large_list(kind.value_field.with_type(_as_text_times(kind.value_type)))
-    if pa.types.is_list(kind):
-        return pa.list_(kind.value_field.with_type(_as_text_times(kind.value_type)))
-    return kind
-
-
-def _cast_times(array: pa.Array, kind: pa.DataType) -> pa.Array:
-    """`array` (of `_as_text_times(kind)`) as `kind`: its ISO-8601 texts parsed as timestamps.
-
-    Goes down the nesting itself because a null struct's children hold placeholders (`""`) that
-    a plain cast would try to parse.
-    """
-    if array.type == kind:
-        return array
-    mask = array.is_null() if array.null_count else None
-    if pa.types.is_struct(kind):
-        children = [_cast_times(child, f.type) for child, f in zip(array.flatten(), kind)]
-        return pa.StructArray.from_arrays(children, fields=list(kind), mask=mask)
-    if pa.types.is_large_list(kind):
-        return pa.LargeListArray.from_arrays(array.offsets, _cast_times(array.values, kind.value_type), type=kind,
-                                             mask=mask)
-    if pa.types.is_list(kind):
-        return pa.ListArray.from_arrays(array.offsets, _cast_times(array.values, kind.value_type), type=kind, mask=mask)
-    return array.cast(kind)
-
-
-def _fits(kind: pa.DataType) -> Callable[[Any], bool]:
-    """A test that every dict in a value of `kind` names only fields that `kind` declares.
-
-    Values of another shape pass: Arrow rejects those itself.
-    """
-    if pa.types.is_struct(kind):
-        names = frozenset(f.name for f in kind)
-        inner = [(f.name, _fits(f.type)) for f in kind if _has_struct(f.type)]
-        if not inner:
-            return lambda value: not isinstance(value, dict) or value.keys() <= names
-        return lambda value: not isinstance(value, dict) or (
-            value.keys() <= names and all(fits(value.get(name)) for name, fits in inner))
-    if pa.types.is_map(kind):
-        item = _fits(kind.item_type)
-        return lambda value: not isinstance(value, dict) or all(map(item, value.values()))
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
-        element = _fits(kind.value_type)
-        return lambda value: not isinstance(value, (list, tuple)) or all(map(element, value))
-    return lambda value: True
-
-
-def _has_struct(kind: pa.DataType) -> bool:
-    if pa.types.is_struct(kind):
-        return True
-    if pa.types.is_map(kind):
-        return _has_struct(kind.item_type)
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
-        return _has_struct(kind.value_type)
-    return False
-
-
-def _nulls_in_required(array: pa.Array, kind: pa.DataType) -> bool:
-    """Whether a non-nullable field below the top holds a null (cautious: nulls under a null parent count)."""
-    if pa.types.is_struct(kind):
-        return any((not f.nullable and array.field(i).null_count > 0) or _nulls_in_required(array.field(i), f.type)
-                   for i, f in enumerate(kind))
-    if pa.types.is_map(kind):
-        return ((not kind.item_field.nullable and array.items.null_count > 0)
-                or _nulls_in_required(array.items, kind.item_type))
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
-        return ((not kind.value_field.nullable and array.values.null_count > 0)
-                or _nulls_in_required(array.values, kind.value_type))
-    return False
 
 
 # --- catalog and tables ------------------------------------------------------------------------
@@ -756,7 +534,7 @@ class IcebergState:
     skip: dict[int, int] = field(default_factory=dict)
 
 
-class IcebergSink(KindPartitionedSink[list[Record], IcebergState]):
+class IcebergSink(KindPartitionedSink[Records, IcebergState]):
     """Routes `(kind, records)` to the kind's table; one partition per kind (see the module doc).
 
     `expiry=None` never expires snapshots (then expire them with `expire_snapshots`, which keeps
@@ -795,7 +573,13 @@ class IcebergSink(KindPartitionedSink[list[Record], IcebergState]):
                                 expiry=self.expiry, clock=self.clock)
 
 
-class IcebergPartition(StatefulSinkPartition[list[Record], IcebergState]):
+def _same_but_nulls(a: pl.Schema, b: pl.Schema) -> bool:
+    """Whether frames of these schemas concatenate (`vertical_relaxed`) into the same records: the
+    same columns of the same types, except columns all null in one of them (type `Null`)."""
+    return a.names() == b.names() and all(x == y or pl.Null in (x, y) for x, y in zip(a.dtypes(), b.dtypes()))
+
+
+class IcebergPartition(StatefulSinkPartition[Records, IcebergState]):
     """Buffers one kind's rows and appends them to its table in batches, skipping what is committed."""
 
     def __init__(self, table: Table, spec: TableSpec, name: str, resume: IcebergState | None, *,
@@ -803,9 +587,11 @@ class IcebergPartition(StatefulSinkPartition[list[Record], IcebergState]):
                  expiry: SnapshotExpiry | None = None) -> None:
         self.table, self.spec, self.name = table, spec, name
         self.commit_rows, self.commit_interval, self.expiry, self.clock = commit_rows, commit_interval, expiry, clock
-        self.to_rows = ArrowRows(spec, table.schema())
+        self.to_rows = ArrowRows(spec.name, table.schema())
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
+        self.gathered: list[pl.DataFrame] = []
+        self.gathered_rows = 0
         self.oldest: float | None = None
         self.commits_since_expiry, self.last_expiry = 0, clock()
         self._appender = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"iceberg-{name}")
@@ -821,16 +607,19 @@ class IcebergPartition(StatefulSinkPartition[list[Record], IcebergState]):
             if resume.rows is not None:
                 self._add(self.to_rows.conform(resume.rows))
 
-    def write_batch(self, values: list[list[Record]]) -> None:
-        records = values[0] if len(values) == 1 else [record for records in values for record in records]
-        if records:
-            self._add(self.to_rows(records))
-        if self.pending_rows >= self.commit_rows or self._due():
+    def write_batch(self, values: list[Records]) -> None:
+        for records in values:
+            if isinstance(records, pl.DataFrame):
+                self._gather(records)
+            elif records:
+                self._add(self.to_rows(records))
+        if self.pending_rows + self.gathered_rows >= self.commit_rows or self._due():
             self.commit()
 
     def snapshot(self) -> IcebergState:
         if self._due():
             self.commit()
+        self._convert()
         self.wait()
         rows = pa.concat_tables(self.pending) if self.pending else None
         return IcebergState(self.next_seq, rows, dict(self.skip))
@@ -847,6 +636,7 @@ class IcebergPartition(StatefulSinkPartition[list[Record], IcebergState]):
         writing and Arrow work release the GIL); one at a time, in seq order. `snapshot()` and
         `close()` wait for it, so no Bytewax snapshot claims a commit that has not landed.
         """
+        self._convert()
         if not self.pending_rows:
             return
         rows = pa.concat_tables(self.pending).combine_chunks()
@@ -879,6 +669,24 @@ class IcebergPartition(StatefulSinkPartition[list[Record], IcebergState]):
                     raise
                 break
         self._expire_if_due()
+
+    def _gather(self, frame: pl.DataFrame) -> None:
+        """Keep a frame to convert with the next ones of its schema: Polars costs per call, not per row."""
+        if not len(frame):
+            return
+        if self.gathered and not _same_but_nulls(self.gathered[0].schema, frame.schema):
+            self._convert()
+        self.gathered.append(frame)
+        self.gathered_rows += len(frame)
+        if self.oldest is None:
+            self.oldest = self.clock()
+        if self.gathered_rows >= CONVERT_ROWS:
+            self._convert()
+
+    def _convert(self) -> None:
+        if self.gathered:
+            frames, self.gathered, self.gathered_rows = self.gathered, [], 0
+            self._add(self.to_rows(pl.concat(frames, how="vertical_relaxed")))
 
     def _add(self, rows: pa.Table) -> None:
         if self.skip:

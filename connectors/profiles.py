@@ -6,7 +6,7 @@ loads every user's `total_messages`, `first_seen` and `last_active` into memory,
 `last_active`: a summary another job may keep) or else aggregated from `chat_messages` with
 PyArrow (`group_by` on the user key). Each `messages` record then gets
 `user_context = {"total_messages", "first_seen", "last_active"}` (times as ISO-8601 text), or
-None for a user the lake has not seen: a dict lookup and an assignment per record. Each
+None for a user the lake has not seen. Each
 `windows` record gets `user_context`, the list of its known senders' histories (with `user`),
 which the LLM stage's assistant prompt includes.
 
@@ -22,7 +22,8 @@ they had. Later refreshes read the lake as it is then, as in any run.
 
 The user key is the pattern engine's (`dataflows.patterns.definitions.key_of`): a chat record's
 `username`, else `session_id/sender`. The history is what the lake held when it was loaded: a
-message's own row is in it only once the sink has committed it.
+message's own row is in it only once the sink has committed it. A batch of messages that comes
+as a frame is joined with the history as a frame (built once per load): no dict per message.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.catalog import Catalog
@@ -56,6 +59,9 @@ PROFILES_TABLE = "user_profiles"
 HISTORY_TABLE = TABLES["messages"].name
 PROFILE_COLUMNS = ("user_key", "total_messages", "first_seen", "last_active")
 MESSAGE_COLUMNS = ("username", "session_id", "sender", "timestamp")
+USER = "_user"
+CONTEXT_DTYPE = pl.Struct({"total_messages": pl.Int64, "first_seen": pl.String, "last_active": pl.String})
+"""A `user_context` as a frame column holds it (times as ISO-8601 text, as in the records)."""
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +80,12 @@ class _Loaded:
     history: dict[str, UserContext]
     aggregates: dict[str, Aggregate]
     """user → (total, first µs, last µs); kept for `chat_messages` so appended rows can be added in."""
+
+    @cached_property
+    def frame(self) -> pl.DataFrame:
+        """`history` as a frame to join messages with: `USER` and `user_context` columns."""
+        return pl.DataFrame({USER: list(self.history), "user_context": list(self.history.values())},
+                            schema={USER: pl.String, "user_context": CONTEXT_DTYPE})
 
 
 _EMPTY = _Loaded(None, None, {}, {})
@@ -132,17 +144,25 @@ class ProfilesStage:
         self._reset()
 
     def __call__(self, batches: list[tuple[str, Records]]) -> list[tuple[str, Records]]:
-        history = self.history()
-        listed = [(kind, as_records(records)) for kind, records in batches]
-        for kind, records in listed:
+        self.history()
+        loaded = self._loaded or _EMPTY
+        out: list[tuple[str, Records]] = []
+        for kind, records in batches:
             if kind == "messages":
-                for record in records:
-                    record["user_context"] = history.get(record.get("username")
-                                                         or f"{record['session_id']}/{record['sender']}")
+                if isinstance(records, pl.DataFrame):
+                    records = _with_contexts(records, loaded.frame)
+                else:
+                    for record in records:
+                        record["user_context"] = loaded.history.get(user_key(record))
+                out.append((kind, records))
             elif kind == "windows":
-                for record in records:
-                    record["user_context"] = _participants(record, history)
-        return list(listed)
+                windows = as_records(records)
+                for record in windows:
+                    record["user_context"] = _participants(record, loaded.history)
+                out.append((kind, windows))
+            else:
+                out.append((kind, records))
+        return out
 
     def close(self) -> None:
         """Close the catalog and drop the history (called once the flow has ended); a later batch loads again."""
@@ -278,6 +298,19 @@ def merge_aggregates(into: dict[str, Aggregate], grouped: pa.Table) -> list[str]
         else:
             into[user] = (old[0] + total, _min(old[1], first), _max(old[2], last))
     return users
+
+
+def _with_contexts(messages: pl.DataFrame, history: pl.DataFrame) -> pl.DataFrame:
+    """A frame of message records with each one's `user_context` (null for a user without history) as the last column."""
+    messages = messages.drop("user_context", strict=False)
+    if history.is_empty():
+        return messages.with_columns(pl.lit(None, CONTEXT_DTYPE).alias("user_context"))
+    username = pl.col("username") if "username" in messages.columns else pl.lit(None, pl.String)
+    pair = pl.concat_str([pl.col("session_id").fill_null("None"), pl.lit("/"), pl.col("sender").fill_null("None")])
+    key = pl.when(username.is_not_null() & (username != "")).then(username).otherwise(pair)
+    return (messages.with_columns(key.alias(USER))
+            .join(history, on=USER, how="left", maintain_order="left")
+            .drop(USER))
 
 
 def _participants(window: Record, history: dict[str, UserContext]) -> list[UserContext]:

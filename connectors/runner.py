@@ -34,7 +34,7 @@ from connectors.rules_source import RulesFileSource
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
 from dataflows.parse import MAX_LINE_BYTES
-from dataflows.flow import FlowConfig, FlowOutput, OutputKind, RulesSourceItem, Stage, build_flow
+from dataflows.flow import FlowConfig, FlowOutput, OutputKind, RulesSourceItem, Stage, as_given, build_flow
 
 if TYPE_CHECKING:
     from connectors.kafka_outputs import OutputTopics
@@ -176,7 +176,7 @@ def _file_outputs(out_dir: Path | None, lake: LakeConfig | None) -> list[FlowOut
         sink = IcebergSink(open_catalog(lake.catalog, lake.lake_dir), kinds=kinds, commit_rows=lake.commit_rows,
                            commit_interval=lake.commit_interval, expiry=SnapshotExpiry(keep=lake.keep_snapshots),
                            job_start=lake.job_start)
-        outputs.append(FlowOutput("lake", sink))
+        outputs.append(FlowOutput("lake", sink, as_given))
     return outputs
 
 

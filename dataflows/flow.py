@@ -57,6 +57,11 @@ def as_list(kind: str, records: Records) -> list[Record]:
     return as_records(records)
 
 
+def as_given(kind: str, records: Records) -> Records:
+    """An encoder for sinks that take frames as they come (the lake makes Arrow columns of them)."""
+    return records
+
+
 class OutputKind(StrEnum):
     """The flow's outputs; each is one file (`<kind>.jsonl`), topic or table downstream."""
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import orjson
 import polars as pl
+from polars._typing import PolarsDataType
 
 Record = dict[str, Any]
 Records = list[Record] | pl.DataFrame
@@ -17,13 +18,13 @@ text, encoded once for the few distinct values it takes (a judged message's `mod
 MAP_FIELDS = ("key", "value")
 
 
-def is_map(dtype: pl.DataType) -> bool:
+def is_map(dtype: PolarsDataType) -> bool:
     """Whether a column of this type is a map column (see `Records`)."""
     return (isinstance(dtype, pl.List) and isinstance(dtype.inner, pl.Struct)
             and tuple(f.name for f in dtype.inner.fields) == MAP_FIELDS)
 
 
-def is_json(dtype: pl.DataType) -> bool:
+def is_json(dtype: PolarsDataType) -> bool:
     """Whether a column of this type holds JSON text (see `Records`)."""
     return dtype == pl.Binary
 

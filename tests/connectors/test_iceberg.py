@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import bytewax.operators as op
+import polars as pl
 import pyarrow as pa
 import pytest
 from bytewax.dataflow import Dataflow
@@ -24,9 +25,10 @@ from pyiceberg.table.snapshots import ancestors_of
 from pyiceberg.types import LongType, NestedField, StringType, StructType, TimestamptzType
 
 from connectors.iceberg import (
-    PARTITION_KEY, ROWS_KEY, SEQ_KEY, TABLES, ArrowRows, IcebergPartition, IcebergSink, IcebergState, SnapshotExpiry,
-    committed_batches, ensure_tables, expire_snapshots, ledger, next_seqs, open_catalog, record_hash, row_converter,
+    PARTITION_KEY, ROWS_KEY, SEQ_KEY, TABLES, IcebergPartition, IcebergSink, IcebergState, SnapshotExpiry,
+    committed_batches, ensure_tables, expire_snapshots, ledger, next_seqs, open_catalog,
 )
+from connectors.lake_rows import ArrowRows, record_hash, row_converter
 from dataflows.errors import ConvoflowError
 from dataflows.events import DeadLetter, Event, LateEvent, LineRef, WindowRecord, iso
 from dataflows.patterns.engine import Alert
@@ -142,7 +144,7 @@ def test_rows_of_every_kind_read_back_equal_and_sorted(catalog: Catalog, records
         partition.write_batch([records[kind]])
         partition.close()
         spec = TABLES[kind]
-        expected = sorted(map(row_converter(spec), records[kind]), key=spec.sort_key)
+        expected = sorted(map(row_converter(spec.name, spec.schema), records[kind]), key=spec.sort_key)
         assert table_of(catalog, kind).scan().to_arrow().to_pylist() == expected, kind
     got = table_of(catalog, "windows").scan().to_arrow().to_pylist()[0]
     assert got["counts"] == [("message", 2)] and [m["event_id"] for m in got["messages"]] == ["chat.jsonl:1", "chat.jsonl:2"]
@@ -234,6 +236,42 @@ def test_crash_after_the_commit_skips_what_was_committed_whatever_the_replay_ord
     resumed.close()
     assert event_ids(catalog) == Counter(f"chat.jsonl:{n}" for n in range(1, 9))
     assert [seq for seq, _ in committed_batches(table_of(catalog, "messages"), "convoflow/messages")] == [1, 0]
+
+
+def test_frames_are_gathered_snapshotted_and_skipped_on_resume_as_their_records(
+    catalog: Catalog, make_event: Callable[..., Event]
+) -> None:
+    records = messages(1, 8, make_event)
+    for record in records[4:6]:
+        record["username"] = "alice"  # a column of text in one frame, all null (type Null) in the others
+
+    def frame(first: int, last: int) -> pl.DataFrame:
+        return pl.from_dicts(records[first - 1:last], infer_schema_length=None)
+
+    first = part(catalog, commit_rows=5)
+    first.write_batch([frame(1, 2)])
+    state = first.snapshot()
+    assert state.rows is not None and state.rows.num_rows == 2, "rows gathered, not yet converted, are in the snapshot"
+    first.write_batch([frame(3, 4), frame(5, 6)])  # rows 1-6 committed as batch 0, then the process dies
+    first.wait()
+    assert snapshot_count(catalog) == 1
+    resumed = part(catalog, state, commit_rows=5)
+    resumed.write_batch([frame(3, 6), frame(7, 8)])
+    resumed.close()
+    assert event_ids(catalog) == Counter(f"chat.jsonl:{n}" for n in range(1, 9))
+    written = table_of(catalog, "messages").scan().to_arrow()
+    expected = pa.Table.from_pylist([row_converter("chat_messages", TABLES["messages"].schema)(r) for r in records],
+                                    schema=written.schema)
+    assert Counter(map(repr, written.to_pylist())) == Counter(map(repr, expected.to_pylist()))
+
+
+def test_a_gathered_frame_that_does_not_fit_is_an_error_by_the_next_snapshot(
+    catalog: Catalog, make_event: Callable[..., Event]
+) -> None:
+    partition = part(catalog)
+    partition.write_batch([pl.from_dicts(messages(1, 2, make_event)).with_columns(pl.lit("sad").alias("mood"))])
+    with pytest.raises(ConvoflowError, match=r"chat_messages: fields \['mood'\] are not in the table's schema"):
+        partition.snapshot()
 
 
 def test_a_replayed_record_with_other_enrichment_is_the_same_record(
@@ -334,7 +372,7 @@ def test_a_flow_writes_every_kind_through_op_output(catalog: Catalog, records: d
     for kind, batch in records.items():
         spec = TABLES[kind]
         rows = table_of(catalog, kind).scan().to_arrow().to_pylist()
-        assert sorted(rows, key=spec.sort_key) == sorted(map(row_converter(spec), batch), key=spec.sort_key), kind
+        assert sorted(rows, key=spec.sort_key) == sorted(map(row_converter(spec.name, spec.schema), batch), key=spec.sort_key), kind
 
 
 def test_a_flow_resumed_from_bytewax_recovery_writes_each_message_once(
@@ -564,8 +602,8 @@ MESSAGE = st.fixed_dictionaries(
 @settings(max_examples=60, deadline=None)
 def test_batches_become_the_same_rows_as_record_by_record(records: list[dict[str, Any]]) -> None:
     spec = TABLES["messages"]
-    to_rows = ArrowRows(spec, spec.schema)
-    expected = pa.Table.from_pylist([row_converter(spec)(record) for record in records], schema=to_rows.schema)
+    to_rows = ArrowRows(spec.name, spec.schema)
+    expected = pa.Table.from_pylist([row_converter(spec.name, spec.schema)(record) for record in records], schema=to_rows.schema)
     assert to_rows(records).equals(expected)
 
 

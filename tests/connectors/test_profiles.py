@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import bytewax.operators as op
+import polars as pl
 import pyarrow as pa
 import pytest
 from bytewax.dataflow import Dataflow
@@ -20,6 +21,7 @@ from dataflows.errors import ConvoflowError
 from dataflows.flow import Stage
 from dataflows.events import Event, Shape, iso
 from dataflows.patterns.definitions import key_of
+from dataflows.records import as_records
 from tests.conftest import FakeClock
 
 pytestmark = pytest.mark.lake
@@ -55,8 +57,12 @@ def write(catalog: Catalog, events: list[Event]) -> None:
 
 
 def contexts(stage: ProfilesStage, *events: Event) -> list[Any]:
-    batches = stage([("messages", [event.as_record() for event in events]), ("alerts", [{"session_id": "s-1"}])])
+    """The contexts the stage gives the events' records; checks that a frame of them gets the same."""
+    records = [event.as_record() for event in events]
+    frame = pl.from_dicts(records, infer_schema_length=None)
+    batches = stage([("messages", records), ("alerts", [{"session_id": "s-1"}]), ("messages", frame)])
     assert batches[1] == ("alerts", [{"session_id": "s-1"}]), "other kinds pass untouched"
+    assert isinstance(batches[2][1], pl.DataFrame) and as_records(batches[2][1]) == batches[0][1]
     return [record["user_context"] for record in batches[0][1]]
 
 
