@@ -36,6 +36,8 @@ from dataflows.sequencing import DONE, Progress, ReplayLayout
 Item = pl.DataFrame | DeadLetter | Progress
 """A frame of events (`STAMPED_SCHEMA`), a dead letter, or the marker that ends each batch."""
 Parser = Callable[[bytes, LineRef], Event | DeadLetter]
+PACED_PIECE_BYTES = 64 << 10
+"""How much of a block a paced replay parses at a time."""
 _COUNT_CHUNK = 1 << 20
 _SKIP_CHUNK = 1 << 16
 
@@ -135,7 +137,7 @@ class ReplaySource(FixedPartitionedSource[Item, PartitionState]):
 
 @dataclass
 class _Loaded:
-    """The parsed complete lines of the block being read, from where reading (re)started in it.
+    """The parsed complete lines of the block being read (or a piece of them), from where reading (re)started in it.
 
     `events` are stamped (`STAMPED_SCHEMA`); `starts` holds every line's offset (events and dead
     letters alike) and `end` the offset after the last complete line.
@@ -145,6 +147,8 @@ class _Loaded:
     dead: list[DeadLetter]
     starts: np.ndarray
     end: int
+    last_piece: bool = True
+    """Whether these lines run to the block's last complete line (else more are to be parsed from `end`)."""
     offsets: np.ndarray = field(init=False)
     times: np.ndarray = field(init=False)
     next_event: int = 0
@@ -198,6 +202,8 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
                 break
             if self.loaded is not None and self.offset < self.loaded.end:
                 room -= self._take_loaded(self.loaded, now, room, frames, dead)
+            elif self.loaded is not None and not self.loaded.last_piece:
+                self._load_block()
             else:
                 room -= self._take_straddling(now, frames, dead)
         if self.waiting_for is not None:
@@ -327,14 +333,20 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
         self.line = newlines + 1
 
     def _load_block(self) -> None:
-        """Read and parse the complete lines of the current block from `offset` on, in one go."""
+        """Read and parse the complete lines of the current block from `offset` on: all of them, or
+        for a paced replay the next `PACED_PIECE_BYTES` of them (a piece's parse delays every event
+        due meanwhile; an unpaced replay wants the fewest calls)."""
         self.file.seek(self.offset)
-        data = self.file.read(max(0, self.src.layout.block_start(self.block + 1) - self.offset))
+        remaining = max(0, min(self.src.layout.block_start(self.block + 1), self.size) - self.offset)
+        data = self.file.read(min(remaining, PACED_PIECE_BYTES) if self.clock.paced else remaining)
+        if len(data) < remaining and b"\n" not in data:  # a line longer than a piece: the rest of the block
+            data += self.file.read(remaining - len(data))
+        last_piece = len(data) >= remaining
         data = data[: data.rfind(b"\n") + 1]
         parsed = parse_block(data, source=self.src.path.name, offset=self.offset, line=self.line,
                              max_bytes=self.src.max_line_bytes)
         self.loaded = _Loaded(self._stamped(parsed.events, self.latest), parsed.dead, parsed.starts,
-                              self.offset + len(data))
+                              self.offset + len(data), last_piece)
 
     def _stamped(self, events: pl.DataFrame, latest: float | None) -> pl.DataFrame:
         """`events` with their block and the latest event time before each in it (`latest` before the first)."""

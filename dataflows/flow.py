@@ -40,6 +40,7 @@ from dataflows.rules_gate import RuleGate, RulesBatch, RulesItem, RulesMark
 from dataflows.sequencing import (
     LiveMark, Marker, Progress, ReplayLayout, Scope, Sequencer, Stamped, Wire, from_wire, later, stamped_frame, to_wire,
 )
+from dataflows.small_frames import only, rows_where, with_series
 from dataflows.window_frames import FrameWindows
 from dataflows.windows import WindowConfig
 
@@ -239,9 +240,12 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
             return None
         if self.state.patterns is not None:
             self.state.patterns.add_frame(released)
-        own = pl.col("scope") != "user"
-        out.late.extend(self.state.windows.add(released.with_columns(own.alias("windowed"))))
-        out.frames.append(released.filter(own).select(RECORD_FIELDS))
+        own = (released["scope"] != "user").to_numpy()
+        if own.all():
+            out.late.extend(self.state.windows.add(released))
+        else:
+            out.late.extend(self.state.windows.add(with_series(released, pl.Series("windowed", own))))
+        out.frames.append(only(rows_where(released, own), RECORD_FIELDS))
         return self.state.sequencer.clock_after(released)
 
     def _judged(self, admitted: pl.DataFrame | None, out: _Outputs) -> float | None:

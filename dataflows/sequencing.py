@@ -22,11 +22,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, cast
 
+import numpy as np
 import polars as pl
 
 from dataflows.event_frame import EVENT_SCHEMA, ROUTED_SCHEMA, events_frame
 from dataflows.events import DeadLetter, Event, LineRef
 from dataflows.parse import parse_line
+from dataflows.small_frames import only, rows_where, with_series
 
 DONE = sys.maxsize
 
@@ -163,7 +165,7 @@ class Sequencer:
         for item in items:
             if isinstance(item, pl.DataFrame):
                 if not item.is_empty():
-                    self.pending.append(item.select(ROUTED_SCHEMA.names()))
+                    self.pending.append(only(item, _ROUTED_NAMES))
             else:
                 self.frontier[item.partition] = item.next_offset
                 self.ticks[item.partition] = item.clock
@@ -176,20 +178,21 @@ class Sequencer:
             return _NOTHING_RELEASED
         events = self.pending[0] if len(self.pending) == 1 else pl.concat(self.pending)
         horizon = min(self.frontier)
-        offsets = events["offset"]
-        if offsets.min() >= horizon:  # type: ignore[operator]
+        offsets = events["offset"].to_numpy()
+        due = offsets < horizon
+        if not due.any():
             self.pending = [events]
             return _NOTHING_RELEASED
-        due = offsets < horizon
-        if offsets.max() < horizon:  # type: ignore[operator]
-            released, rest = events.sort("offset"), events.clear()
-        else:
-            released, rest = events.filter(due).sort("offset"), events.filter(~due)
+        released, rest = rows_where(events, due), rows_where(events, ~due)
+        if not np.all(np.diff(released["offset"].to_numpy()) > 0):
+            released = released.sort("offset")
         self.pending = [] if rest.is_empty() else [rest]
-        blocks = released["block"].unique().sort().to_list()
-        folds = pl.Series([self._fold_until(block) for block in blocks], dtype=pl.Float64)
-        fold = released["block"].replace_strict(blocks, folds, return_dtype=pl.Float64)
-        return released.with_columns(pl.max_horizontal(fold, pl.col("clock_before")).alias("clock"))
+        block_of = released["block"].to_numpy()
+        blocks = np.unique(block_of)
+        folds = np.array([np.nan if fold is None else fold for fold in map(self._fold_until, blocks.tolist())])
+        before = released["clock_before"].to_numpy().astype(np.float64)  # null: NaN, which fmax passes over
+        clock = np.fmax(folds[np.searchsorted(blocks, block_of)], before)
+        return with_series(released, pl.Series("clock", clock, dtype=pl.Float64, nan_to_null=True))
 
     def release_all(self) -> pl.DataFrame:
         """At end of input: every partition is done, whatever markers were seen."""
@@ -250,6 +253,7 @@ def replay_items(lines: Iterable[str | bytes], source: str = "input.jsonl") -> l
 
 
 _NOTHING_RELEASED = pl.DataFrame(schema=RELEASED_SCHEMA)
+_ROUTED_NAMES = ROUTED_SCHEMA.names()
 _EVENT_WIDTH = len(EVENT_SCHEMA)
 
 

@@ -16,6 +16,7 @@ event's watermark before it takes the event, so both share one watermark.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import cast
@@ -26,10 +27,14 @@ import polars as pl
 from dataflows.event_frame import EVENT_SCHEMA, event_records, iso_expr
 from dataflows.events import LATE_REASON, Event, iso
 from dataflows.records import Record, Records
+from dataflows.small_frames import only, rows_where, with_series
 from dataflows.windows import WindowBook, WindowConfig
 
 OPEN_SCHEMA = pl.Schema([*EVENT_SCHEMA.items(), ("start", pl.Float64)])
 """An open window's events: the event columns and the window's start."""
+GATHER_FRAMES = 32
+"""Frames of arrived rows folded into the open rows at once: one copy per that many batches, so
+neither each batch nor each closing pays for all of them."""
 _CHRONOLOGICAL = ["time", "source", "offset"]
 _MESSAGE_FIELDS = ["event_id", "sender", "kind", "text", "timestamp", "time_source"]
 """The fields of a message inside a window record (`Event.as_window_message`)."""
@@ -42,6 +47,9 @@ class FrameWindows:
     config: WindowConfig
     watermark: float = -math.inf
     open: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=OPEN_SCHEMA))
+    """The open windows' rows (`OPEN_SCHEMA`), but for those in `arrived`."""
+    arrived: list[pl.DataFrame] = field(default_factory=list)
+    """Rows that joined open windows since `open` was last gathered (`GATHER_FRAMES`)."""
     escaped: WindowBook | None = None
     """The sessions that met a limit, window by window (see the module docstring)."""
     escaped_sessions: set[str] = field(default_factory=set)
@@ -56,10 +64,10 @@ class FrameWindows:
     """How many windows each session has open (in `open`)."""
 
     def add(self, events: pl.DataFrame) -> list[Record]:
-        """Window `events` (event columns, `clock` and `windowed`, in release order); return the late records.
+        """Window `events` (event columns, `clock` and maybe `windowed`, in release order); return the late records.
 
-        Every event moves the watermark; only those with `windowed` set join windows (the others
-        are a shard's share of another shard's session, or blocked by the rules).
+        Every event moves the watermark; only those with `windowed` set (all, without the column)
+        join windows (the others are a shard's share of another shard's session, or blocked by the rules).
         """
         if events.is_empty():
             return []
@@ -68,25 +76,33 @@ class FrameWindows:
         watermarks = np.maximum.accumulate(np.maximum(marks, self.watermark))
         times = events["time"].to_numpy()
         starts = np.floor((times - self.config.align_to) / self.config.size) * self.config.size + self.config.align_to
-        framed = events.with_columns(pl.Series("start", starts), pl.Series("watermark", watermarks))
-        windowed = framed.filter("windowed")
-        self._escape(windowed)
+        framed = with_series(events, pl.Series("start", starts), pl.Series("watermark", watermarks))
+        windowed = framed if "windowed" not in events.columns else rows_where(framed, events["windowed"].to_numpy())
+        counts = _window_counts(windowed)
+        self._escape(counts)
         late: list[Record] = []
         if self.escaped_sessions:
             escaping = windowed["session_id"].is_in(list(self.escaped_sessions))
             late += self._add_escaped(framed, escaping.any())
-            windowed = windowed.filter(~escaping)
+            if escaping.any():
+                windowed = rows_where(windowed, ~escaping.to_numpy())
+                counts = _window_counts(windowed)
         self.watermark = max(self.watermark, float(watermarks[-1]))
-        is_late = (pl.col("start") + self.config.size) <= pl.col("watermark")
-        late += self._late_records(windowed.filter(is_late))
-        kept = windowed.filter(~is_late).select(OPEN_SCHEMA.names())
-        if not kept.is_empty():
-            self.open = pl.concat([self.open, kept]) if not self.open.is_empty() else kept
-            for session, start, rows in kept.group_by("session_id", "start").len().iter_rows():
+        is_late = windowed["start"].to_numpy() + self.config.size <= windowed["watermark"].to_numpy()
+        if is_late.any():
+            late += self._late_records(rows_where(windowed, is_late))
+            windowed = rows_where(windowed, ~is_late)
+            counts = _window_counts(windowed)
+        if not windowed.is_empty():
+            kept = only(windowed, OPEN_SCHEMA.names())
+            self.arrived.append(kept)
+            if len(self.arrived) >= GATHER_FRAMES:
+                self._gather()
+            for session, start, rows in counts:
                 if (session, start) not in self.held:
                     self.windows_of[session] = self.windows_of.get(session, 0) + 1
                 self.held[(session, start)] = self.held.get((session, start), 0) + rows
-            self._opened()
+            self.next_end = min(self.next_end, cast(float, kept["start"].min()) + self.config.size)
         return late
 
     def advance(self, now: float | None) -> list[Records]:
@@ -98,6 +114,7 @@ class FrameWindows:
         self.watermark = max(self.watermark, now - self.config.out_of_orderness)
         if self.watermark < self.next_end:
             return [early + self._escaped_advance(self.watermark)]
+        self._gather()
         closing = (self.open["start"] + self.config.size) <= self.watermark
         emitted = self.open.filter(closing)
         self.open = self.open.filter(~closing)
@@ -107,6 +124,7 @@ class FrameWindows:
 
     def flush(self) -> list[Records]:
         """Emit every open window (end of a finite input)."""
+        self._gather()
         emitted, self.open = self.open, self.open.clear()
         self.held.clear()
         self.windows_of.clear()
@@ -119,8 +137,19 @@ class FrameWindows:
     def open_windows(self) -> int:
         return len(self.held) + (len(self.escaped.open) if self.escaped is not None else 0)
 
+    def open_rows(self) -> pl.DataFrame:
+        """Every open window's rows (`OPEN_SCHEMA`)."""
+        self._gather()
+        return self.open
+
+    def _gather(self) -> None:
+        """Fold the rows that arrived since into `open`."""
+        if self.arrived:
+            arrived, self.arrived = pl.concat(self.arrived, rechunk=True), []
+            self.open = pl.concat([self.open, arrived]) if not self.open.is_empty() else arrived
+
     def _opened(self) -> None:
-        """Note the open rows' earliest window end, once they have changed."""
+        """Note the open rows' earliest window end, once they have changed (`open` gathered)."""
         if self.open.is_empty():
             self.next_end = math.inf
             return
@@ -136,15 +165,15 @@ class FrameWindows:
             else:
                 del self.windows_of[session]
 
-    def _escape(self, windowed: pl.DataFrame) -> None:
+    def _escape(self, counts: list[tuple[str, float, int]]) -> None:
         """Hand to the `WindowBook` the sessions that could meet a limit in this batch: counted
-        with every new row, late or not (so, if anything, too soon)."""
-        if windowed.is_empty():
+        with every new row (`counts` per window), late or not (so, if anything, too soon)."""
+        if not counts:
             return
         most_rows, most_windows = 2 * self.config.max_messages, self.config.max_open_windows
         sessions: set[str] = set()
         opening: dict[str, int] = {}
-        for session, start, rows in windowed.group_by("session_id", "start").len().iter_rows():
+        for session, start, rows in counts:
             held = self.held.get((session, start))
             if held is None:
                 opening[session] = opening.get(session, 0) + 1
@@ -156,6 +185,7 @@ class FrameWindows:
             return
         if self.escaped is None:
             self.escaped = WindowBook(self.config, watermark=self.watermark)
+        self._gather()
         moving = self.open["session_id"].is_in(list(sessions))
         for row in self.open.filter(moving).select(OPEN_SCHEMA.names()).iter_rows():
             self.escaped.adopt(Event._make(row[:-1]), row[-1])
@@ -170,7 +200,9 @@ class FrameWindows:
         if not any_escaped:
             return []
         late = []
-        escaping = pl.col("windowed") & pl.col("session_id").is_in(list(self.escaped_sessions))
+        escaping = pl.col("session_id").is_in(list(self.escaped_sessions))
+        if "windowed" in framed.columns:
+            escaping &= pl.col("windowed")
         for row in framed.filter(escaping).select([*EVENT_SCHEMA.names(), "watermark"]).iter_rows():
             self.emitted += [window.as_record() for window in self.escaped.advance_mark(row[-1])]
             found = self.escaped.add(Event._make(row[:-1]))
@@ -228,3 +260,15 @@ class FrameWindows:
 
 
 _NO_WINDOWS = pl.DataFrame(schema={"session_id": pl.String})
+
+
+def _window_counts(rows: pl.DataFrame) -> list[tuple[str, float, int]]:
+    """How many of `rows` each window (session, start) gets."""
+    if len(rows) <= _COUNT_IN_PYTHON:
+        counted = Counter(zip(rows["session_id"].to_list(), rows["start"].to_list(), strict=True))
+        return [(session, start, n) for (session, start), n in counted.items()]
+    return cast(list[tuple[str, float, int]], rows.group_by("session_id", "start").len().rows())
+
+
+_COUNT_IN_PYTHON = 256
+"""Up to this many rows, windows are counted in Python: cheaper than a Polars group_by."""

@@ -80,6 +80,14 @@ _RELEASE_ORDER = ["time", "offset", "event_id", "session_id", "sender", "kind", 
 """Event-time order, ties broken by file order, then (for events of different inputs) by content."""
 
 
+def _in_order(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """Whether row `before` comes no later than row `after` in release order (unknown with nulls: False)."""
+    a, b = [before[name] for name in _RELEASE_ORDER], [after[name] for name in _RELEASE_ORDER]
+    if None in a or None in b:
+        return False
+    return bool(a <= b)
+
+
 class PatternRules(Protocol):
     """Pattern definitions that change with event time (the rules stream's `RuleBook`)."""
 
@@ -407,7 +415,7 @@ class PatternBook:
     watermark: float = -math.inf
     arrival_mark: float = -math.inf
     buffer: list[pl.DataFrame] = field(default_factory=list)
-    """Events not yet matched (`BUFFER_SCHEMA`), in frames as they came; sorted by each `advance`."""
+    """Events not yet matched (`BUFFER_SCHEMA`): at most one frame, in release order (`_buffer`)."""
     deadlines: list[tuple[float, int, _Matcher, str]] = field(default_factory=list)
     """Heap of waiting absences: (deadline, sequence, pattern's matcher, key)."""
     released: tuple[float, int] = (-math.inf, -1)
@@ -506,11 +514,25 @@ class PatternBook:
             .otherwise(pl.coalesce(role, pl.lit("user")))
         )
         kept = events.filter(pl.Series(keep)) if not keep.all() else events
-        self.buffer.append(kept.select(
+        rows = kept.select(
             *EVENT_SCHEMA.names(), resolved.alias("role"), "scope",
             pl.coalesce("username", pl.concat_str("session_id", pl.lit("/"), "sender")).alias("user_key"),
             pl.concat_str("kind", "shape", resolved, "scope", separator="\x00").alias("class"),
-        ))
+        )
+        kept_times = times[keep]
+        self._buffer(rows if bool(np.all(kept_times[1:] > kept_times[:-1])) else rows.sort(_RELEASE_ORDER))
+
+    def _buffer(self, rows: pl.DataFrame) -> None:
+        """Add rows (sorted) to the buffer, which stays one frame in release order: the whole of it is
+        sorted again only when the rows go before its last one (events arriving out of time order)."""
+        if not self.buffer:
+            self.buffer = [rows]
+            return
+        waiting = self.buffer[0]
+        joined = pl.concat([waiting, rows])
+        if not _in_order(waiting.row(len(waiting) - 1, named=True), rows.row(0, named=True)):
+            joined = joined.sort(_RELEASE_ORDER)
+        self.buffer = [joined]
 
     def advance(self, now: float | None, rules: PatternRules | None = None) -> list[Alert]:
         """Move the watermark to `now - out_of_orderness`; match what it passed, fire due absences."""
@@ -554,8 +576,7 @@ class PatternBook:
         return sum(len(m.states) + len(m.seen or ()) for m in self._matchers)
 
     def _sorted_buffer(self) -> pl.DataFrame:
-        waiting = self.buffer[0] if len(self.buffer) == 1 else pl.concat(self.buffer)
-        return waiting.sort(_RELEASE_ORDER)
+        return self.buffer[0]
 
     def _in_effect(self, times: np.ndarray, rules: PatternRules | None) -> np.ndarray:
         """Whether some pattern of the rules is in effect at each of `times` (a span at a time)."""

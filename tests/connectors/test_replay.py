@@ -77,6 +77,26 @@ def test_paced_replay_waits_for_due_time_without_sleeping(tmp_path: Path) -> Non
     assert rest[-1].next_offset == DONE
 
 
+def test_a_paced_replay_parses_a_block_piece_by_piece_into_the_same_items(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("connectors.replay.PACED_PIECE_BYTES", 150)
+    long = {**timed(3), "message": "x" * 400}  # longer than a piece
+    events: list = [timed(0), "bad", {"session_id": "s-2", "sender": "rm", "message": "untimed"},
+                    *[timed(1 + n / 10, f"s-{n % 3}") for n in range(10)], long,
+                    *[timed(4 + n, f"s-{n % 3}") for n in range(10)]]
+    (tmp_path / "unpaced").mkdir()
+    unpaced = drain(partition(tmp_path / "unpaced", events))
+    (tmp_path / "paced").mkdir()
+    wall = FakeWall()
+    paced_part = partition(tmp_path / "paced", events, speed=1.0, wall=wall)
+    wall.now += 3600  # everything is due
+    paced = drain(paced_part)
+    strip = lambda items: [i for i in items if not isinstance(i, Progress)] + [items[-1]]  # noqa: E731
+    assert strip(paced) == strip(unpaced)
+    assert sum(isinstance(i, Stamped) for i in paced) == 23
+
+
 def test_untimed_and_out_of_order_lines_are_not_waited_for(tmp_path: Path) -> None:
     untimed = {"username": "bob", "type": "USER_JOINED"}
     part = partition(tmp_path, [timed(0), untimed, timed(-30)], speed=1)

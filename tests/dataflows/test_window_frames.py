@@ -53,9 +53,9 @@ def by_frames(batches: list[list[tuple[Event, float | None, bool]]], config: Win
 
 def assert_counts_match(windows_of: FrameWindows) -> None:
     """The window counts kept as rows come and go are those of the open rows."""
-    rows = windows_of.open.group_by("session_id", "start").len().iter_rows()
+    rows = windows_of.open_rows().group_by("session_id", "start").len().iter_rows()
     assert windows_of.held == {(session, start): n for session, start, n in rows}
-    per_session = windows_of.open.group_by("session_id").agg(pl.col("start").n_unique()).iter_rows()
+    per_session = windows_of.open_rows().group_by("session_id").agg(pl.col("start").n_unique()).iter_rows()
     assert windows_of.windows_of == dict(per_session)
 
 
