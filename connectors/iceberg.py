@@ -11,7 +11,8 @@ canonical JSON, without the fields stages fill from outside the flow (`ENRICHMEN
 A sink partition turns each incoming batch of dicts into Arrow columns at once, and frames
 (`Records`) once it has gathered `CONVERT_ROWS` rows of one schema, or before a commit or a
 snapshot (`connectors.lake_rows`; records are checked against the table's schema there: an
-unknown field or a missing required one is an error naming the table and field), buffers them and appends them (one Iceberg snapshot) once it holds
+unknown field or a missing required one is an error naming the table and field), buffers them
+and appends them (one Iceberg snapshot) once it holds
 `commit_rows` rows, once its oldest row has waited `commit_interval` seconds, and at `close()`;
 never empty. The interval is checked when a batch arrives and when Bytewax takes the partition's
 snapshot; Bytewax has no timer for sinks, so the rows of a stream gone idle wait for its next
