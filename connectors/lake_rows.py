@@ -290,17 +290,16 @@ def _canonical(frame: pl.DataFrame) -> pl.DataFrame:
 
 def _sorted(expr: pl.Expr, dtype: PolarsDataType) -> pl.Expr:
     """`expr` with the fields of its structs in name order and the entries of its maps in key order."""
+    if not _needs_sorting(dtype):
+        return expr
     if is_map(dtype):
         return expr.list.eval(pl.element().sort_by(pl.element().struct.field("key")))
     if isinstance(dtype, pl.Struct):
         fields = sorted(dtype.fields, key=lambda f: f.name)
-        if [f.name for f in fields] == [f.name for f in dtype.fields] and not any(_needs_sorting(f.dtype) for f in fields):
-            return expr
         rebuilt = pl.struct([_sorted(expr.struct.field(f.name), f.dtype).alias(f.name) for f in fields])
         return pl.when(expr.is_null()).then(None).otherwise(rebuilt)
-    if isinstance(dtype, pl.List) and _needs_sorting(dtype.inner):
-        return expr.list.eval(_sorted(pl.element(), dtype.inner))
-    return expr
+    assert isinstance(dtype, pl.List)
+    return expr.list.eval(_sorted(pl.element(), dtype.inner))
 
 
 def _needs_sorting(dtype: PolarsDataType) -> bool:
@@ -338,9 +337,10 @@ def frame_columns(frame: pl.DataFrame, columns: pa.StructType, ingest: pa.Struct
                     return None
             else:
                 if is_map(dtype):
-                    array = pa.array(_entries(frame[field.name]), type=text_field.type)
-                    if not all(map(_fits(field.type), array.to_pylist())):
+                    mappings = _mappings(frame[field.name])
+                    if not all(map(_fits(field.type), mappings)):
                         return None
+                    array = pa.array(mappings, type=text_field.type)
                 else:
                     array = arrow.column(field.name).combine_chunks().cast(text_field.type)
                 array = _cast_times(array, field.type)
@@ -364,6 +364,6 @@ def _json_values(texts: pl.Series, kind: pa.DataType, text_kind: pa.DataType) ->
     return converted.take(positions.to_arrow())
 
 
-def _entries(column: pl.Series) -> list[list[tuple[Any, Any]] | None]:
-    """A map column's values as Arrow takes maps: lists of (key, value)."""
-    return [None if entries is None else [(e["key"], e["value"]) for e in entries] for entries in column.to_list()]
+def _mappings(column: pl.Series) -> list[dict[Any, Any] | None]:
+    """A map column's values as the dicts its records hold (`as_records`)."""
+    return [None if entries is None else {e["key"]: e["value"] for e in entries} for entries in column.to_list()]

@@ -541,7 +541,7 @@ class PatternBook:
         self.watermark = mark = now - self.out_of_orderness
         alerts: list[Alert] = []
         if self.buffer:
-            waiting = self._sorted_buffer()
+            waiting = self.buffer[0]
             cut = int(np.searchsorted(waiting["time"].to_numpy(), mark, side="right"))
             self.buffer = [waiting.slice(cut)] if cut < len(waiting) else []
             if cut:
@@ -555,7 +555,7 @@ class PatternBook:
         """End of input: match every buffered event, then fire every waiting absence."""
         alerts: list[Alert] = []
         if self.buffer:
-            ready = self._sorted_buffer()
+            ready = self.buffer[0]
             self.buffer = []
             self._release(ready, alerts, rules)
         self._fire(math.inf, alerts, rules, inclusive=True)
@@ -574,9 +574,6 @@ class PatternBook:
     def open_keys(self) -> int:
         """Keys with state, and keys remembered as seen, over all patterns."""
         return sum(len(m.states) + len(m.seen or ()) for m in self._matchers)
-
-    def _sorted_buffer(self) -> pl.DataFrame:
-        return self.buffer[0]
 
     def _in_effect(self, times: np.ndarray, rules: PatternRules | None) -> np.ndarray:
         """Whether some pattern of the rules is in effect at each of `times` (a span at a time)."""
