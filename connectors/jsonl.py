@@ -52,8 +52,10 @@ def json_lines(kind: str, records: Records) -> bytes:
     """A batch of records as JSON lines: the encoder to give the flow for this sink. A frame is
     encoded column-wise, byte for byte as `json_line` encodes its rows."""
     if isinstance(records, pl.DataFrame):
+        if records.is_empty():
+            return b""
         lines = records.select(json_expr(records.schema)).to_series()
-        return ("\n".join(lines.to_list()) + "\n").encode() if len(lines) else b""
+        return (lines.str.join("\n").item() + "\n").encode()
     return b"".join(map(json_line, records))
 
 
