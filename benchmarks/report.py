@@ -154,7 +154,7 @@ def parse_kafka(text: str) -> list[Figure]:
     return rows + figures
 
 
-LAKE_MAIN = re.compile(rf"^(?P<rows>{_NUMBER}) (?P<shape>\w+) message rows in (?P<seconds>[\d.]+) s: "
+LAKE_MAIN = re.compile(rf"^(?P<rows>{_NUMBER}) (?P<shape>\w+) message rows(?: as \w+)? in (?P<seconds>[\d.]+) s: "
                        rf"(?P<rate>{_NUMBER}) rows/s \(best of \d+; target (?P<target>{_NUMBER}): (?P<verdict>met|MISSED)")
 LAKE_FILES = re.compile(r"^commits: (?P<commits>\d+) .*data files: (?P<files>\d+), median (?P<median>[\d.]+) MB")
 

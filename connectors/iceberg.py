@@ -109,6 +109,7 @@ from pyiceberg.types import (
 )
 from pyiceberg.utils.datetime import datetime_to_millis
 
+from connectors.run_log import log_event
 from connectors.by_kind import KindPartitionedSink
 from dataflows.errors import ConvoflowError
 from connectors.lake_rows import ArrowRows
@@ -657,6 +658,8 @@ class IcebergPartition(StatefulSinkPartition[Records, IcebergState]):
         for attempt in itertools.count(1):
             try:
                 self.table.append(rows, snapshot_properties=marker)
+                log_event("lake commit", __name__, table=self.spec.name, partition=self.name, seq=seq,
+                          rows=rows.num_rows)
                 break
             except (CommitFailedException, ValidationException):
                 # Did not land. Besides losing races more often than PyIceberg retries, the append

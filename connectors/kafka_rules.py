@@ -24,6 +24,7 @@ from typing import Any
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from connectors.run_log import log_rules
 from connectors.kafka_source import kafka_ref
 from dataflows.errors import ConvoflowError
 from dataflows.events import DeadLetter
@@ -108,6 +109,7 @@ class KafkaRulesPartition(StatefulSourcePartition[Item, Offsets]):
             self.offsets[partition] = offset + 1
             if self.behind.get(partition, math.inf) <= offset + 1:
                 del self.behind[partition]
+        log_rules(batch, source=f"Kafka topic {self.topic}")
         if not self.behind:
             if not self.tail:
                 # a finite run: the rules it started with hold to its end

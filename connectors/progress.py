@@ -12,14 +12,21 @@ from typing import TYPE_CHECKING, Any
 
 ALERTS = "alerts"
 MESSAGES = "messages"
+WINDOWS = "windows"
 GAUGES_FILE = "gauges.json"
 SUMMED = ("open_windows", "buffered")
 SAME_IN_EVERY_SHARD = ("rules_version", "rules_stale")
 """Gauges every shard reports alike (each holds every rule): the view shows the latest, not a sum."""
+SLOWEST = ("watermark",)
+"""Gauges of which the flow as a whole is at the least of its shards'."""
+DEAD_LETTER = "dead_letter"
+LLM_LATENCY_BUCKETS_MS = (50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
 
 import orjson
 import polars as pl
 from bytewax.outputs import DynamicSink, FixedPartitionedSink, StatefulSinkPartition, StatelessSinkPartition
+
+from dataflows.records import as_records
 
 if TYPE_CHECKING:
     from dataflows.records import Records
@@ -56,6 +63,10 @@ class _GaugePartition(StatefulSinkPartition[dict[str, Any], None]):
         gauges = self.latest.values()
         totals = {key: sum(g.get(key, 0) for g in gauges) for key in SUMMED}
         totals |= {key: max((g.get(key, 0) for g in gauges), default=0) for key in SAME_IN_EVERY_SHARD}
+        for key in SLOWEST:
+            reported = [g[key] for g in gauges if key in g]
+            if reported:
+                totals[key] = min(reported)
         _write_json(self.path, totals)
         self.written_at = time.monotonic()
 
@@ -67,7 +78,7 @@ class _GaugePartition(StatefulSinkPartition[dict[str, Any], None]):
 
 
 def read_gauges(path: Path) -> dict[str, int]:
-    """The latest gauge totals, or zeros before the first write."""
+    """The latest gauge totals, or zeros before the first write (`SLOWEST` ones absent until reported)."""
     try:
         return {key: 0 for key in (*SUMMED, *SAME_IN_EVERY_SHARD)} | orjson.loads(path.read_bytes())
     except (FileNotFoundError, orjson.JSONDecodeError):
@@ -75,12 +86,22 @@ def read_gauges(path: Path) -> dict[str, int]:
 
 
 def tally_of(kind: str, records: Records) -> dict[str, int]:
-    """What a batch adds to the run's counts: records of `kind`, alerts by pattern (`alerts:<id>`) and
-    judged messages by action (`mask`, `flag`; blocked ones are the `moderated` records).
+    """What a batch adds to the run's counts: records of `kind`, alerts by pattern (`alerts:<id>`),
+    judged messages by action (`mask`, `flag`; blocked ones are the `moderated` records), dead letters
+    by step and kind of reason (`dead_letter:<step>:<reason>`) and the LLM stage's answers
+    (`llm:<stage>:<status>`, with latency buckets `llm_ms:<stage>:<bound>` and sums `llm_ms:<stage>:sum`).
 
     The encoder of the `TallySink` output, so only these small dicts cross workers.
     """
     counts = {str(kind): len(records)}
+    if kind == DEAD_LETTER:
+        for record in as_records(records):
+            key = f"{DEAD_LETTER}:{record.get('step')}:{reason_kind(str(record.get('reason', '')))}"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+    llm_field = {WINDOWS: "assistant", MESSAGES: "translation"}.get(kind)
+    if llm_field is not None and not isinstance(records, pl.DataFrame) and records and llm_field in records[0]:
+        _tally_llm(counts, "assistant" if kind == WINDOWS else "translation", [r[llm_field] for r in records])
     if isinstance(records, pl.DataFrame):
         if kind == MESSAGES and "moderation" in records.columns:
             for text, count in records["moderation"].value_counts().iter_rows():
@@ -98,6 +119,39 @@ def tally_of(kind: str, records: Records) -> dict[str, int]:
             if action != "allow":
                 counts[action] = counts.get(action, 0) + 1
     return counts
+
+
+def _tally_llm(counts: dict[str, int], stage: str, answers: list[dict[str, Any]]) -> None:
+    for answer in answers:
+        status = answer.get("status")
+        key = f"llm:{stage}:{status}"
+        counts[key] = counts.get(key, 0) + 1
+        latency = answer.get("latency_ms")
+        if status == "skipped" or latency is None:
+            continue
+        for bound in LLM_LATENCY_BUCKETS_MS:
+            if latency <= bound:
+                bucket = f"llm_ms:{stage}:{bound}"
+                counts[bucket] = counts.get(bucket, 0) + 1
+        counts[f"llm_ms:{stage}:count"] = counts.get(f"llm_ms:{stage}:count", 0) + 1
+        counts[f"llm_ms:{stage}:sum"] = counts.get(f"llm_ms:{stage}:sum", 0) + int(latency)
+
+
+_REASON_KINDS = (
+    ("field '", None), ("timestamp", "timestamp"), ("line is", "too long"), ("expected a JSON object", "not an object"),
+    ("empty", "empty"), ("Kafka error", "kafka error"), ("not valid UTF-8", "not utf-8"),
+)
+
+
+def reason_kind(reason: str) -> str:
+    """A dead letter's reason, less what is particular to its line (a small set, fit for a metric label):
+    `field <name>`, `timestamp`, `too long`, `invalid json`, ..., else the reason up to its first colon."""
+    for start, kind in _REASON_KINDS:
+        if reason.startswith(start):
+            return kind if kind is not None else "field " + reason[len(start):].split("'", 1)[0]
+    if "JSON" in reason:
+        return "invalid json"
+    return reason.split(":", 1)[0][:40]
 
 
 class TallySink(DynamicSink[tuple[str, dict[str, int]]]):
@@ -133,10 +187,11 @@ class _TallyPartition(StatelessSinkPartition[tuple[str, dict[str, int]]]):
         self._write()
 
 
-def read_tallies(folder: Path) -> dict[str, int]:
-    """The run's counts so far: the sum of every worker's tally file."""
+def read_tallies(folder: Path, workers: range | None = None) -> dict[str, int]:
+    """The run's counts so far: the sum of every worker's tally file (of `workers`' only, if given)."""
     totals: dict[str, int] = {}
-    for path in folder.glob("tally-*.json"):
+    paths = folder.glob("tally-*.json") if workers is None else (folder / f"tally-{w}.json" for w in workers)
+    for path in paths:
         try:
             counts = orjson.loads(path.read_bytes())
         except (FileNotFoundError, orjson.JSONDecodeError):

@@ -19,6 +19,7 @@ from pathlib import Path
 import orjson
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
+from connectors.run_log import log_rules
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
 from dataflows.events import DeadLetter, LineRef
@@ -112,6 +113,7 @@ class RulesPartition(StatefulSourcePartition[Item, int]):
         while self.next < len(self.rules) and self.clock.wall_time_for(self.rules[self.next][1]) <= now:
             batch.append(self.rules[self.next][0])
             self.next += 1
+        log_rules(batch, source="rules file")
         if self.next == len(self.rules):
             batch.append(RulesMark(math.inf))
             self.finished = True

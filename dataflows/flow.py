@@ -14,6 +14,7 @@ are hashed onto the same shards, for the patterns keyed by user (see `_router`).
 
 from __future__ import annotations
 
+import math
 import pickle
 import zlib
 from collections.abc import Callable, Sequence
@@ -75,6 +76,8 @@ class OutputKind(StrEnum):
 
 
 GAUGE = "gauge"
+WATERMARK_GAUGE_STEP = 1.0
+"""A shard reports its watermark (event time) when it has moved on by this many seconds."""
 
 
 @dataclass(frozen=True)
@@ -174,8 +177,8 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
     event the rules let through (with `moderation` when there is a rules stream), `moderated` for
     those they block, `late` for events whose window was already emitted, `windows` as the
     watermark passes them and `alerts` of session-keyed patterns; events of its users (scope `all`
-    or `user`) meet the user-keyed patterns. It emits `gauge`s (open windows, rule-set version)
-    when they change. Never discarded: the sequencer must keep hearing every partition's markers. Its
+    or `user`) meet the user-keyed patterns. It emits `gauge`s (open windows, rule-set version,
+    watermark) when they change. Never discarded: the sequencer must keep hearing every partition's markers. Its
     snapshot is the pickled state: Bytewax asks for one every epoch even without recovery, and one
     `pickle.dumps` is far cheaper than a `deepcopy`.
     """
@@ -195,6 +198,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
             )
         self.reported_open = -1
         self.reported_rules = (-1, -1)
+        self.reported_watermark = -math.inf
 
     def on_batch(self, values: list[ShardBatch]) -> tuple[list[tuple[str, Any]], bool]:
         seq, gate = self.state.sequencer, self.state.gate
@@ -306,6 +310,10 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
         if count != self.reported_open:
             self.reported_open = count
             batches.append((GAUGE, {"open_windows": count, "buffered": self.state.sequencer.buffered}))
+        watermark = self.state.windows.watermark
+        if watermark - self.reported_watermark >= WATERMARK_GAUGE_STEP:
+            self.reported_watermark = watermark
+            batches.append((GAUGE, {"watermark": watermark}))
         gate = self.state.gate
         if gate is not None and (gate.book.version(), gate.book.stale) != self.reported_rules:
             self.reported_rules = (gate.book.version(), gate.book.stale)

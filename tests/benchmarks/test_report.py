@@ -43,7 +43,7 @@ events/s over the output span (first output message to last); process s includes
 """
 
 LAKE_OUT = """\
-1,000,000 plain message rows in 8.56 s: 116,822 rows/s (best of 1; target 100,000: met; 2 CPUs, load 3.1, 2.0, 1.5)
+1,000,000 plain message rows as frames in 8.56 s: 116,822 rows/s (best of 1; target 100,000: met; 2 CPUs, load 3.1, 2.0, 1.5)
 commits: 20 of up to 50,000 rows (snapshots kept: 20); data files: 22, median 1.18 MB, smallest 0.20 MB (a commit's rows split by day)
 """
 
