@@ -109,6 +109,7 @@ from pyiceberg.types import (
 )
 from pyiceberg.utils.datetime import datetime_to_millis
 
+from connectors.progress import FigureFile
 from connectors.run_log import log_event
 from connectors.by_kind import KindPartitionedSink
 from dataflows.errors import ConvoflowError
@@ -554,8 +555,9 @@ class IcebergSink(KindPartitionedSink[Records, IcebergState]):
     def __init__(self, catalog: Catalog, *, namespace: str = "convoflow", kinds: Sequence[str] | None = None,
                  writer_id: str = "convoflow", commit_rows: int = 50_000, commit_interval: float = 30.0,
                  expiry: SnapshotExpiry | None = SnapshotExpiry(), job_start: Mapping[str, int] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, figures_dir: Path | None = None) -> None:
         self.catalog, self.namespace, self.writer_id, self.job_start = catalog, namespace, writer_id, job_start
+        self.figures_dir = figures_dir
         super().__init__(kinds if kinds is not None else list(TABLES))
         unknown = set(self.kinds) - set(TABLES)
         if unknown:
@@ -570,9 +572,10 @@ class IcebergSink(KindPartitionedSink[Records, IcebergState]):
         if resume_state is None and self.job_start is not None and for_part in self.job_start:
             resume_state = IcebergState(self.job_start[for_part], None, {})
         table = ensure_tables(self.catalog, self.namespace, [for_part])[for_part]
+        figures = None if self.figures_dir is None else FigureFile(self.figures_dir, f"lake-{for_part}")
         return IcebergPartition(table, TABLES[for_part], f"{self.writer_id}/{for_part}", resume_state,
                                 commit_rows=self.commit_rows, commit_interval=self.commit_interval,
-                                expiry=self.expiry, clock=self.clock)
+                                expiry=self.expiry, clock=self.clock, figures=figures)
 
 
 def _same_but_nulls(a: pl.Schema, b: pl.Schema) -> bool:
@@ -586,8 +589,11 @@ class IcebergPartition(StatefulSinkPartition[Records, IcebergState]):
 
     def __init__(self, table: Table, spec: TableSpec, name: str, resume: IcebergState | None, *,
                  commit_rows: int, commit_interval: float, clock: Callable[[], float],
-                 expiry: SnapshotExpiry | None = None) -> None:
+                 expiry: SnapshotExpiry | None = None, figures: FigureFile | None = None) -> None:
         self.table, self.spec, self.name = table, spec, name
+        self.figures = figures
+        self.committed = (0, 0)
+        """This run's commits and their rows, for the metrics endpoint (`figures`)."""
         self.commit_rows, self.commit_interval, self.expiry, self.clock = commit_rows, commit_interval, expiry, clock
         self.to_rows = ArrowRows(spec.name, table.schema())
         self.pending: list[pa.Table] = []
@@ -658,8 +664,7 @@ class IcebergPartition(StatefulSinkPartition[Records, IcebergState]):
         for attempt in itertools.count(1):
             try:
                 self.table.append(rows, snapshot_properties=marker)
-                log_event("lake commit", __name__, table=self.spec.name, partition=self.name, seq=seq,
-                          rows=rows.num_rows)
+                self._landed(seq, rows.num_rows)
                 break
             except (CommitFailedException, ValidationException):
                 # Did not land. Besides losing races more often than PyIceberg retries, the append
@@ -671,8 +676,16 @@ class IcebergPartition(StatefulSinkPartition[Records, IcebergState]):
                 self.table.refresh()
                 if not committed_batches(self.table, self.name, seq):
                     raise
+                self._landed(seq, rows.num_rows)
                 break
         self._expire_if_due()
+
+    def _landed(self, seq: int, rows: int) -> None:
+        """A commit landed: log it and count it."""
+        log_event("lake commit", __name__, table=self.spec.name, partition=self.name, seq=seq, rows=rows)
+        self.committed = (self.committed[0] + 1, self.committed[1] + rows)
+        if self.figures is not None:
+            self.figures.write({"table": self.spec.name, "commits": self.committed[0], "rows": self.committed[1]})
 
     def _gather(self, frame: pl.DataFrame) -> None:
         """Keep a frame to convert with the next ones of its schema: Polars costs per call, not per row."""

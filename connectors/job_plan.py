@@ -78,7 +78,7 @@ def plan_run(s: RunSettings, state_dir: Path) -> RunPlan | AlreadyFinished:
         mode=s.llm.value, model=s.llm_model, concurrency=s.llm_concurrency, timeout=s.llm_timeout,
         max_retries=s.llm_max_retries, rate_limit=s.llm_rate_limit,
     )
-    stages: tuple[Stage, ...] = (LlmStage(llm_config),)
+    stages: tuple[Stage, ...] = (LlmStage(llm_config, figures_dir=state_dir),)
     out_dir = s.out_dir
     if s.input is not None:
         check_readable(s.input)

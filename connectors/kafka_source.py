@@ -34,6 +34,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple, Protocol, cast
 
@@ -42,12 +43,16 @@ import polars as pl
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
 
+from connectors.progress import FigureFile
 from dataflows.event_frame import EVENT_SCHEMA, events_frame
 from dataflows.events import DeadLetter, Event, LineRef
 from dataflows.live import IDLE_AFTER_S, LiveStamper
 from dataflows.parse import MAX_LINE_BYTES, parse_line
 from dataflows.parse_block import parse_block
 from dataflows.sequencing import LiveMark
+
+LAG_EVERY_S = 1.0
+"""How often a partition reports its consumer lag to the metrics endpoint."""
 
 Item = pl.DataFrame | DeadLetter | LiveMark
 """A stamped frame of events (`STAMPED_SCHEMA`), a dead letter, or the partition's mark."""
@@ -97,6 +102,8 @@ class ConsumerLike(Protocol):
 
     def close(self) -> None: ...
 
+    def get_watermark_offsets(self, partition: TopicPartition, timeout: float = ..., cached: bool = ...) -> tuple[int, int]: ...
+
 
 ConsumerFactory = Callable[[dict[str, Any]], ConsumerLike]
 
@@ -132,8 +139,10 @@ class LiveKafkaSource(FixedPartitionedSource[Item, LiveResume]):
         idle_after: float = IDLE_AFTER_S,
         wall: WallClock = time.time,
         consumer_factory: ConsumerFactory = Consumer,
+        figures_dir: Path | None = None,
     ) -> None:
         self.brokers = ",".join(brokers)
+        self.figures_dir = figures_dir
         self.topic = topic
         self.parts = list(parts)
         self.starting_offset = OFFSET_BEGINNING if from_beginning else OFFSET_END
@@ -159,8 +168,9 @@ class LiveKafkaSource(FixedPartitionedSource[Item, LiveResume]):
         stamper = LiveStamper(self.parts.index(for_part), started=self.wall(), idle_after=self.idle_after)
         if resume_state is not None:
             stamper.resume(resume_state.clock)
+        figures = None if self.figures_dir is None else FigureFile(self.figures_dir, f"kafka-{topic}-{index}")
         return LivePartition(consumer, KafkaPosition(topic, int(index), offset), stamper, self.tick, self.wall,
-                             self.read, tail=self.tail)
+                             self.read, tail=self.tail, figures=figures)
 
     def consumer_config(self) -> dict[str, Any]:
         """Each partition's consumer settings: the defaults, the run's own, then what the source needs."""
@@ -200,8 +210,11 @@ class LivePartition(StatefulSourcePartition[Item, LiveResume]):
         read: ReadSettings = ReadSettings(),
         *,
         tail: bool = False,
+        figures: FigureFile | None = None,
     ) -> None:
         self.consumer = consumer
+        self.figures = figures
+        self.lag_at = float("-inf")
         self.position = position
         self.source = position.ref(0).source
         self.stamper = stamper
@@ -222,10 +235,25 @@ class LivePartition(StatefulSourcePartition[Item, LiveResume]):
         messages = self.consumer.consume(self.read.batch_size, self.read.wait_s)
         now = self.wall()
         items = self._items(messages, now)
+        if self.figures is not None and now - self.lag_at >= LAG_EVERY_S:
+            self._report_lag(now)
         if items or now - self.marked_at >= self.tick:
             items.append(self.stamper.mark(now))
             self.marked_at = now
         return items
+
+    def _report_lag(self, now: float) -> None:
+        """Write how many messages of the partition are still to read (from the high watermark the
+        client last fetched: no broker call)."""
+        assert self.figures is not None
+        self.lag_at = now
+        position = self.position
+        low, high = self.consumer.get_watermark_offsets(TopicPartition(position.topic, position.partition), cached=True)
+        if high < 0:
+            return
+        lag = high - (position.offset if position.offset is not None else max(low, 0))
+        self.figures.write({"topic": position.topic, "partition": position.partition, "lag": max(lag, 0),
+                            "offset": position.offset})
 
     def _items(self, messages: list[MessageLike], now: float) -> list[Item]:
         """Parse and stamp `messages`; at the partition's end stop there, or, live, tell the clock."""

@@ -196,6 +196,21 @@ class _AskAndParse(Runnable[list[BaseMessage], WindowAssist]):
         return self._parse(str((await self._model.ainvoke(input, config)).content))
 
 
+class CountingCache(InMemoryCache):
+    """LangChain's in-memory cache, counting lookups and hits (its async lookup goes through `lookup`)."""
+
+    def __init__(self, maxsize: int | None = None) -> None:
+        super().__init__(maxsize=maxsize)
+        self.lookups = 0
+        self.hits = 0
+
+    def lookup(self, prompt: str, llm_string: str) -> Any:
+        found = super().lookup(prompt, llm_string)
+        self.lookups += 1
+        self.hits += found is not None
+        return found
+
+
 class LlmClient:
     """Batch facades over ChatOpenAI for a Bytewax worker.
 
@@ -244,8 +259,13 @@ class LlmClient:
         model = ChatOpenAI(model=config.model, **self._common, cache=False).bind(response_format=response_format)
         self._assistant: Runnable[list[BaseMessage], WindowAssist] = _AskAndParse(model, parse).with_retry(
             retry_if_exception_type=(InvalidResponse,), stop_after_attempt=2, wait_exponential_jitter=False)
-        self._cache = InMemoryCache(maxsize=config.cache_size)
+        self._cache = CountingCache(maxsize=config.cache_size)
         self._translators: dict[str, ChatOpenAI] = {}
+
+    @property
+    def cache_counts(self) -> tuple[int, int]:
+        """Lookups of the translation cache so far, and how many found an answer."""
+        return self._cache.lookups, self._cache.hits
 
     def __enter__(self) -> LlmClient:
         return self

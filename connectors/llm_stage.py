@@ -71,15 +71,18 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import polars as pl
 
+from connectors.progress import FigureFile
 from connectors.llm_config import LlmConfig, TranslationRequest, describe_error, language_code
 from dataflows.flow import OutputKind
 from dataflows.records import Record, Records, as_records
@@ -177,6 +180,13 @@ class _Worker:
 
     client: LlmClient
     readers: ReaderLanguages
+    figures: FigureFile | None = None
+    """Where its translation cache's lookups and hits are kept for the metrics endpoint."""
+
+    def report(self) -> None:
+        if self.figures is not None:
+            lookups, hits = self.client.cache_counts
+            self.figures.write({"cache_lookups": lookups, "cache_hits": hits})
 
 
 class LlmStage:
@@ -192,10 +202,11 @@ class LlmStage:
     name = "llm"
 
     def __init__(self, config: LlmConfig, *, models: Mapping[str, str] | None = None,
-                 max_sessions: int = 100_000) -> None:
+                 max_sessions: int = 100_000, figures_dir: Path | None = None) -> None:
         self.config = config
         self.models = {lang.strip().casefold(): model for lang, model in (models or {}).items()}
         self.max_sessions = max_sessions
+        self.figures_dir = figures_dir
         self._setup()
 
     def _setup(self) -> None:
@@ -212,10 +223,12 @@ class LlmStage:
         self._finalizer: weakref.finalize[Any, Any] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"config": self.config, "models": self.models, "max_sessions": self.max_sessions}
+        return {"config": self.config, "models": self.models, "max_sessions": self.max_sessions,
+                "figures_dir": self.figures_dir}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.config, self.models, self.max_sessions = state["config"], state["models"], state["max_sessions"]
+        self.figures_dir = state.get("figures_dir")
         self._setup()
 
     def __repr__(self) -> str:
@@ -265,7 +278,9 @@ class LlmStage:
             with self._lock:
                 from connectors.llm import LlmClient  # LangChain: loaded only when calls are on
 
-                worker = self._workers[ident] = _Worker(LlmClient(self.config), ReaderLanguages(self.max_sessions))
+                figures = None if self.figures_dir is None else FigureFile(self.figures_dir, f"llm-{os.getpid()}-{ident}")
+                worker = self._workers[ident] = _Worker(LlmClient(self.config), ReaderLanguages(self.max_sessions),
+                                                        figures)
                 if self._finalizer is None:
                     self._finalizer = weakref.finalize(self, _close_all, self._workers)
                 _settle_heap()
@@ -291,6 +306,7 @@ class LlmStage:
             record["assistant"] = result["assistant"]
         for record, request, result in zip(asked, requests, translations):
             _fill(record, result, request.source)
+        worker.report()
 
     def _plan(self, record: Record, readers: ReaderLanguages) -> TranslationRequest | None:
         """The translation to ask for `record`, or None after marking it skipped with the reason."""

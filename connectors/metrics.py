@@ -2,8 +2,9 @@
 
 Each process of the job serves its own endpoint, port N + its process id, with a `process` label.
 Figures are read when Prometheus scrapes, from the files the run already keeps for its live view
-(`connectors.progress`): each process's workers' tallies, and the flow's gauges (of the whole flow:
-served by the first process whose folder holds them). Nothing is polled between scrapes.
+(`connectors.progress`): each process's workers' tallies; the flow's gauges and the figures its
+parts keep (lake commits and rows, Kafka consumer lag, LLM cache hits), served by the first process
+whose folder holds them. Nothing is polled between scrapes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from connectors.progress import GAUGES_FILE, LLM_LATENCY_BUCKETS_MS, read_gauges, read_tallies
+from connectors.progress import GAUGES_FILE, LLM_LATENCY_BUCKETS_MS, read_figures, read_gauges, read_tallies
 
 OUTPUTS = ("messages", "windows", "alerts", "late", "dead_letter", "moderated")
 READ_OUTPUTS = ("messages", "moderated", "dead_letter")
@@ -40,7 +41,8 @@ class RunCollector(Collector):
     workers: range
     event_now: Callable[[], float | None] | None = None
     gauges: bool = True
-    """Whether to serve the flow's gauges (when this process's folder holds them)."""
+    """Whether to serve the figures of the whole flow (when this process's folder holds them): its
+    gauges, and those its parts keep (lake commits, Kafka lag, the LLM cache)."""
     started: float = field(default_factory=time.time)
 
     def collect(self) -> Iterator[Metric]:
@@ -76,8 +78,10 @@ class RunCollector(Collector):
             judged.add_metric([*label, action], counts.get(key, 0))
         yield judged
         yield from self._llm(counts, label)
-        if self.gauges and (self.state_dir / GAUGES_FILE).exists():
-            yield from self._gauges(label)
+        if self.gauges:
+            if (self.state_dir / GAUGES_FILE).exists():
+                yield from self._gauges(label)
+            yield from self._parts(label)
         yield counter("convoflow_run_started", "When this process started the run (Unix time).", self.started)
 
     def _llm(self, counts: dict[str, int], label: list[str]) -> Iterator[Metric]:
@@ -117,6 +121,37 @@ class RunCollector(Collector):
             if now is not None:
                 yield gauge("convoflow_watermark_lag_seconds", "How far the watermark is behind the input's "
                             "event time now.", max(0.0, now - watermark))
+
+
+    def _parts(self, label: list[str]) -> Iterator[Metric]:
+        """The figures parts of the flow keep for themselves: lake commits, Kafka lag, LLM cache."""
+        commits = CounterMetricFamily("convoflow_lake_commits", "Iceberg commits this run made, by table.",
+                                      labels=["process", "table"])
+        rows = CounterMetricFamily("convoflow_lake_rows", "Rows those commits appended, by table.",
+                                   labels=["process", "table"])
+        by_table: dict[str, tuple[int, int]] = {}
+        for part in read_figures(self.state_dir, "lake"):
+            made, appended = by_table.get(part["table"], (0, 0))
+            by_table[part["table"]] = (made + part["commits"], appended + part["rows"])
+        for table, (made, appended) in sorted(by_table.items()):
+            commits.add_metric([*label, table], made)
+            rows.add_metric([*label, table], appended)
+        yield commits
+        yield rows
+        lag = GaugeMetricFamily("convoflow_kafka_consumer_lag", "Messages of an input partition not read yet "
+                                "(its high watermark as last fetched, less the next offset).",
+                                labels=["process", "topic", "partition"])
+        for part in read_figures(self.state_dir, "kafka"):
+            lag.add_metric([*label, part["topic"], str(part["partition"])], part["lag"])
+        yield lag
+        caches = read_figures(self.state_dir, "llm")
+        lookups = CounterMetricFamily("convoflow_llm_cache_lookups", "Lookups of the translation cache.", labels=["process"])
+        lookups.add_metric(label, sum(c["cache_lookups"] for c in caches))
+        hits = CounterMetricFamily("convoflow_llm_cache_hits", "Lookups of the translation cache that found an answer.",
+                                   labels=["process"])
+        hits.add_metric(label, sum(c["cache_hits"] for c in caches))
+        yield lookups
+        yield hits
 
 
 def _prefixed(counts: dict[str, int], prefix: str) -> Iterator[tuple[str, int]]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +23,7 @@ SLOWEST = ("watermark",)
 """Gauges of which the flow as a whole is at the least of its shards'."""
 DEAD_LETTER = "dead_letter"
 LLM_LATENCY_BUCKETS_MS = (50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
+FIGURES_PREFIX = "figures-"
 
 import orjson
 import polars as pl
@@ -100,8 +103,11 @@ def tally_of(kind: str, records: Records) -> dict[str, int]:
             counts[key] = counts.get(key, 0) + 1
         return counts
     llm_field = {WINDOWS: "assistant", MESSAGES: "translation"}.get(kind)
-    if llm_field is not None and not isinstance(records, pl.DataFrame) and records and llm_field in records[0]:
-        _tally_llm(counts, "assistant" if kind == WINDOWS else "translation", [r[llm_field] for r in records])
+    if llm_field is not None and isinstance(records, pl.DataFrame) and llm_field in records.columns:
+        for status, count in records[llm_field].struct.field("status").value_counts().iter_rows():
+            counts[f"llm:{llm_field}:{status}"] = count
+    elif llm_field is not None and not isinstance(records, pl.DataFrame) and records and llm_field in records[0]:
+        _tally_llm(counts, llm_field, [r[llm_field] for r in records])
     if isinstance(records, pl.DataFrame):
         if kind == MESSAGES and "moderation" in records.columns:
             for text, count in records["moderation"].value_counts().iter_rows():
@@ -201,7 +207,31 @@ def read_tallies(folder: Path, workers: range | None = None) -> dict[str, int]:
     return totals
 
 
-def _write_json(path: Path, value: dict[str, int]) -> None:
+@dataclass(frozen=True)
+class FigureFile:
+    """Figures one part of a running flow keeps for the metrics endpoint (a lake partition's
+    commits, a Kafka partition's lag, a worker's LLM cache hits): `figures-<name>.json` in `folder`,
+    replaced whole at each `write`."""
+
+    folder: Path
+    name: str
+
+    def write(self, figures: Mapping[str, Any]) -> None:
+        _write_json(self.folder / f"{FIGURES_PREFIX}{self.name}.json", dict(figures))
+
+
+def read_figures(folder: Path, kind: str) -> list[dict[str, Any]]:
+    """The figures of every part of `kind` (the first word of their names: `lake`, `kafka`, `llm`)."""
+    found = []
+    for path in sorted(folder.glob(f"{FIGURES_PREFIX}{kind}-*.json")):
+        try:
+            found.append(orjson.loads(path.read_bytes()))
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            continue
+    return found
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
     """Replace `path` atomically, so a reader never sees half a file."""
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(orjson.dumps(value))

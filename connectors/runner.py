@@ -65,7 +65,7 @@ class ReplayRun:
         """The flow with its real connectors: JSONL files, and Iceberg tables when `lake` is set."""
         source = ReplaySource(self.input_path, layout=self.flow.layout, clock=self.clock, batch_size=self.batch_size,
                               max_line_bytes=self.max_line_bytes)
-        outputs = _file_outputs(self.out_dir, self.lake) + _tally(self.state_dir)
+        outputs = _file_outputs(self.out_dir, self.lake, self.state_dir) + _tally(self.state_dir)
         rules = RulesFileSource(self.rules_path, self.clock) if self.rules_path else None
         flag = stop_flag(self)
         return build_flow(_stoppable(source, flag), outputs, _knowing(self.flow, rules), gauges=_gauges(self.state_dir),
@@ -106,10 +106,10 @@ class KafkaRun:
 
         source = LiveKafkaSource(
             self.brokers.split(","), self.input_topic, self.parts, from_beginning=self.from_beginning,
-            tail=self.tail, config=dict(self.kafka_config), batch_size=self.batch_size,
+            tail=self.tail, config=dict(self.kafka_config), batch_size=self.batch_size, figures_dir=self.state_dir,
         )
         outputs = [kafka_output(self.brokers, self.topics, self.kafka_config)]
-        outputs += _file_outputs(self.out_dir, self.lake) + _tally(self.state_dir)
+        outputs += _file_outputs(self.out_dir, self.lake, self.state_dir) + _tally(self.state_dir)
         flag, rules = stop_flag(self), self._rules()
         return build_flow(_stoppable(source, flag), outputs, _knowing(self.flow, rules), gauges=_gauges(self.state_dir),
                           rules=None if rules is None else _stoppable(rules, flag), stages=self.stages)
@@ -166,7 +166,7 @@ class LakeConfig:
         return f"Iceberg tables in {self.lake_dir}" if self.lake_dir else f"Iceberg catalog {self.catalog}"
 
 
-def _file_outputs(out_dir: Path | None, lake: LakeConfig | None) -> list[FlowOutput]:
+def _file_outputs(out_dir: Path | None, lake: LakeConfig | None, state_dir: Path | None) -> list[FlowOutput]:
     kinds = [k.value for k in OutputKind]
     outputs = [] if out_dir is None else [FlowOutput("jsonl", JsonlSink(out_dir, kinds), json_lines)]
     if lake is not None:
@@ -175,7 +175,7 @@ def _file_outputs(out_dir: Path | None, lake: LakeConfig | None) -> list[FlowOut
 
         sink = IcebergSink(open_catalog(lake.catalog, lake.lake_dir), kinds=kinds, commit_rows=lake.commit_rows,
                            commit_interval=lake.commit_interval, expiry=SnapshotExpiry(keep=lake.keep_snapshots),
-                           job_start=lake.job_start)
+                           job_start=lake.job_start, figures_dir=state_dir)
         outputs.append(FlowOutput("lake", sink, as_given))
     return outputs
 

@@ -5,6 +5,8 @@ Broker-free except the last tests (marked `kafka`), which read a real topic and 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -350,3 +352,29 @@ def test_a_real_partition_reads_to_its_end_and_resumes_from_its_snapshot(
     resumed.close()
     assert [i.event.offset for i in again if isinstance(i, Stamped)] == [3, 4]
     assert resumed.snapshot() == LiveResume(5, T0 + 4)
+
+
+@pytest.mark.kafka
+def test_a_real_partition_keeps_its_consumer_lag_for_the_metrics(
+    kafka_bootstrap: str, kafka_topic: Callable[..., str], tmp_path: Path
+) -> None:
+    from connectors.progress import read_figures
+
+    topic = kafka_topic(partitions=1)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    for i in range(50):
+        producer.produce(topic, line(i, f"m{i}"))
+    assert producer.flush(10) == 0
+    ticks = iter(range(10**6))
+    live = LiveKafkaSource([kafka_bootstrap], topic, [f"0-{topic}"], tail=False, batch_size=10,
+                           wall=lambda: T0 + next(ticks), figures_dir=tmp_path)  # a second per read: each reports
+    part = live.build_part("read", f"0-{topic}", None)
+    reports = []
+    try:
+        while not reports or reports[-1]["offset"] < 50:
+            part.next_batch()
+            reports += [f for f in read_figures(tmp_path, "kafka") if not reports or f != reports[-1]]
+    finally:
+        part.close()
+    assert all(r["topic"] == topic and r["partition"] == 0 and r["lag"] + r["offset"] == 50 for r in reports)
+    assert reports[-1]["lag"] == 0 and any(r["lag"] > 0 for r in reports)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import copy
 import gc
 import json
@@ -38,11 +40,11 @@ def fake() -> Iterator[FakeOpenAI]:
 def make_stage(fake: FakeOpenAI) -> Iterator[Callable[..., LlmStage]]:
     stages: list[LlmStage] = []
 
-    def make(models: Mapping[str, str] | None = None, **overrides: Any) -> LlmStage:
+    def make(models: Mapping[str, str] | None = None, figures_dir: Path | None = None, **overrides: Any) -> LlmStage:
         options: dict[str, Any] = {"mode": "on", "base_url": fake.base_url, "api_key": KEY, "timeout": 2.0,
                                    "max_retries": 1, "concurrency": 4}
         options.update(overrides)
-        stage = LlmStage(LlmConfig.from_env({}, **options), models=models)
+        stage = LlmStage(LlmConfig.from_env({}, **options), models=models, figures_dir=figures_dir)
         stages.append(stage)
         return stage
 
@@ -240,6 +242,19 @@ def test_repeated_texts_are_translated_once_per_run(fake: FakeOpenAI, make_stage
     stage([(OutputKind.MESSAGES, later)])
     assert later[0]["translated"] == "[en] gracias" and later[0]["translation"]["status"] == "ok"
     assert [m["translated"] for m in first[1:]] == ["[en] gracias"] * 2 and fake.requests == 1
+
+
+def test_translation_cache_lookups_and_hits_are_kept_for_the_metrics(
+    fake: FakeOpenAI, make_stage: Callable[..., LlmStage], tmp_path: Path
+) -> None:
+    from connectors.progress import read_figures
+
+    stage = make_stage(figures_dir=tmp_path)
+    stage([(OutputKind.MESSAGES, conversation_of(("bob", "en", "hi"), ("alice", "es", "gracias")))])
+    stage([(OutputKind.MESSAGES, [message("gracias", sender="alice", line=9)])])
+    stage([(OutputKind.MESSAGES, [message("hasta luego", sender="alice", line=10)])])
+    [figures] = read_figures(tmp_path, "llm")
+    assert figures == {"cache_lookups": 3, "cache_hits": 1} and fake.requests == 2
 
 
 def test_translation_flag_off_skips_and_leaves_the_shared_moderation_alone(

@@ -90,6 +90,31 @@ def test_figures_are_the_run_outputs(tmp_path: Path) -> None:
     assert mark - WATERMARK_GAUGE_STEP < value(samples, "convoflow_watermark_seconds") <= mark
 
 
+@pytest.mark.lake
+def test_lake_commits_and_rows_are_the_tables(tmp_path: Path) -> None:
+    from connectors.iceberg import ensure_tables, open_catalog
+    from connectors.lake_admin import list_tables
+    from connectors.runner import LakeConfig
+
+    sample = tmp_path / "events.jsonl"
+    write_sample(sample, SampleSpec(sessions=30, chat_users=10, seed=4))
+    out, state, lake = tmp_path / "out", tmp_path / "state", tmp_path / "lake"
+    for folder in (out, state, lake):
+        folder.mkdir()
+    catalog = open_catalog("convoflow", lake)
+    ensure_tables(catalog)
+    job = ReplayRun(sample, out, FlowConfig(time_origin=0.0), ReplayClock(0.0, time.time(), 0.0), state_dir=state,
+                    lake=LakeConfig(lake, commit_rows=100))
+    run_job(job)
+    with serving_metrics([RunCollector(state, 0, range(1))], "127.0.0.1", 0) as ports:
+        samples = scrape(ports[0])
+    tables = {t.name: t for t in list_tables(catalog) if t.rows}
+    assert len(tables) >= 4
+    for name, table in tables.items():
+        assert value(samples, "convoflow_lake_rows_total", table=name) == table.rows
+        assert value(samples, "convoflow_lake_commits_total", table=name) == table.snapshots > 0
+
+
 def test_llm_answers_and_latency_histogram(tmp_path: Path) -> None:
     windows = [{"assistant": {"status": "ok", "latency_ms": 40}}, {"assistant": {"status": "ok", "latency_ms": 300}},
                {"assistant": {"status": "error", "latency_ms": 2000}}, {"assistant": {"status": "skipped", "latency_ms": None}}]
