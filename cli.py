@@ -36,8 +36,9 @@ def run(config: Path | None, given: dict[str, Any]) -> None:
     settings = load_settings(config, given).settings
     configure_logging(settings.log_format, logging.WARNING if settings.quiet else logging.INFO)
     console = Console(stderr=True)
+    view = console.is_terminal and not settings.quiet
     with tempfile.TemporaryDirectory(prefix="convoflow-") as state:
-        plan = plan_run(settings, Path(state))
+        plan = plan_run(settings, Path(state), glimpses=view)
         if isinstance(plan, AlreadyFinished):
             typer.echo(f"nothing to do: this job finished at {plan.finished_at} (--recovery-dir {plan.recovery_dir}); "
                        "delete that folder to run it again")
@@ -49,8 +50,8 @@ def run(config: Path | None, given: dict[str, Any]) -> None:
                   processes=plan.processes, workers=plan.workers, resuming=plan.resuming)
         try:
             with metrics_for(settings, plan, Path(state)), \
-                    LiveView(stats, console, enabled=console.is_terminal and not settings.quiet) as view:
-                signals = run_job(plan.job, plan.processes, plan.workers, poll=view.poll, cluster=plan.cluster)
+                    LiveView(stats, console, enabled=view) as live:
+                signals = run_job(plan.job, plan.processes, plan.workers, poll=live.poll, cluster=plan.cluster)
         except RunAborted as stop:
             log_event("stop", reason=str(stop), exit_code=stop.exit_code)
             then = ("rerun the same command to resume from the last snapshot" if plan.recovery

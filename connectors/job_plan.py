@@ -57,8 +57,9 @@ class AlreadyFinished:
     finished_at: str | None
 
 
-def plan_run(s: RunSettings, state_dir: Path) -> RunPlan | AlreadyFinished:
-    """The job `s` describes, its outputs prepared; `state_dir` holds its progress files."""
+def plan_run(s: RunSettings, state_dir: Path, *, glimpses: bool = False) -> RunPlan | AlreadyFinished:
+    """The job `s` describes, its outputs prepared; `state_dir` holds its progress files (and, with
+    `glimpses`, what a live view's panes show)."""
     if (s.input is None) == (s.kafka_brokers is None):
         msg = "give either --input FILE to replay a file or --kafka-brokers HOST:PORT to read a topic"
         raise ConvoflowError(msg)
@@ -131,7 +132,7 @@ def plan_run(s: RunSettings, state_dir: Path) -> RunPlan | AlreadyFinished:
                             rules=s.rules is not None),
             clock=ReplayClock(event_origin=origin, wall_origin=start, speed=s.speed_factor),
             state_dir=state_dir, lake=lake_config, rules_path=rules_path, stages=stages, recovery=recovery,
-            max_line_bytes=s.max_line_bytes,
+            max_line_bytes=s.max_line_bytes, glimpses=glimpses,
         )
         destination = str(replay_out)
     else:
@@ -142,7 +143,7 @@ def plan_run(s: RunSettings, state_dir: Path) -> RunPlan | AlreadyFinished:
             kafka_config=live.settings, from_beginning=s.from_beginning, tail=not s.stop_at_end,
             out_dir=out_dir.resolve() if out_dir else None, state_dir=state_dir, lake=lake_config,
             rules_path=rules_path, rules_topic=live.rules_topic, rules_partitions=live.rules_partitions,
-            rules_grace=s.rules_grace, stages=stages, recovery=recovery,
+            rules_grace=s.rules_grace, stages=stages, recovery=recovery, glimpses=glimpses,
         )
         destination = f"Kafka topics {', '.join(live.topics.all())}" + (f" and {out_dir}" if out_dir else "")
     return RunPlan(job, processes, s.workers, cluster, destination, recovery, resuming, lake_config)

@@ -1,4 +1,11 @@
-"""The terminal view of a running job: counts, rates and open windows, then a summary."""
+"""The terminal view of a running job: counts and rates, a progress bar for a replay, and panes of
+what happens (windows as they close, alerts as they fire, moderated messages, dead letters); then a
+summary line.
+
+Everything comes from the files the run keeps in its state folder (`connectors.progress`,
+`connectors.glimpses`), read a few times a second on the poller's thread: the view never touches
+the flow.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +13,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.markup import escape
+from rich.panel import Panel
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from connectors.progress import GAUGES_FILE, read_gauges, read_tallies
+from connectors.glimpses import Glimpse, latest_glimpses
+from connectors.progress import GAUGES_FILE, read_figures, read_gauges, read_tallies
 from dataflows.flow import OutputKind
+
+REFRESH_PER_SECOND = 4
 
 
 @dataclass
@@ -25,6 +38,9 @@ class RunStats:
     open_windows: int = 0
     rules_version: int = 0
     rate: float = 0.0
+    panes: dict[str, list[Glimpse]] = field(default_factory=dict)
+    replay: tuple[int, int] | None = None
+    """Bytes of the replayed file read so far, and in all (None when not a replay)."""
     _last: tuple[float, int] = (0.0, 0)
 
     def __post_init__(self) -> None:
@@ -43,6 +59,9 @@ class RunStats:
         self.counts = read_tallies(self.state_dir)
         gauges = read_gauges(self.state_dir / GAUGES_FILE)
         self.open_windows, self.rules_version = gauges["open_windows"], gauges["rules_version"]
+        self.panes = latest_glimpses(self.state_dir)
+        parts = read_figures(self.state_dir, "replay")
+        self.replay = (sum(p["read"] for p in parts), sum(p["total"] for p in parts)) if parts else None
         now = time.monotonic()
         last_time, last_read = self._last
         if now - last_time >= 1.0:
@@ -85,13 +104,63 @@ class RunStats:
         )
 
 
+def windows_pane(glimpses: list[Glimpse]) -> Panel:
+    """The latest windows closed: session, span, counts, the conversation's first lines, the assistant's reply."""
+    rows = Table.grid(padding=(0, 1))
+    rows.add_column(style="cyan", no_wrap=True)
+    rows.add_column()
+    for g in reversed(glimpses):
+        counts = ", ".join(f"{sender} {n}" for sender, n in g["counts"].items())
+        span = f"{str(g['start'])[11:19]}-{str(g['end'])[11:19]}"
+        many = g["messages"]
+        body = [f"[dim]{span}  {many} message{'' if many == 1 else 's'} ({escape(counts)})[/dim]"]
+        body += [escape(line) for line in g["lines"]]
+        if g.get("reply"):
+            body.append(f"[green]reply:[/green] {escape(g['reply'])}")
+        if g.get("summary"):
+            body.append(f"[green]summary:[/green] {escape(g['summary'])}")
+        rows.add_row(escape(str(g["session"])), "\n".join(body))
+    return Panel(rows, title="windows closed", title_align="left")
+
+
+def alerts_pane(glimpses: list[Glimpse]) -> Panel:
+    rows = Table.grid(padding=(0, 1))
+    rows.add_column(no_wrap=True)
+    rows.add_column()
+    for g in reversed(glimpses):
+        colour = "red" if g["severity"] in ("warning", "critical", "error") else "blue"
+        rows.add_row(f"[{colour}]{escape(str(g['pattern']))}[/{colour}]", f"{escape(str(g['key']))}: {escape(g['summary'])}")
+    return Panel(rows, title="alerts", title_align="left")
+
+
+def moderated_pane(glimpses: list[Glimpse]) -> Panel:
+    rows = Table.grid(padding=(0, 1))
+    rows.add_column(style="cyan", no_wrap=True)
+    rows.add_column()
+    for g in reversed(glimpses):
+        rows.add_row(escape(f"{g['session']} {g['sender']}"), f"{escape(g['text'])}\n[yellow]{escape(g['reason'])}[/yellow]")
+    return Panel(rows, title="moderated", title_align="left")
+
+
+def dead_letters_pane(glimpses: list[Glimpse]) -> Panel:
+    rows = Table.grid(padding=(0, 1))
+    rows.add_column(style="cyan", no_wrap=True)
+    rows.add_column()
+    for g in reversed(glimpses):
+        rows.add_row(escape(g["where"]), escape(g["reason"]))
+    return Panel(rows, title="dead letters", title_align="left")
+
+
 class LiveView:
     """Redraws `RunStats` a few times a second on a terminal; silent elsewhere."""
 
     def __init__(self, stats: RunStats, console: Console, *, enabled: bool) -> None:
         self.stats = stats
         self.console = console
-        self.live = Live(console=console, refresh_per_second=4, transient=False) if enabled else None
+        self.live = Live(console=console, refresh_per_second=REFRESH_PER_SECOND, transient=False) if enabled else None
+        self.bar = Progress(TextColumn("replay"), BarColumn(), DownloadColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                            console=console, auto_refresh=False)
+        self.task = self.bar.add_task("replay", total=None)
 
     def __enter__(self) -> LiveView:
         if self.live is not None:
@@ -101,10 +170,30 @@ class LiveView:
     def poll(self) -> None:
         self.stats.refresh()
         if self.live is not None:
-            self.live.update(self.stats.table("convoflow"))
+            self.live.update(self.render("convoflow"))
+
+    def render(self, title: str) -> RenderableType:
+        """The whole view: progress, counters beside the alerts, then the other panes."""
+        stats, parts = self.stats, list[RenderableType]()
+        if stats.replay is not None:
+            read, total = stats.replay
+            self.bar.update(self.task, completed=read, total=total)
+            parts.append(self.bar)
+        top = Table.grid(padding=(0, 1), expand=True)
+        top.add_column(width=46)
+        top.add_column(ratio=1)
+        top.add_row(stats.table(title), alerts_pane(stats.panes.get("alerts", [])))
+        parts.append(top)
+        parts.append(windows_pane(stats.panes.get("windows", [])))
+        bottom = Table.grid(padding=(0, 1), expand=True)
+        bottom.add_column(ratio=1)
+        bottom.add_column(ratio=1)
+        bottom.add_row(moderated_pane(stats.panes.get("moderated", [])), dead_letters_pane(stats.panes.get("dead_letter", [])))
+        parts.append(bottom)
+        return Group(*parts)
 
     def __exit__(self, *exc: object) -> None:
         self.stats.refresh()
         if self.live is not None:
-            self.live.update(self.stats.table("convoflow: done"))
+            self.live.update(self.render("convoflow: done"))
             self.live.__exit__(None, None, None)

@@ -29,6 +29,7 @@ import orjson
 import polars as pl
 from bytewax.outputs import DynamicSink, FixedPartitionedSink, StatefulSinkPartition, StatelessSinkPartition
 
+from connectors.glimpses import Glimpse, glimpses_of, kept
 from dataflows.records import as_records
 
 if TYPE_CHECKING:
@@ -160,33 +161,52 @@ def reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0][:40]
 
 
-class TallySink(DynamicSink[tuple[str, dict[str, int]]]):
-    """Sums every output batch's counts; each worker writes its totals to `<folder>/tally-<worker>.json`."""
+Tallied = tuple[dict[str, int], list[Glimpse]]
+"""What the tally output's encoder makes of a batch: its counts, and glimpses for the live view's panes."""
+
+
+def tallied(kind: str, records: Records, *, glimpses: bool = False) -> Tallied:
+    """The tally output's encoder: `tally_of` the batch, and (for a live view) `glimpses_of` it."""
+    return tally_of(kind, records), glimpses_of(kind, records) if glimpses else []
+
+
+class TallySink(DynamicSink[tuple[str, Tallied]]):
+    """Sums every output batch's counts and keeps the latest glimpses; each worker writes its totals
+    to `<folder>/tally-<worker>.json` and its glimpses to `<folder>/glimpse-<worker>.json`."""
 
     def __init__(self, folder: Path, min_interval: float = 0.2) -> None:
         self.folder = folder
         self.min_interval = min_interval
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _TallyPartition:
-        return _TallyPartition(self.folder / f"tally-{worker_index}.json", self.min_interval)
+        return _TallyPartition(self.folder, worker_index, self.min_interval)
 
 
-class _TallyPartition(StatelessSinkPartition[tuple[str, dict[str, int]]]):
-    def __init__(self, path: Path, min_interval: float) -> None:
-        self.path = path
+class _TallyPartition(StatelessSinkPartition[tuple[str, Tallied]]):
+    def __init__(self, folder: Path, worker: int, min_interval: float) -> None:
+        self.path = folder / f"tally-{worker}.json"
+        self.glimpse_path = folder / f"glimpse-{worker}.json"
         self.min_interval = min_interval
         self.totals: dict[str, int] = {}
+        self.panes: dict[str, list[Glimpse]] = {}
+        self.changed_panes = False
         self.written_at = 0.0
 
-    def write_batch(self, items: list[tuple[str, dict[str, int]]]) -> None:
-        for _kind, counts in items:
+    def write_batch(self, items: list[tuple[str, Tallied]]) -> None:
+        for kind, (counts, glimpses) in items:
             for key, count in counts.items():
                 self.totals[key] = self.totals.get(key, 0) + count
+            if glimpses:
+                self.panes[str(kind)] = kept(self.panes.get(str(kind), []), glimpses)
+                self.changed_panes = True
         if time.monotonic() - self.written_at >= self.min_interval:
             self._write()
 
     def _write(self) -> None:
         _write_json(self.path, self.totals)
+        if self.changed_panes:
+            _write_json(self.glimpse_path, self.panes)
+            self.changed_panes = False
         self.written_at = time.monotonic()
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ at most the limit plus one 1 MiB chunk in memory, whatever its length.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -25,6 +26,7 @@ import numpy as np
 import polars as pl
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
+from connectors.progress import FigureFile
 from dataflows.clock import ReplayClock
 from dataflows.errors import ConvoflowError
 from dataflows.event_frame import STAMPED_SCHEMA, events_frame
@@ -115,6 +117,7 @@ class ReplaySource(FixedPartitionedSource[Item, PartitionState]):
         tick_seconds: float = 0.25,
         max_line_bytes: int = MAX_LINE_BYTES,
         wall: Callable[[], float] = time.time,
+        figures_dir: Path | None = None,
     ) -> None:
         if max_line_bytes < 1:
             msg = f"max_line_bytes must be >= 1, got {max_line_bytes}"
@@ -126,6 +129,8 @@ class ReplaySource(FixedPartitionedSource[Item, PartitionState]):
         self.tick_seconds = tick_seconds
         self.max_line_bytes = max_line_bytes
         self.wall = wall
+        self.figures_dir = figures_dir
+        """Where each partition keeps how much of the file it has read (`replay_progress`)."""
 
     def list_parts(self) -> list[str]:
         return [f"{self.path.name}#{p}" for p in range(self.layout.partitions)]
@@ -185,6 +190,8 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
         self.done = False
         self.loaded: _Loaded | None = None
         self.line_end = 0  # the end of the last line skipped past its block's end (see `_align`)
+        self.figures = None if source.figures_dir is None else FigureFile(source.figures_dir, f"replay-{partition}")
+        self.reported_at = -math.inf
         if self.line:
             self._load_block()
 
@@ -213,7 +220,23 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
             batch.append(frames[0] if len(frames) == 1 else pl.concat(frames))
         batch.extend(dead)
         batch.append(self._progress(now))
+        if self.figures is not None and (self.done or now - self.reported_at >= self.src.tick_seconds):
+            self._report(now)
         return batch
+
+    def _report(self, now: float) -> None:
+        """Keep how many of the file's bytes this partition has read, and how many it will."""
+        assert self.figures is not None
+        self.reported_at = now
+        layout, size = self.src.layout, self.size
+        own = range(self.partition, -(-size // layout.block_bytes), layout.partitions)
+        total = sum(min(layout.block_start(b + 1), size) - layout.block_start(b) for b in own)
+        done = sum(min(layout.block_start(b + 1), size) - layout.block_start(b) for b in own if b < self.block)
+        if self.done:
+            done = total
+        elif self.block in own:
+            done += max(0, min(self.offset, size) - layout.block_start(self.block))
+        self.figures.write({"read": min(done, total), "total": total})
 
     def next_awake(self) -> datetime | None:
         if self.waiting_since is None or self.waiting_for is None:

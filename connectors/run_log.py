@@ -75,5 +75,6 @@ def log_rules(items: Sequence[object], source: str) -> None:
     """A line per rule a rules source sends into the flow: a change of the rules in effect."""
     for item in items:
         if isinstance(item, Rule):
+            kind, value = item.scope
             log_event("rule", source=source, id=item.id, kind=item.kind, version=item.version,
-                      enabled=item.enabled, scope=item.scope)
+                      enabled=item.enabled, scope=kind if value is None else f"{kind} {value}")

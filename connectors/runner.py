@@ -8,6 +8,7 @@ clock's anchors, so they replay in step.
 
 from __future__ import annotations
 
+import functools
 import gc
 import multiprocessing
 import signal
@@ -26,7 +27,7 @@ from bytewax.inputs import FixedPartitionedSource
 from bytewax.testing import cluster_main, run_main
 
 from connectors.jsonl import JsonlSink, json_lines
-from connectors.progress import GAUGES_FILE, GaugeSink, TallySink, tally_of
+from connectors.progress import GAUGES_FILE, GaugeSink, TallySink, tallied
 from connectors.recovery import Recovery
 from connectors.stopping import RunAborted, Signals, StopFlag, StoppableSource, stop_on_signals
 from connectors.replay import ReplaySource
@@ -60,12 +61,14 @@ class ReplayRun:
     """Lines per batch at most: a batch is one frame of events for the flow to route."""
     recovery: Recovery | None = None
     max_line_bytes: int = MAX_LINE_BYTES
+    glimpses: bool = False
+    """Keep glimpses of the latest records for a live view's panes (in `state_dir`)."""
 
     def build(self) -> Dataflow:
         """The flow with its real connectors: JSONL files, and Iceberg tables when `lake` is set."""
         source = ReplaySource(self.input_path, layout=self.flow.layout, clock=self.clock, batch_size=self.batch_size,
-                              max_line_bytes=self.max_line_bytes)
-        outputs = _file_outputs(self.out_dir, self.lake, self.state_dir) + _tally(self.state_dir)
+                              max_line_bytes=self.max_line_bytes, figures_dir=self.state_dir)
+        outputs = _file_outputs(self.out_dir, self.lake, self.state_dir) + _tally(self.state_dir, self.glimpses)
         rules = RulesFileSource(self.rules_path, self.clock) if self.rules_path else None
         flag = stop_flag(self)
         return build_flow(_stoppable(source, flag), outputs, _knowing(self.flow, rules), gauges=_gauges(self.state_dir),
@@ -98,6 +101,8 @@ class KafkaRun:
     stages: tuple[Stage, ...] = ()
     batch_size: int = 32768
     recovery: Recovery | None = None
+    glimpses: bool = False
+    """Keep glimpses of the latest records for a live view's panes (in `state_dir`)."""
 
     def build(self) -> Dataflow:
         """The flow reading `input_topic` live and writing every output kind to its topic."""
@@ -109,7 +114,7 @@ class KafkaRun:
             tail=self.tail, config=dict(self.kafka_config), batch_size=self.batch_size, figures_dir=self.state_dir,
         )
         outputs = [kafka_output(self.brokers, self.topics, self.kafka_config)]
-        outputs += _file_outputs(self.out_dir, self.lake, self.state_dir) + _tally(self.state_dir)
+        outputs += _file_outputs(self.out_dir, self.lake, self.state_dir) + _tally(self.state_dir, self.glimpses)
         flag, rules = stop_flag(self), self._rules()
         return build_flow(_stoppable(source, flag), outputs, _knowing(self.flow, rules), gauges=_gauges(self.state_dir),
                           rules=None if rules is None else _stoppable(rules, flag), stages=self.stages)
@@ -184,9 +189,12 @@ def _gauges(state_dir: Path | None) -> GaugeSink | None:
     return GaugeSink(state_dir / GAUGES_FILE) if state_dir else None
 
 
-def _tally(state_dir: Path | None) -> list[FlowOutput]:
-    """The output that counts records for a live view, when the job has a state folder."""
-    return [] if state_dir is None else [FlowOutput("tally", TallySink(state_dir), tally_of)]
+def _tally(state_dir: Path | None, glimpses: bool) -> list[FlowOutput]:
+    """The output that counts records for a live view and the metrics (and, for a live view's panes,
+    keeps glimpses of the latest), when the job has a state folder."""
+    if state_dir is None:
+        return []
+    return [FlowOutput("tally", TallySink(state_dir), functools.partial(tallied, glimpses=glimpses))]
 
 
 def free_addresses(count: int) -> list[str]:
