@@ -104,11 +104,19 @@ class RunStats:
         )
 
 
+def _pane(title: str, rows: list[tuple[str, str]], key_style: str = "cyan") -> Panel:
+    """A titled pane of (key, text) rows, newest first; both already rich markup."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(style=key_style, no_wrap=True)
+    grid.add_column()
+    for key, text in rows:
+        grid.add_row(key, text)
+    return Panel(grid, title=title, title_align="left")
+
+
 def windows_pane(glimpses: list[Glimpse]) -> Panel:
     """The latest windows closed: session, span, counts, the conversation's first lines, the assistant's reply."""
-    rows = Table.grid(padding=(0, 1))
-    rows.add_column(style="cyan", no_wrap=True)
-    rows.add_column()
+    rows = []
     for g in reversed(glimpses):
         counts = ", ".join(f"{sender} {n}" for sender, n in g["counts"].items())
         span = f"{str(g['start'])[11:19]}-{str(g['end'])[11:19]}"
@@ -119,36 +127,28 @@ def windows_pane(glimpses: list[Glimpse]) -> Panel:
             body.append(f"[green]reply:[/green] {escape(g['reply'])}")
         if g.get("summary"):
             body.append(f"[green]summary:[/green] {escape(g['summary'])}")
-        rows.add_row(escape(str(g["session"])), "\n".join(body))
-    return Panel(rows, title="windows closed", title_align="left")
+        rows.append((escape(str(g["session"])), "\n".join(body)))
+    return _pane("windows closed", rows)
 
 
 def alerts_pane(glimpses: list[Glimpse]) -> Panel:
-    rows = Table.grid(padding=(0, 1))
-    rows.add_column(no_wrap=True)
-    rows.add_column()
+    """The latest alerts: pattern (red for warnings), key and summary."""
+    rows = []
     for g in reversed(glimpses):
         colour = "red" if g["severity"] in ("warning", "critical", "error") else "blue"
-        rows.add_row(f"[{colour}]{escape(str(g['pattern']))}[/{colour}]", f"{escape(str(g['key']))}: {escape(g['summary'])}")
-    return Panel(rows, title="alerts", title_align="left")
+        rows.append((f"[{colour}]{escape(str(g['pattern']))}[/{colour}]", f"{escape(str(g['key']))}: {escape(g['summary'])}"))
+    return _pane("alerts", rows, key_style="")
 
 
 def moderated_pane(glimpses: list[Glimpse]) -> Panel:
-    rows = Table.grid(padding=(0, 1))
-    rows.add_column(style="cyan", no_wrap=True)
-    rows.add_column()
-    for g in reversed(glimpses):
-        rows.add_row(escape(f"{g['session']} {g['sender']}"), f"{escape(g['text'])}\n[yellow]{escape(g['reason'])}[/yellow]")
-    return Panel(rows, title="moderated", title_align="left")
+    """The latest blocked messages and the rule's reason."""
+    return _pane("moderated", [(escape(f"{g['session']} {g['sender']}"),
+                                f"{escape(g['text'])}\n[yellow]{escape(g['reason'])}[/yellow]") for g in reversed(glimpses)])
 
 
 def dead_letters_pane(glimpses: list[Glimpse]) -> Panel:
-    rows = Table.grid(padding=(0, 1))
-    rows.add_column(style="cyan", no_wrap=True)
-    rows.add_column()
-    for g in reversed(glimpses):
-        rows.add_row(escape(g["where"]), escape(g["reason"]))
-    return Panel(rows, title="dead letters", title_align="left")
+    """The latest rejected lines: where, and why."""
+    return _pane("dead letters", [(escape(g["where"]), escape(g["reason"])) for g in reversed(glimpses)])
 
 
 class LiveView:
