@@ -12,14 +12,14 @@ import orjson
 import typer
 from rich.console import Console
 
-from connectors.cli_options import ConfigOption, settings_command
-from connectors.job_plan import AlreadyFinished, metrics_for, plan_run
-from connectors.live_view import LiveView, RunStats
-from connectors.replay import check_readable
-from connectors.run_log import configure_logging, log_event
-from connectors.runner import run_job
-from connectors.settings import as_toml, load_settings, redacted
-from connectors.stopping import RunAborted
+from connectors.run.cli_options import ConfigOption, settings_command
+from connectors.run.job_plan import AlreadyFinished, metrics_for, plan_run
+from connectors.view.live import LiveView, RunStats
+from connectors.files.replay import check_readable
+from connectors.run.log import configure_logging, log_event
+from connectors.run.runner import run_job
+from connectors.run.settings import as_toml, load_settings, redacted
+from connectors.run.stopping import RunAborted
 from dataflows.errors import ConvoflowError
 from dataflows.events import DeadLetter
 from samples.generate import SampleSpec, sessions_for_events, write_sample
@@ -98,7 +98,7 @@ def produce(
     ] = None,
 ) -> None:
     """Replay a JSONL file into a Kafka topic with the file's own pacing, keyed by session."""
-    from connectors.kafka_io import check_reachable, ensure_topics, parse_kafka_options, produce_file
+    from connectors.kafka.clients import check_reachable, ensure_topics, parse_kafka_options, produce_file
 
     check_readable(input_path)
     extra = parse_kafka_options(kafka_config or [])
@@ -118,7 +118,7 @@ def rules_check(
     path: Annotated[Path, typer.Argument(metavar="FILE", exists=True, dir_okay=False, help="JSONL rules file.")],
 ) -> None:
     """Validate a rules file and print what each rule would do; exit 1 if any rule is rejected."""
-    from connectors.rules_source import read_rules
+    from connectors.files.rules_file import read_rules
     from dataflows.rules import RuleBook, describe
 
     book = RuleBook()
@@ -145,7 +145,7 @@ TableName = Annotated[str, typer.Argument(metavar="TABLE", help="A table (chat_m
 
 
 def _lake_catalog(lake_dir: Path, catalog: str | None) -> Any:
-    from connectors.iceberg import open_catalog
+    from connectors.lake.tables import open_catalog
 
     if catalog is None and not (lake_dir / "catalog.db").exists():
         msg = f"no lake in {lake_dir} (a run with --lake --out-dir DIR writes DIR/lake); pass --lake-dir or --catalog"
@@ -156,7 +156,7 @@ def _lake_catalog(lake_dir: Path, catalog: str | None) -> Any:
 @lake_app.command("tables")
 def lake_tables(lake_dir: LakeDir = Path("out/lake"), catalog: CatalogName = None) -> None:
     """Every table with its rows, snapshots, data files and size."""
-    from connectors.lake_admin import list_tables
+    from connectors.lake.admin import list_tables
 
     for t in list_tables(_lake_catalog(lake_dir, catalog)):
         typer.echo(f"{t.name:<22} {t.rows:>10,} rows {t.snapshots:>5} snapshots {t.data_files:>5} files "
@@ -166,7 +166,7 @@ def lake_tables(lake_dir: LakeDir = Path("out/lake"), catalog: CatalogName = Non
 @lake_app.command("snapshots")
 def lake_snapshots(table: TableName, lake_dir: LakeDir = Path("out/lake"), catalog: CatalogName = None) -> None:
     """A table's snapshots, oldest first, with their summaries (convoflow's commit markers included)."""
-    from connectors.lake_admin import list_snapshots, load_table
+    from connectors.lake.admin import list_snapshots, load_table
 
     for snap in list_snapshots(load_table(_lake_catalog(lake_dir, catalog), table)):
         marker = "*" if snap.current else " "
@@ -182,7 +182,7 @@ def lake_show(
     where: Annotated[str | None, typer.Option(help="A row filter, e.g. \"session_id = 's-1'\".")] = None,
 ) -> None:
     """Rows of a table as JSON lines (time travel with --as-of)."""
-    from connectors.lake_admin import load_table, parse_as_of, show
+    from connectors.lake.admin import load_table, parse_as_of, show
 
     rows = show(load_table(_lake_catalog(lake_dir, catalog), table), parse_as_of(as_of) if as_of else None, limit,
                 *((where,) if where else ()))
@@ -200,7 +200,7 @@ def lake_expire(
     """Expire old snapshots (PyIceberg's maintenance); convoflow's commit markers are kept in a ledger."""
     from datetime import datetime, timezone
 
-    from connectors.lake_admin import expire, load_table, parse_older_than
+    from connectors.lake.admin import expire, load_table, parse_older_than
 
     report = expire(load_table(_lake_catalog(lake_dir, catalog), table),
                     parse_older_than(older_than, datetime.now(timezone.utc)), keep=keep)
@@ -216,7 +216,7 @@ def lake_evolve(
     lake_dir: LakeDir = Path("out/lake"), catalog: CatalogName = None,
 ) -> None:
     """Add an optional column; rows written before read back with it null."""
-    from connectors.lake_admin import evolve, load_table
+    from connectors.lake.admin import evolve, load_table
 
     field = evolve(load_table(_lake_catalog(lake_dir, catalog), table), column, type_name, doc)
     typer.echo(f"added {column} ({field.field_type}) to {table}")
@@ -230,7 +230,7 @@ def lake_compact(
     """Rewrite a table's data files into fewer, sorted ones. PyIceberg 0.12 cannot compact: this is an
     overwrite, a delete+append snapshot pair that incremental readers see as new rows, and it fails
     if another writer commits meanwhile."""
-    from connectors.lake_admin import compact, load_table
+    from connectors.lake.admin import compact, load_table
 
     report = compact(load_table(_lake_catalog(lake_dir, catalog), table), *((where,) if where else ()))
     typer.echo(f"rewrote {report.rows:,} rows of {report.table}: {report.files_before} files -> {report.files_after}")

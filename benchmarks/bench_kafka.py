@@ -116,7 +116,7 @@ def bare_bytewax(brokers: str, topic: str, *, windows: bool = False) -> CaseRun:
     from bytewax.dataflow import Dataflow
     from bytewax.testing import run_main
 
-    from connectors.kafka_io import ensure_topics
+    from connectors.kafka.clients import ensure_topics
 
     out = f"{topic}.bytewax-{uuid.uuid4().hex[:6]}"
     window_topic = f"{out}.windows"
@@ -211,7 +211,7 @@ def _timestamp_at(consumer: Any, where: Any) -> int:
 
 
 def load_topic(brokers: str, path: Path) -> tuple[str, int]:
-    from connectors.kafka_io import ensure_topics, produce_file
+    from connectors.kafka.clients import ensure_topics, produce_file
 
     topic = f"bench-{path.stem}-{uuid.uuid4().hex[:6]}"
     ensure_topics(brokers, None, {topic: PARTITIONS})

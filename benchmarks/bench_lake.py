@@ -67,7 +67,7 @@ def batches(records: list[dict[str, Any]], size: int, form: str) -> list[Any]:
     import orjson
     import polars as pl
 
-    from connectors.profiles import CONTEXT_DTYPE
+    from connectors.lake.profiles import CONTEXT_DTYPE
 
     cut = [records[first:first + size] for first in range(0, len(records), size)]
     if form == "dicts":
@@ -85,7 +85,9 @@ def batches(records: list[dict[str, Any]], size: int, form: str) -> list[Any]:
 
 
 def run(batched: list[Any], commit_rows: int, lake_dir: Path) -> dict[str, Any]:
-    from connectors.iceberg import PARTITION_KEY, IcebergSink, open_catalog
+    from connectors.lake.commits import PARTITION_KEY
+    from connectors.lake.sink import IcebergSink
+    from connectors.lake.tables import open_catalog
 
     sink = IcebergSink(open_catalog(lake_dir=lake_dir), kinds=["messages"], commit_rows=commit_rows)
     partition = sink.build_part("bench", "messages", None)

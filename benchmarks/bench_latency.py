@@ -71,9 +71,9 @@ class Tail(threading.Thread):
 
 
 def main() -> None:
-    from connectors.jsonl import prepare_out_dir
-    from connectors.pattern_files import load_patterns
-    from connectors.runner import OUTPUT_FILES, ReplayRun, run_job
+    from connectors.files.jsonl import prepare_out_dir
+    from connectors.files.patterns_file import load_patterns
+    from connectors.run.runner import OUTPUT_FILES, ReplayRun, run_job
     from dataflows.clock import ReplayClock
     from dataflows.flow import FlowConfig
 

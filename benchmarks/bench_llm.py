@@ -43,12 +43,12 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from connectors.llm_config import LlmConfig  # noqa: E402
-from connectors.llm_stage import Batches, LlmStage  # noqa: E402
+from connectors.llm.config import LlmConfig  # noqa: E402
+from connectors.llm.stage import Batches, LlmStage  # noqa: E402
 from dataflows.events import Event, WindowRecord, iso  # noqa: E402
 from dataflows.flow import OutputKind  # noqa: E402
 from dataflows.records import Record  # noqa: E402
-from tests.connectors.fake_openai import FakeOpenAI  # noqa: E402
+from tests.connectors.llm.fake_openai import FakeOpenAI  # noqa: E402
 
 CONCURRENCIES = (1, 16, 64)
 PIPELINE_CONCURRENCY = 64
@@ -234,7 +234,7 @@ def write_chat(path: Path, items: int) -> None:
 
 def pipeline_case(server: Server, items: int, processes: int) -> PipelineResult:
     """`items` chat messages through the whole flow in `processes` processes, 64 calls in flight in all."""
-    from connectors.runner import ReplayRun, run_job
+    from connectors.run.runner import ReplayRun, run_job
     from dataflows.clock import ReplayClock
     from dataflows.flow import FlowConfig
 

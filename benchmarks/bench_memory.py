@@ -142,10 +142,10 @@ class RssSampler:
 
 def replay(path: Path) -> dict[str, Any]:
     """Run the replay pipeline (1 process, patterns on) on `path`; memory and time figures."""
-    from connectors.jsonl import prepare_out_dir
-    from connectors.pattern_files import load_patterns
-    from connectors.replay import first_event_time
-    from connectors.runner import OUTPUT_FILES, ReplayRun, run_job
+    from connectors.files.jsonl import prepare_out_dir
+    from connectors.files.patterns_file import load_patterns
+    from connectors.files.replay import first_event_time
+    from connectors.run.runner import OUTPUT_FILES, ReplayRun, run_job
     from dataflows.clock import ReplayClock
     from dataflows.flow import FlowConfig
 

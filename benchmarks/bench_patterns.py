@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_replay import ensure_sample  # noqa: E402  (after the path is set)
 
-from connectors.pattern_files import load_patterns  # noqa: E402
+from connectors.files.patterns_file import load_patterns  # noqa: E402
 from dataflows.events import Event, LineRef  # noqa: E402
 from dataflows.flow import FlowConfig, chat_shards, shard_of  # noqa: E402
 from dataflows.parse import parse_line  # noqa: E402

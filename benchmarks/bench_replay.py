@@ -135,12 +135,12 @@ def pipeline_seconds(path: Path, processes: int, *, patterns: bool = False, rule
 
     if not remember_texts:
         dataflows.blocklist.MEMO_TEXT_CHARS = -1  # no text is short enough to be remembered
-    from connectors.jsonl import prepare_out_dir
-    from connectors.replay import first_event_time
-    from connectors.runner import OUTPUT_FILES, ReplayRun, run_job
+    from connectors.files.jsonl import prepare_out_dir
+    from connectors.files.replay import first_event_time
+    from connectors.run.runner import OUTPUT_FILES, ReplayRun, run_job
     from dataflows.clock import ReplayClock
     from dataflows.flow import FlowConfig
-    from connectors.pattern_files import load_patterns
+    from connectors.files.patterns_file import load_patterns
     from dataflows.sequencing import ReplayLayout
 
     with tempfile.TemporaryDirectory(prefix="convoflow-bench-") as scratch:  # ~300 MB of outputs per run

@@ -56,7 +56,7 @@ LABELS = {"1p1w": "1 process x 1 worker", "2p1w": "2 processes x 1 worker", "1p2
 STAGES = ("parsing", "sequencing", "rules", "patterns", "windows", "sinks", "snapshots", "engine", "other")
 STARTUP = "startup"
 OUTSIDE = "outside"
-WORKER_FRAME = re.compile(r"^_run_process \(.*connectors/runner\.py:\d+\)$")
+WORKER_FRAME = re.compile(r"^_run_process \(.*connectors/run/runner\.py:\d+\)$")
 """The frame that runs the flow (Bytewax's run_main) on the worker's thread."""
 
 STAGE_RULES: tuple[tuple[str, str, str], ...] = (
@@ -66,12 +66,12 @@ STAGE_RULES: tuple[tuple[str, str, str], ...] = (
     (r"dataflows/flow\.py", r"ShardLogic\._batches|apply", "sinks"),
     (r"dataflows/flow\.py", r".*", "sequencing"),
     (r"dataflows/events\.py", r".*as_record|.*as_window_message|iso|_second", "sinks"),
-    (r"dataflows/(events|parse|timestamps)\.py|connectors/replay\.py", r".*", "parsing"),
+    (r"dataflows/(events|parse|timestamps)\.py|connectors/files/replay\.py", r".*", "parsing"),
     (r"dataflows/(sequencing|live)\.py", r".*", "sequencing"),
-    (r"dataflows/(rules|rules_gate|blocklist)\.py|connectors/rules_source\.py", r".*", "rules"),
+    (r"dataflows/(rules|rules_gate|blocklist)\.py|connectors/files/rules_file\.py", r".*", "rules"),
     (r"dataflows/patterns/", r".*", "patterns"),
     (r"dataflows/windows\.py", r".*", "windows"),
-    (r"connectors/(jsonl|progress|by_kind|iceberg|kafka_outputs)\.py", r".*", "sinks"),
+    (r"connectors/(files/jsonl|view/progress|by_kind|lake/|kafka/outputs)", r".*", "sinks"),
     (r"connectors/", r".*", "engine"),
     (r"(^|/)bytewax/", r".*", "engine"),
 )
@@ -142,10 +142,10 @@ def aggregate(raw: Iterable[str]) -> Profile:
 def pipeline_seconds(path: Path, processes: int, workers: int, *, patterns: bool = False,
                      rules: bool = False) -> dict[str, float]:
     """The replay pipeline on `processes` x `workers`, from building the job to its end."""
-    from connectors.jsonl import prepare_out_dir
-    from connectors.pattern_files import load_patterns
-    from connectors.replay import first_event_time
-    from connectors.runner import OUTPUT_FILES, ReplayRun, run_job
+    from connectors.files.jsonl import prepare_out_dir
+    from connectors.files.patterns_file import load_patterns
+    from connectors.files.replay import first_event_time
+    from connectors.run.runner import OUTPUT_FILES, ReplayRun, run_job
     from dataflows.clock import ReplayClock
     from dataflows.flow import FlowConfig
     from dataflows.sequencing import ReplayLayout

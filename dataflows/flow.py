@@ -449,7 +449,7 @@ def build_flow(
     Every output receives `(kind, encode(records))`, one batch of records of one kind at a time
     (`kind` one of `OutputKind`, records JSON-ready dicts). `rules`, when given, is the rules
     stream joined to every message (see `dataflows.rules_gate`). `stages` run in order on every
-    batch of records before the outputs (the LLM stage: `connectors.llm_stage`). `gauges`, when given, receives
+    batch of records before the outputs (the LLM stage: `connectors.llm.stage`). `gauges`, when given, receives
     `(shard, {"shard", ...gauge values})` for live views.
     """
     flow = Dataflow(flow_id)

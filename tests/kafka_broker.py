@@ -26,7 +26,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from connectors.kafka_io import check_reachable
+from connectors.kafka.clients import check_reachable
 from dataflows.errors import ConvoflowError
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "kafka-local.sh"

@@ -14,7 +14,7 @@ import pytest
 from cli import main
 from tests.conftest import read_jsonl
 from tests.progress import LineCounter, wait_until
-from connectors.runner import ReplayRun, run_job
+from connectors.run.runner import ReplayRun, run_job
 from dataflows.clock import ReplayClock
 from dataflows.flow import FlowConfig
 from samples.generate import SampleSpec, write_sample
@@ -177,7 +177,7 @@ def test_produce_to_an_unreachable_broker_is_a_quick_one_line_error(
 
 @pytest.mark.lake
 def test_lake_tables_hold_what_the_files_hold(sample: Path, tmp_path: Path) -> None:
-    from connectors.iceberg import TABLES, open_catalog
+    from connectors.lake.tables import TABLES, open_catalog
 
     out = tmp_path / "out"
     args = ["run", "--input", str(sample), "--out-dir", str(out), "--speed-factor", "0", "--quiet", "--lake"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cli import main
-from connectors.runner import free_addresses
+from connectors.run.runner import free_addresses
 from tests.conftest import jsonl_counts
 
 ROOT = Path(__file__).parent.parent

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from cli import main
-from connectors.iceberg import open_catalog
+from connectors.lake.tables import open_catalog
 from samples.generate import SampleSpec, write_sample
 from tests.conftest import jsonl_counts, read_jsonl
 from tests.progress import Condition, every, grown_by, has_file, snapshots_after, wait_until

@@ -38,7 +38,7 @@ def readme_commands(text: str) -> list[str]:
 
 def _configured_out(argv: list[str], folder: Path) -> Path:
     """The out-dir a `run --config FILE` command writes, as the settings take it from the file."""
-    from connectors.settings import load_settings
+    from connectors.run.settings import load_settings
 
     out_dir = load_settings(folder / argv[argv.index("--config") + 1], {}).settings.out_dir
     assert out_dir is not None and out_dir.is_relative_to(folder), f"{argv}: its outputs belong in the scratch folder"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks import bench_patterns
-from connectors.pattern_files import load_patterns
+from connectors.files.patterns_file import load_patterns
 from dataflows.flow import FlowConfig
 
 SAMPLES = Path(__file__).parent.parent.parent / "samples"

@@ -255,13 +255,13 @@ def test_write_chart_with_matplotlib(tmp_path: Path) -> None:
 
 
 def test_profile_stacks_go_to_stages() -> None:
-    worker = "<module> (bench_scaling.py:1);_run_process (connectors/runner.py:210)"
+    worker = "<module> (bench_scaling.py:1);_run_process (connectors/run/runner.py:210)"
     raw = [f"{worker};ShardLogic.on_batch (dataflows/flow.py:150);WindowBook.add (dataflows/windows.py:110) 7",
-           f"{worker};ReplayPartition.next_batch (connectors/replay.py:160);read_json (dataflows/parse.py:70) 3",
-           f"{worker};json_lines (connectors/jsonl.py:51);json_line (connectors/jsonl.py:46) 2",
+           f"{worker};ReplayPartition.next_batch (connectors/files/replay.py:160);read_json (dataflows/parse.py:70) 3",
+           f"{worker};json_lines (connectors/files/jsonl.py:51);json_line (connectors/files/jsonl.py:46) 2",
            f"{worker};_encoding.<locals>.apply (dataflows/flow.py:440) 1",
            f"{worker} 4",
-           "_bootstrap (threading.py:1);_Poller._loop (connectors/runner.py:222);wait (threading.py:600) 9",
+           "_bootstrap (threading.py:1);_Poller._loop (connectors/run/runner.py:222);wait (threading.py:600) 9",
            "<module> (x.py:1);_find_and_load (<frozen importlib._bootstrap>:1176) 5"]
     profile = bench_scaling.aggregate(raw)
     assert profile.by_stage == {"windows": 7, "parsing": 3, "sinks": 3, "engine": 4}

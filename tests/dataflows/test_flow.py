@@ -139,7 +139,7 @@ def test_same_outputs_with_several_workers(conversation: Callable[..., dict], wo
 def test_a_chat_user_in_rooms_on_other_shards_gives_the_outputs_of_one_shard(chat: Callable[..., dict]) -> None:
     from pathlib import Path
 
-    from connectors.pattern_files import load_patterns
+    from connectors.files.patterns_file import load_patterns
 
     patterns = load_patterns(Path(__file__).parent.parent.parent / "samples" / "patterns.yaml")
     rooms = [f"r-{i}" for i in range(20)]
@@ -166,7 +166,7 @@ def test_a_chat_user_in_rooms_on_other_shards_gives_the_outputs_of_one_shard(cha
 def test_alerts_from_session_and_user_patterns_with_any_worker_count(chat: Callable[..., dict]) -> None:
     from pathlib import Path
 
-    from connectors.pattern_files import load_patterns
+    from connectors.files.patterns_file import load_patterns
 
     patterns = load_patterns(Path(__file__).parent.parent.parent / "samples" / "patterns.yaml")
     lines = jsonl(
@@ -204,7 +204,7 @@ def frame_items(lines: list[str]) -> list[Any]:
 def test_events_as_frames_give_the_outputs_of_events_one_by_one(chat: Callable[..., dict], workers: int) -> None:
     from pathlib import Path
 
-    from connectors.pattern_files import load_patterns
+    from connectors.files.patterns_file import load_patterns
 
     patterns = load_patterns(Path(__file__).parent.parent.parent / "samples" / "patterns.yaml")
     lines = jsonl(*(

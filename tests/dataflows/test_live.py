@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 from bytewax.testing import TestingSource
 
-from connectors.kafka_source import kafka_ref
+from connectors.kafka.source import kafka_ref
 from dataflows.events import DeadLetter, Event, LineRef, iso
 from dataflows.flow import FlowConfig, build_flow
 from dataflows.live import LiveMerger, LiveStamper

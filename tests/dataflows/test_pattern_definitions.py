@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 import yaml
 
-from connectors.pattern_files import load_patterns
+from connectors.files.patterns_file import load_patterns
 from dataflows.events import Event, iso
 from dataflows.patterns.definitions import (
     PatternDef,

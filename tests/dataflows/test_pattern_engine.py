@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dataflows.events import Event, iso
-from connectors.pattern_files import load_patterns
+from connectors.files.patterns_file import load_patterns
 from dataflows.patterns.definitions import PatternDef, ResolvedRole, pattern_from_dict
 from dataflows.patterns.engine import Alert, PatternBook
 from dataflows.rules import Rule, RuleBook, rule_from_dict
