@@ -68,12 +68,15 @@ class Server(Protocol):
     def stop(self) -> None: ...
 
 
+FAKE_SERVER = ROOT / "tests" / "connectors" / "llm" / "fake_openai.py"
+"""The fake OpenAI-compatible server, run as a script in its own process."""
+
+
 class ServerProcess:
     """The fake server in a child process; its call count is read from its `GET /stats`."""
 
     def __init__(self, latency: float) -> None:
-        script = ROOT / "tests" / "connectors" / "fake_openai.py"
-        self.process = subprocess.Popen([sys.executable, str(script), str(latency)], stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen([sys.executable, str(FAKE_SERVER), str(latency)], stdout=subprocess.PIPE, text=True)
         assert self.process.stdout is not None
         self.base_url = self.process.stdout.readline().strip()
         self._baseline = 0
