@@ -101,6 +101,10 @@ def _skip_line(file: BinaryIO) -> tuple[int, bool]:
     return skipped, False
 
 
+REPORT_EVERY_S = 1.0
+"""How often a partition keeps how much it has read (when a live view asked for it)."""
+
+
 class ReplaySource(FixedPartitionedSource[Item, PartitionState]):
     """A JSONL file replayed against `clock`, split over `layout.partitions` partitions.
 
@@ -130,7 +134,7 @@ class ReplaySource(FixedPartitionedSource[Item, PartitionState]):
         self.max_line_bytes = max_line_bytes
         self.wall = wall
         self.figures_dir = figures_dir
-        """Where each partition keeps how much of the file it has read (`replay_progress`)."""
+        """Where each partition keeps how much of the file it has read, for a live view's progress bar."""
 
     def list_parts(self) -> list[str]:
         return [f"{self.path.name}#{p}" for p in range(self.layout.partitions)]
@@ -192,6 +196,8 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
         self.line_end = 0  # the end of the last line skipped past its block's end (see `_align`)
         self.figures = None if source.figures_dir is None else FigureFile(source.figures_dir, f"replay-{partition}")
         self.reported_at = -math.inf
+        self.owned: tuple[range, int] | None = None
+        """This partition's blocks and their bytes, once asked for (`_report`)."""
         if self.line:
             self._load_block()
 
@@ -220,7 +226,7 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
             batch.append(frames[0] if len(frames) == 1 else pl.concat(frames))
         batch.extend(dead)
         batch.append(self._progress(now))
-        if self.figures is not None and (self.done or now - self.reported_at >= self.src.tick_seconds):
+        if self.figures is not None and (self.done or now - self.reported_at >= REPORT_EVERY_S):
             self._report(now)
         return batch
 
@@ -228,14 +234,17 @@ class ReplayPartition(StatefulSourcePartition[Item, PartitionState]):
         """Keep how many of the file's bytes this partition has read, and how many it will."""
         assert self.figures is not None
         self.reported_at = now
-        layout, size = self.src.layout, self.size
-        own = range(self.partition, -(-size // layout.block_bytes), layout.partitions)
-        total = sum(min(layout.block_start(b + 1), size) - layout.block_start(b) for b in own)
-        done = sum(min(layout.block_start(b + 1), size) - layout.block_start(b) for b in own if b < self.block)
+        if self.owned is None:
+            layout, size = self.src.layout, self.size
+            own = range(self.partition, -(-size // layout.block_bytes), layout.partitions)
+            self.owned = (own, sum(min(layout.block_start(b + 1), size) - layout.block_start(b) for b in own))
+        own, total = self.owned
         if self.done:
             done = total
-        elif self.block in own:
-            done += max(0, min(self.offset, size) - layout.block_start(self.block))
+        else:
+            start = self.src.layout.block_start(self.block)
+            done = (self.block - self.partition) // self.src.layout.partitions * self.src.layout.block_bytes
+            done += max(0, min(self.offset, self.size) - start)
         self.figures.write({"read": min(done, total), "total": total})
 
     def next_awake(self) -> datetime | None:

@@ -67,7 +67,8 @@ class ReplayRun:
     def build(self) -> Dataflow:
         """The flow with its real connectors: JSONL files, and Iceberg tables when `lake` is set."""
         source = ReplaySource(self.input_path, layout=self.flow.layout, clock=self.clock, batch_size=self.batch_size,
-                              max_line_bytes=self.max_line_bytes, figures_dir=self.state_dir)
+                              max_line_bytes=self.max_line_bytes,
+                              figures_dir=self.state_dir if self.glimpses else None)
         outputs = _file_outputs(self.out_dir, self.lake, self.state_dir) + _tally(self.state_dir, self.glimpses)
         rules = RulesFileSource(self.rules_path, self.clock) if self.rules_path else None
         flag = stop_flag(self)
