@@ -58,8 +58,9 @@ def run(config: Path | None, given: dict[str, Any]) -> None:
                     else "outputs end where the stop found them")
             typer.echo(f"{stop}: {then}", err=True)
             raise typer.Exit(stop.exit_code) from None
-    typer.echo(stats.summary() + (f"; {plan.lake.describe()}" if plan.lake else ""))
-    log_event("stop", reason=signals.received[0] if signals.received else "end of input", summary=stats.summary())
+    summary = stats.summary()
+    typer.echo(summary + (f"; {plan.lake.describe()}" if plan.lake else ""))
+    log_event("stop", reason=signals.received[0] if signals.received else "end of input", summary=summary)
     if signals.received:
         typer.echo(f"stopped by {signals.received[0]}: the input was read up to the stop, and every window, "
                    "alert and output buffer was flushed", err=True)

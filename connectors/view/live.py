@@ -21,7 +21,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from connectors.view.glimpses import Glimpse, latest_glimpses
-from connectors.view.progress import GAUGES_FILE, read_figures, read_gauges, read_tallies
+from connectors.view.progress import GAUGES_FILE, events_read, read_figures, read_gauges, read_tallies
 from dataflows.flow import OutputKind
 
 REFRESH_PER_SECOND = 4
@@ -53,7 +53,7 @@ class RunStats:
 
     @property
     def events_read(self) -> int:
-        return sum(self.counts.get(kind, 0) for kind in (OutputKind.MESSAGES, OutputKind.MODERATED, OutputKind.DEAD_LETTER))
+        return events_read(self.counts)
 
     def refresh(self) -> None:
         self.counts = read_tallies(self.state_dir)

@@ -20,11 +20,11 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from connectors.view.progress import GAUGES_FILE, LLM_LATENCY_BUCKETS_MS, read_figures, read_gauges, read_tallies
+from connectors.view.progress import (
+    GAUGES_FILE, LLM_LATENCY_BUCKETS_MS, events_read, read_figures, read_gauges, read_tallies,
+)
+from dataflows.flow import OutputKind
 
-OUTPUTS = ("messages", "windows", "alerts", "late", "dead_letter", "moderated")
-READ_OUTPUTS = ("messages", "moderated", "dead_letter")
-"""Every line read ends in exactly one of these."""
 
 
 @dataclass(eq=False)  # the registry keys collectors by identity
@@ -55,10 +55,10 @@ class RunCollector(Collector):
             return family
 
         yield counter("convoflow_events_read", "Input lines read (each becomes a message, a moderated message or a dead letter).",
-                      sum(counts.get(kind, 0) for kind in READ_OUTPUTS))
+                      events_read(counts))
         written = CounterMetricFamily("convoflow_records_written", "Records written, by output.", labels=["process", "output"])
-        for output in OUTPUTS:
-            written.add_metric([*label, output], counts.get(output, 0))
+        for output in OutputKind:
+            written.add_metric([*label, output.value], counts.get(output, 0))
         yield written
         dead = CounterMetricFamily("convoflow_dead_letters", "Rejected input, by step and kind of reason.",
                                    labels=["process", "step", "reason"])

@@ -16,6 +16,8 @@ ALERTS = "alerts"
 MESSAGES = "messages"
 WINDOWS = "windows"
 GAUGES_FILE = "gauges.json"
+READ_KINDS = ("messages", "moderated", "dead_letter")
+"""The outputs every line read ends in exactly one of: their counts sum to the lines read."""
 SUMMED = ("open_windows", "buffered")
 SAME_IN_EVERY_SHARD = ("rules_version", "rules_stale")
 """Gauges every shard reports alike (each holds every rule): the view shows the latest, not a sum."""
@@ -211,6 +213,11 @@ class _TallyPartition(StatelessSinkPartition[tuple[str, Tallied]]):
 
     def close(self) -> None:
         self._write()
+
+
+def events_read(counts: Mapping[str, int]) -> int:
+    """The lines read, from a run's counts (`read_tallies`)."""
+    return sum(counts.get(kind, 0) for kind in READ_KINDS)
 
 
 def read_tallies(folder: Path, workers: range | None = None) -> dict[str, int]:
