@@ -32,7 +32,8 @@ from dataflows.events import Event, LineRef  # noqa: E402
 from dataflows.flow import FlowConfig, chat_shards, shard_of  # noqa: E402
 from dataflows.parse import parse_line  # noqa: E402
 from dataflows.patterns.definitions import PatternDef  # noqa: E402
-from dataflows.patterns.engine import Alert, PatternBook  # noqa: E402
+from dataflows.patterns.alerts import Alert  # noqa: E402
+from dataflows.patterns.engine import PatternBook  # noqa: E402
 from dataflows.sequencing import later  # noqa: E402
 
 

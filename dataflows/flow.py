@@ -32,7 +32,8 @@ from bytewax.outputs import Sink
 from dataflows.event_frame import RECORD_FIELDS, timed
 from dataflows.events import DeadLetter, Event
 from dataflows.patterns.definitions import KeyKind, PatternDef, key_of
-from dataflows.patterns.engine import Alert, PatternBook, patterns_keyed_by
+from dataflows.patterns.alerts import Alert
+from dataflows.patterns.engine import PatternBook, patterns_keyed_by
 from dataflows.judging import judged, pattern_roles
 from dataflows.live import LiveMerger
 from dataflows.records import Record, Records, as_records

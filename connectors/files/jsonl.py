@@ -55,7 +55,9 @@ def json_lines(kind: str, records: Records) -> bytes:
         if records.is_empty():
             return b""
         lines = records.select(json_expr(records.schema)).to_series()
-        return (lines.str.join("\n").item() + "\n").encode()
+        # Cast to bytes inside Polars: a Python str of the batch would be decoded and encoded again.
+        joined: bytes = lines.str.join("\n").cast(pl.Binary).item()
+        return joined + b"\n"
     return b"".join(map(json_line, records))
 
 

@@ -43,19 +43,19 @@ import numpy as np
 import polars as pl
 
 from dataflows.event_frame import EVENT_SCHEMA, events_frame
-from dataflows.events import Event, iso
+from dataflows.events import Event
 from dataflows.sequencing import Scope
+from dataflows.patterns.alerts import Alert
+from dataflows.patterns.bursts import BurstMatcher, is_burst
 from dataflows.patterns.definitions import (
     CompiledPredicate,
     PatternDef,
     ResidualTest,
     ResolvedRole,
     Summarizer,
-    iso_of,
     key_of,
 )
 
-TEXT_EXCERPT_CHARS = 80
 SWEEP_EVERY_SECONDS = 300.0
 
 Test: TypeAlias = "bool | ResidualTest"
@@ -98,34 +98,6 @@ class PatternRules(Protocol):
     def version(self) -> int:
         """A number that changes whenever the rules do (and so may the spans)."""
         ...
-
-
-@dataclass(frozen=True, slots=True)
-class Alert:
-    """One match of one pattern for one key."""
-
-    pattern: str
-    key: str
-    severity: str
-    detected_at: float
-    events: tuple[Event, ...]
-    summary: str
-
-    def as_record(self) -> dict[str, Any]:
-        last = self.events[-1]
-        return {
-            "pattern": self.pattern,
-            "key": self.key,
-            "severity": self.severity,
-            "detected_at": iso_of(last) if last.time == self.detected_at else iso(self.detected_at),
-            "session_id": last.session_id,
-            "summary": self.summary,
-            "events": [
-                {"event_id": e.event_id, "timestamp": e.timestamp, "sender": e.sender, "kind": e.kind,
-                 "text": e.text[:TEXT_EXCERPT_CHARS]}
-                for e in self.events
-            ],
-        }
 
 
 class _KeyState:
@@ -379,6 +351,8 @@ class _Matcher:
 
         What it drops, the next event would find expired or quiet anyway, so when sweeps run changes no alert.
         """
+        if not self.states and not self.seen:
+            return
         horizon = self.horizon
         if self.seen:
             for key in [key for key, last_seen in self.seen.items() if lower - last_seen > horizon]:
@@ -398,6 +372,25 @@ class _Matcher:
         """The alert of a match of `events` under `key`."""
         p = self.pattern
         return Alert(p.id, key, p.severity, detected_at, events, self.summarize(key, events))
+
+    @property
+    def open_keys(self) -> int:
+        """Keys with state, and keys remembered as seen."""
+        return len(self.states) + len(self.seen or ())
+
+    def held_keys(self) -> set[str]:
+        """The keys `open_keys` counts."""
+        return {*self.states, *(self.seen or ())}
+
+    def clear(self) -> None:
+        self.states.clear()
+        if self.seen is not None:
+            self.seen.clear()
+
+
+def matcher_for(pattern: PatternDef) -> _Matcher | BurstMatcher:
+    """The matcher of `pattern`: column-wise for a counting pattern (`bursts`), else per event."""
+    return BurstMatcher(pattern) if is_burst(pattern) else _Matcher(pattern)
 
 
 @dataclass
@@ -422,7 +415,7 @@ class PatternBook:
     skipped_late: int = 0
     swept_at: float = -math.inf
     _sequence: int = 0
-    _matchers: tuple[_Matcher, ...] = field(init=False, repr=False)
+    _matchers: tuple[_Matcher | BurstMatcher, ...] = field(init=False, repr=False)
     _routes: dict[tuple[str, str, str, str], tuple[_Route | None, ...]] = field(init=False, repr=False)
     _span: tuple[float, float] = field(init=False, repr=False)
     """The event times over which the rules' definitions were last looked up: `[lo, hi)`."""
@@ -462,7 +455,7 @@ class PatternBook:
             if matcher is None or matcher.pattern != pattern:
                 if matcher is not None:
                     matcher.retired = True
-                matcher = _Matcher(pattern)
+                matcher = matcher_for(pattern)
             matchers.append(matcher)
         for matcher in current.values():
             matcher.retired = True
@@ -560,9 +553,7 @@ class PatternBook:
             self._release(ready, alerts, rules)
         self._fire(math.inf, alerts, rules, inclusive=True)
         for matcher in self._matchers:
-            matcher.states.clear()
-            if matcher.seen is not None:
-                matcher.seen.clear()
+            matcher.clear()
         return alerts
 
     @property
@@ -573,7 +564,7 @@ class PatternBook:
     @property
     def open_keys(self) -> int:
         """Keys with state, and keys remembered as seen, over all patterns."""
-        return sum(len(m.states) + len(m.seen or ()) for m in self._matchers)
+        return sum(m.open_keys for m in self._matchers)
 
     def _in_effect(self, times: np.ndarray, rules: PatternRules | None) -> np.ndarray:
         """Whether some pattern of the rules is in effect at each of `times` (a span at a time)."""
@@ -612,26 +603,33 @@ class PatternBook:
         self.released = (last["time"], last["offset"])
 
     def _match(self, ready: pl.DataFrame, alerts: list[Alert], rules: PatternRules | None) -> None:
-        """Match events of one stretch of constant definitions, visiting per pattern only the
-        events that can start or move on a match.
+        """Match events of one stretch of constant definitions: counting patterns column-wise
+        (`bursts`), the others visiting per pattern only the events that can start or move on a match.
 
         A key holds a pattern's state only from an event that can start it; so an event of a key
         with no state, none of whose events here can start the pattern, changes nothing but (for
         patterns that ask for a key's first event) when the key was last seen: that is noted for
-        all such events at once.
+        all such events at once. Alerts come in the order the events complete them (for one event,
+        in the order of the patterns), each absence firing before the first event after its deadline.
         """
         if not self._matchers:
             return
-        routes, class_of, visits = self._visits(ready)
-        chosen = visits != 0
-        if not chosen.any():
-            return
-        chosen_rows = pl.Series(chosen)
-        rows = ready.filter(chosen_rows).select(EVENT_SCHEMA.names()).iter_rows()
+        classes, class_of = self._classes(ready)
+        bursts = self._bursts(ready, classes, class_of)
+        routes, visits = self._visits(ready, classes, class_of)
+        chosen = np.flatnonzero(visits)
+        rows = ready[chosen].select(EVENT_SCHEMA.names()).iter_rows() if len(chosen) else iter(())
+        pending = bursts.pop() if bursts else None
+        """The next alert of a counting pattern: (row, pattern's index, alert); `bursts` is reversed."""
         plans: dict[tuple[int, int], tuple[_Route, ...]] = {}
         deadlines = self.deadlines
         make = tuple.__new__
-        for row, cls, visit in zip(rows, class_of[chosen].tolist(), visits[chosen].tolist(), strict=True):
+        for row, cls, visit, at in zip(rows, class_of[chosen].tolist(), visits[chosen].tolist(), chosen.tolist(),
+                                       strict=True):
+            while pending is not None and pending[0] < at:
+                self._fire(pending[2].detected_at, alerts, rules, inclusive=False)
+                alerts.append(pending[2])
+                pending = bursts.pop() if bursts else None
             plan = plans.get((cls, visit))
             if plan is None:
                 plan = plans[(cls, visit)] = tuple(
@@ -641,6 +639,7 @@ class PatternBook:
             time: float = row[_TIME]
             if deadlines and deadlines[0][0] < time:
                 self._fire(time, alerts, rules, inclusive=False)
+            before = len(alerts)
             session, user = row[_SESSION], None
             for matcher, by_user, tests, absence, can_start, touches in plan:
                 if not by_user:
@@ -670,15 +669,51 @@ class PatternBook:
                         continue
                 if seen is not None:
                     seen[key] = time
+            if pending is not None and pending[0] == at:
+                pending = self._merge_row(alerts, before, pending, bursts)
+        while pending is not None:
+            self._fire(pending[2].detected_at, alerts, rules, inclusive=False)
+            alerts.append(pending[2])
+            pending = bursts.pop() if bursts else None
 
-    def _visits(self, ready: pl.DataFrame) -> tuple[list[tuple[_Route | None, ...]], np.ndarray, np.ndarray]:
-        """The routes of each class in `ready`, each row's class, and per row a bit per pattern
-        that must visit it (see `_match`); marks the keys of the others as seen."""
-        matchers = self._matchers
+    def _merge_row(self, alerts: list[Alert], before: int, pending: tuple[int, int, Alert] | None,
+                   bursts: list[tuple[int, int, Alert]]) -> tuple[int, int, Alert] | None:
+        """Put the counting patterns' alerts of one event among those the other patterns gave it
+        (`alerts[before:]`), in the order of the patterns; return the next pending one."""
+        assert pending is not None
+        index = {m.pattern.id: i for i, m in enumerate(self._matchers)}
+        found = [(index[a.pattern], a) for a in alerts[before:]]
+        at = pending[0]
+        while pending is not None and pending[0] == at:
+            found.append((pending[1], pending[2]))
+            pending = bursts.pop() if bursts else None
+        found.sort(key=lambda f: f[0])
+        alerts[before:] = [a for _, a in found]
+        return pending
+
+    @staticmethod
+    def _classes(ready: pl.DataFrame) -> tuple[list[str], np.ndarray]:
+        """The distinct classes of events in `ready` and each row's index among them."""
         classes = ready["class"]
         distinct = classes.unique(maintain_order=True)
         class_of = classes.replace_strict(distinct, pl.Series(range(len(distinct)), dtype=pl.Int64)).to_numpy()
-        routes = [self._routes_of(*name.split("\x00")) for name in distinct.to_list()]
+        return distinct.to_list(), class_of
+
+    def _bursts(self, ready: pl.DataFrame, classes: list[str], class_of: np.ndarray) -> list[tuple[int, int, Alert]]:
+        """The counting patterns' alerts on `ready`: (row, pattern's index, alert), last first."""
+        found: list[tuple[int, int, Alert]] = []
+        for index, matcher in enumerate(self._matchers):
+            if isinstance(matcher, BurstMatcher):
+                found.extend((at, index, alert) for at, alert in matcher.match(ready, classes, class_of))
+        found.sort(key=lambda f: (f[0], f[1]), reverse=True)
+        return found
+
+    def _visits(self, ready: pl.DataFrame, classes: list[str], class_of: np.ndarray
+                ) -> tuple[list[tuple[_Route | None, ...]], np.ndarray]:
+        """The routes of each class in `ready` and per row a bit per pattern that must visit it (see
+        `_match`); marks the keys of the others as seen."""
+        matchers = self._matchers
+        routes = [self._routes_of(*name.split("\x00")) for name in classes]
         visits = np.zeros(len(ready), dtype=np.int64)
         membership: dict[str, pl.Expr] = {}
         routed_of: dict[int, np.ndarray] = {}
@@ -686,6 +721,7 @@ class PatternBook:
             routed = np.array([r[index] is not None for r in routes])[class_of]
             if not routed.any():
                 continue
+            assert isinstance(matcher, _Matcher), "counting patterns have no per-event routes"
             starts = np.array([(route := r[index]) is not None and route[4] for r in routes])[class_of]
             if (starts == routed).all():
                 visits |= routed.astype(np.int64) << index
@@ -696,17 +732,17 @@ class PatternBook:
             membership[str(index)] = pl.col(column).is_in(pl.Series(list(active), dtype=pl.String).implode())
             routed_of[index] = routed
         if not membership:
-            return routes, class_of, visits
+            return routes, visits
         found = ready.select(**membership)
         for index, routed in routed_of.items():
             visited = routed & found[str(index)].to_numpy()
             visits |= visited.astype(np.int64) << index
-            seen, passed = matchers[index].seen, routed & ~visited
+            seen, passed = matchers[index].seen, routed & ~visited  # type: ignore[union-attr]
             if seen is not None and passed.any():
                 column = _KEY_COLUMN[matchers[index].by_user]
                 last = ready.filter(pl.Series(passed)).group_by(column).agg(pl.col("time").max())
                 seen.update(last.iter_rows())
-        return routes, class_of, visits
+        return routes, visits
 
     def _check_rules(self, rules: PatternRules | None) -> None:
         """Forget the span of the definitions in effect if rules came since it was looked up."""
@@ -762,8 +798,7 @@ class PatternBook:
         self.swept_at = self.watermark
         lower = max(self.arrival_mark, self.released[0])
         for matcher in self._matchers:
-            if matcher.states or matcher.seen:
-                matcher.sweep(lower)
+            matcher.sweep(lower)
 
 
 def patterns_keyed_by(patterns: Iterable[PatternDef], key: str) -> tuple[PatternDef, ...]:

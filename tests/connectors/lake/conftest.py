@@ -12,7 +12,7 @@ from pyiceberg.table import Table
 from connectors.lake.sink import IcebergPartition, IcebergSink, IcebergState, SnapshotExpiry
 from connectors.lake.tables import TABLES, open_catalog
 from dataflows.events import DeadLetter, Event, LateEvent, LineRef, WindowRecord, iso
-from dataflows.patterns.engine import Alert
+from dataflows.patterns.alerts import Alert
 from dataflows.rules import Moderation
 from tests.conftest import FakeClock
 

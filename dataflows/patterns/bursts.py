@@ -1,0 +1,215 @@
+"""Match counting patterns (one open-ended step, no absence: a spam burst) column-wise.
+
+A counting pattern alerts when `min` events that fit its step fall within its bound (`within`) of
+each other; with `once_per_burst` the key is then muted until its events stop coming within the
+bound of one another. Per key that is a small state machine over the times of fitting events:
+
+- counting from a fresh start `f`, it completes at the first `i >= f + min - 1` with
+  `t[i] - t[i - min + 1] <= within` (the `min` events before `i` within the bound), taking those
+  events;
+- muted after a completion at `i`, it counts afresh from the first `k > i` with
+  `t[k] > t[k - 1] + within` (the gap that ends the mute).
+
+So each key's completions and mute ends are the first true positions of two columns after a
+pointer: the matcher finds them for every key of a frame at once with `searchsorted`, in as many
+rounds as a key has completions in the frame. Between frames a key keeps what the next frame needs:
+the events of its current run (fewer than `min`, within the bound of its last one) and, while
+muted, the time its mute lasts until. The per-event matcher (`engine._Matcher`) gives the same
+alerts; this one exists because a burst pattern visits every message of every user.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import polars as pl
+
+from dataflows.event_frame import EVENT_SCHEMA
+from dataflows.events import Event
+from dataflows.patterns.alerts import Alert
+from dataflows.patterns.definitions import PatternDef, ResidualTest, ResolvedRole, Summarizer
+
+RUN_SCHEMA = pl.Schema([*EVENT_SCHEMA.items(), ("key", pl.String), ("pos", pl.Int64)])
+"""A key's events of its current run (`pos` -1: they came in an earlier frame)."""
+_KEY_COLUMN = {False: "session_id", True: "user_key"}
+_COUNTING, _MUTED = 0, 1
+
+
+def is_burst(pattern: PatternDef) -> bool:
+    """Whether `pattern` is a counting pattern this matcher takes: one open-ended step, no absence,
+    no test of a key's first event (which would need every event of the key, not only those that fit)."""
+    steps = pattern.steps
+    return (len(steps) == 1 and steps[0].max_count is None and pattern.absence is None
+            and not pattern.uses_first_of_key)
+
+
+class BurstMatcher:
+    """One counting pattern within one `PatternBook`, and its keys' runs and mutes."""
+
+    def __init__(self, pattern: PatternDef) -> None:
+        assert is_burst(pattern), f"{pattern.id} is not a counting pattern"
+        self.pattern = pattern
+        self.retired = False
+        self.by_user = pattern.key == "user"
+        self.predicate = pattern.steps[0].where.compile()
+        self.refs = {pattern.steps[0].name: 0}
+        self.min = pattern.steps[0].min_count
+        self.within = pattern.within_seconds
+        self.bound = math.inf if self.within is None else self.within
+        self.once = pattern.emit == "once_per_burst"
+        self.summarize = Summarizer(pattern)
+        self.run = pl.DataFrame(schema=RUN_SCHEMA)
+        self.muted: dict[str, float] = {}
+        """Muted keys and the time each mute lasts until (an event at or before it extends it)."""
+        self._tests: dict[str, bool | ResidualTest] = {}
+
+    def __getstate__(self) -> dict[str, object]:
+        # The step tests are a cache of closures: rebuilt on demand.
+        return {**self.__dict__, "_tests": {}}
+
+    def route(self, kind: str, shape: str, role: ResolvedRole) -> None:
+        """No event is visited one by one (see `PatternBook._routes_of`): `match` takes whole frames."""
+        return None
+
+    @property
+    def open_keys(self) -> int:
+        """Keys with a run or a mute."""
+        return len(self.muted) + self.run["key"].n_unique()
+
+    def held_keys(self) -> set[str]:
+        """The keys `open_keys` counts."""
+        return {*self.muted, *self.run["key"]}
+
+    def clear(self) -> None:
+        self.run = self.run.clear()
+        self.muted = {}
+
+    def sweep(self, lower: float) -> None:
+        """Forget run events and mutes no event at `lower` or later can meet."""
+        if self.within is not None and not self.run.is_empty():
+            self.run = self.run.filter(lower - pl.col("time") <= self.within)
+        self.muted = {key: until for key, until in self.muted.items() if until >= lower}
+
+    def fits(self, ready: pl.DataFrame, classes: Sequence[str], class_of: np.ndarray) -> np.ndarray:
+        """Which rows of `ready` (`engine.BUFFER_SCHEMA`) fit the step: decided per class of event,
+        tested one by one only for classes whose step test depends on more than kind and role."""
+        tests = [self._test(name) for name in classes]
+        fits = np.array([test is True for test in tests], dtype=bool)[class_of]
+        residual = [index for index, test in enumerate(tests) if callable(test)]
+        if residual:
+            rows = np.flatnonzero(np.isin(class_of, residual))
+            picked = ready[rows].select(EVENT_SCHEMA.names()).rows()
+            for row, cls, values in zip(rows.tolist(), class_of[rows].tolist(), picked, strict=True):
+                test = tests[cls]
+                assert callable(test)
+                fits[row] = test(Event._make(values), (), False)
+        return fits
+
+    def _test(self, name: str) -> bool | ResidualTest:
+        found = self._tests.get(name)
+        if found is None:
+            kind, _, role, scope = name.split("\x00")
+            if scope == ("session" if self.by_user else "user"):
+                found = False
+            else:
+                found = self.predicate.residual(kind, role, self.refs)  # type: ignore[arg-type]
+            self._tests[name] = found
+        return found
+
+    def match(self, ready: pl.DataFrame, classes: Sequence[str], class_of: np.ndarray) -> list[tuple[int, Alert]]:
+        """Match the rows of `ready` (in release order; `class_of` indexes `classes`) that fit the
+        step: the alerts, each with the row it completed at, in row order."""
+        chosen = np.flatnonzero(self.fits(ready, classes, class_of))
+        if not len(chosen):
+            return []
+        fresh = ready[chosen].select(
+            *EVENT_SCHEMA.names(), pl.col(_KEY_COLUMN[self.by_user]).alias("key"),
+            pl.Series("pos", chosen, dtype=pl.Int64))
+        if self.run.is_empty():
+            kept, runs = self.run, fresh
+        else:
+            here = pl.col("key").is_in(fresh["key"].unique().implode())
+            kept = self.run.filter(~here)
+            runs = pl.concat([self.run.filter(here), fresh])
+        runs = runs.sort("key", maintain_order=True)
+        times = runs["time"].to_numpy()
+        pos = runs["pos"].to_numpy()
+        starts = np.flatnonzero(runs["key"].ne_missing(runs["key"].shift(1)).to_numpy())
+        ends = np.append(starts[1:], len(runs)) - 1
+        group = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(runs))))
+        firsts = starts + np.add.reduceat((pos < 0).astype(np.int64), starts)
+        keys = runs["key"].gather(starts).to_list()
+        until = np.array([self.muted.get(key, -math.inf) for key in keys], dtype=np.float64)
+
+        rows = np.arange(len(runs))
+        back = rows - (self.min - 1)
+        completes = (pos >= 0) & (back >= starts[group]) & (times - times[np.maximum(back, 0)] <= self.bound)
+        previous = np.full_like(times, math.inf)
+        previous[1:] = times[:-1] + (self.within or 0.0)
+        previous[firsts] = until
+        breaks = times > previous
+        pointer, mode, completed = self._rounds(
+            np.flatnonzero(completes), np.flatnonzero(breaks), starts, firsts, ends, until, times)
+
+        counting = mode == _COUNTING
+        tail = counting[group] & (rows >= pointer[group]) & (times[ends][group] - times <= self.bound)
+        self.run = pl.concat([kept, runs.filter(pl.Series(tail))])
+        for g, key in enumerate(keys):
+            if counting[g]:
+                self.muted.pop(key, None)
+            else:
+                self.muted[key] = float(times[ends[g]]) + (self.within or 0.0)
+        return self._alerts(runs, completed, keys, group, times, pos)
+
+    def _rounds(self, completes: np.ndarray, breaks: np.ndarray, starts: np.ndarray, firsts: np.ndarray,
+                ends: np.ndarray, until: np.ndarray, times: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Run every key's state machine over its rows: each key's final pointer (where its current
+        run starts) and mode, and the rows where matches completed."""
+        muted = times[firsts] <= until
+        mode = np.where(muted, _MUTED, _COUNTING)
+        pointer = np.where(muted, firsts, starts)
+        active = np.arange(len(starts))
+        completed: list[int] = []
+        while len(active):
+            waiting = active[mode[active] == _MUTED]
+            counting = active[mode[active] == _COUNTING]
+            found_break = _first_at_or_after(breaks, pointer[waiting], ends[waiting])
+            resumed = waiting[found_break >= 0]
+            pointer[resumed] = found_break[found_break >= 0]
+            mode[resumed] = _COUNTING
+            found = _first_at_or_after(completes, pointer[counting] + self.min - 1, ends[counting])
+            done = counting[found >= 0]
+            at = found[found >= 0]
+            completed.extend(at.tolist())
+            pointer[done] = at + 1
+            if self.once:
+                mode[done] = _MUTED
+            active = np.concatenate([resumed, done])
+        return pointer, mode, completed
+
+    def _alerts(self, runs: pl.DataFrame, completed: list[int], keys: list[str], group: np.ndarray,
+                times: np.ndarray, pos: np.ndarray) -> list[tuple[int, Alert]]:
+        if not completed:
+            return []
+        completed.sort()
+        taken = np.concatenate([np.arange(i - self.min + 1, i + 1) for i in completed])
+        events = [Event._make(row) for row in runs[taken].select(EVENT_SCHEMA.names()).rows()]
+        p = self.pattern
+        alerts = []
+        for n, i in enumerate(completed):
+            match = tuple(events[n * self.min:(n + 1) * self.min])
+            key = keys[group[i]]
+            alerts.append((int(pos[i]), Alert(p.id, key, p.severity, float(times[i]), match,
+                                              self.summarize(key, match))))
+        alerts.sort(key=lambda found: found[0])
+        return alerts
+
+
+def _first_at_or_after(marks: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Per pair, the first of the sorted positions `marks` in `[lo, hi]`, or -1."""
+    at = np.searchsorted(marks, lo, side="left")
+    found = marks[np.minimum(at, len(marks) - 1)] if len(marks) else np.full(len(lo), -1)
+    return np.where((at < len(marks)) & (found <= hi), found, -1)
