@@ -23,13 +23,14 @@ starts afresh. Roles that the rules give chat users (`rm` is an agent) reach the
 Events come and wait as frames; what can be decided for a whole frame is decided column-wise
 (lateness, roles, keys, the order of release). Counting patterns (one open-ended step, no absence:
 a spam burst) are matched wholly column-wise (`bursts.BurstMatcher`); for the others, per event the
-work is kept to what the event can change. An event's kind, shape, resolved role and scope (its class) decide every static test
-of every predicate, so each class gets a route, built once: per pattern, the `ResidualTest` left of
-each step and of the absence. Per pattern, a frame's events of classes it has no route for, and
-those of keys that hold no state and have no event there that could start it, are never visited
-one by one (the latter only mark their keys as seen, all at once). A visited event costs a state
-lookup per pattern, and tests only against the steps its key's partial matches wait on.
-Partial matches are plain tuples that keep each step's sender (the only thing later steps test).
+work is kept to what the event can change. An event's kind, shape, resolved role and scope (its
+class) decide every static test of every predicate, so each class gets a route, built once: per
+pattern, the `ResidualTest` left of each step and of the absence. Per pattern, a frame's events of
+classes it has no route for, and those of keys that hold no state and have no event there that could
+start it, are never visited one by one (the latter only mark their keys as seen, all at once). A
+visited event costs a state lookup per pattern, and tests only against the steps its key's partial
+matches wait on. Partial matches are plain tuples that keep each step's sender (the only thing later
+steps test).
 """
 
 from __future__ import annotations
