@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dataflows.events import Event, iso
-from dataflows.patterns.definitions import iso_of
+from dataflows.patterns.definitions import PatternDef, Summarizer, iso_of
 
 TEXT_EXCERPT_CHARS = 80
 
@@ -37,3 +37,9 @@ class Alert:
                 for e in self.events
             ],
         }
+
+
+def alert_of(pattern: PatternDef, summarize: Summarizer, key: str, detected_at: float,
+             events: tuple[Event, ...]) -> Alert:
+    """The alert of a match of `events` of `pattern` under `key`."""
+    return Alert(pattern.id, key, pattern.severity, detected_at, events, summarize(key, events))

@@ -28,8 +28,8 @@ import polars as pl
 
 from dataflows.event_frame import EVENT_SCHEMA
 from dataflows.events import Event
-from dataflows.patterns.alerts import Alert
-from dataflows.patterns.definitions import PatternDef, ResidualTest, ResolvedRole, Summarizer
+from dataflows.patterns.alerts import Alert, alert_of
+from dataflows.patterns.definitions import PatternDef, ResidualTest, ResolvedRole, Summarizer, meets_scope
 
 RUN_SCHEMA = pl.Schema([*EVENT_SCHEMA.items(), ("key", pl.String), ("pos", pl.Int64)])
 """A key's events of its current run (`pos` -1: they came in an earlier frame)."""
@@ -111,10 +111,8 @@ class BurstMatcher:
         found = self._tests.get(name)
         if found is None:
             kind, _, role, scope = name.split("\x00")
-            if scope == ("session" if self.by_user else "user"):
-                found = False
-            else:
-                found = self.predicate.residual(kind, role, self.refs)  # type: ignore[arg-type]
+            found = meets_scope(scope, self.by_user) and self.predicate.residual(
+                kind, role, self.refs)  # type: ignore[arg-type]
             self._tests[name] = found
         return found
 
@@ -148,7 +146,7 @@ class BurstMatcher:
         completes = (pos >= 0) & (back >= starts[group]) & (times - times[np.maximum(back, 0)] <= self.bound)
         previous = np.full_like(times, math.inf)
         previous[1:] = times[:-1] + (self.within or 0.0)
-        previous[firsts] = until
+        previous[firsts] = until  # a key's first new event ends a mute carried in by passing its time
         breaks = times > previous
         pointer, mode, completed = self._rounds(
             np.flatnonzero(completes), np.flatnonzero(breaks), starts, firsts, ends, until, times)
@@ -194,16 +192,12 @@ class BurstMatcher:
                 times: np.ndarray, pos: np.ndarray) -> list[tuple[int, Alert]]:
         if not completed:
             return []
-        completed.sort()
         taken = np.concatenate([np.arange(i - self.min + 1, i + 1) for i in completed])
         events = [Event._make(row) for row in runs[taken].select(EVENT_SCHEMA.names()).rows()]
-        p = self.pattern
         alerts = []
         for n, i in enumerate(completed):
             match = tuple(events[n * self.min:(n + 1) * self.min])
-            key = keys[group[i]]
-            alerts.append((int(pos[i]), Alert(p.id, key, p.severity, float(times[i]), match,
-                                              self.summarize(key, match))))
+            alerts.append((int(pos[i]), alert_of(self.pattern, self.summarize, keys[group[i]], float(times[i]), match)))
         alerts.sort(key=lambda found: found[0])
         return alerts
 

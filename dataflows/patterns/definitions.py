@@ -99,6 +99,12 @@ def iso_of(event: Event) -> str:
     return iso(event.time)
 
 
+def meets_scope(scope: str, by_user: bool) -> bool:
+    """Whether events of `scope` (`sequencing.Scope`: all, session, user) reach a pattern keyed by
+    user (`by_user`) or by session."""
+    return scope != ("session" if by_user else "user")
+
+
 def key_of(event: Event, key: KeyKind) -> str:
     """The value a pattern is keyed by: the session, or the user (chat username, else `session/sender`)."""
     return event.session_id if key == "session" else event.username or f"{event.session_id}/{event.sender}"

@@ -47,7 +47,7 @@ import polars as pl
 from dataflows.event_frame import EVENT_SCHEMA, events_frame
 from dataflows.events import Event
 from dataflows.sequencing import Scope
-from dataflows.patterns.alerts import Alert
+from dataflows.patterns.alerts import Alert, alert_of
 from dataflows.patterns.bursts import BurstMatcher, is_burst
 from dataflows.patterns.definitions import (
     CompiledPredicate,
@@ -56,6 +56,7 @@ from dataflows.patterns.definitions import (
     ResolvedRole,
     Summarizer,
     key_of,
+    meets_scope,
 )
 
 SWEEP_EVERY_SECONDS = 300.0
@@ -372,8 +373,7 @@ class _Matcher:
 
     def alert(self, key: str, detected_at: float, events: tuple[Event, ...]) -> Alert:
         """The alert of a match of `events` under `key`."""
-        p = self.pattern
-        return Alert(p.id, key, p.severity, detected_at, events, self.summarize(key, events))
+        return alert_of(self.pattern, self.summarize, key, detected_at, events)
 
     @property
     def open_keys(self) -> int:
@@ -766,7 +766,7 @@ class PatternBook:
         found = self._routes.get((kind, shape, role, scope))
         if found is None:
             found = self._routes[(kind, shape, role, scope)] = tuple(
-                m.route(kind, shape, role) if scope != ("session" if m.by_user else "user") else None  # type: ignore[arg-type]
+                m.route(kind, shape, role) if meets_scope(scope, m.by_user) else None  # type: ignore[arg-type]
                 for m in self._matchers
             )
         return found
