@@ -49,6 +49,7 @@ from dataflows.events import Event
 from dataflows.sequencing import Scope
 from dataflows.patterns.alerts import Alert, alert_of
 from dataflows.patterns.bursts import BurstMatcher, is_burst
+from dataflows.patterns.pairs import Deadline, PairMatcher, is_pair
 from dataflows.patterns.definitions import (
     CompiledPredicate,
     PatternDef,
@@ -371,6 +372,15 @@ class _Matcher:
         for key in quiet:
             del self.states[key]
 
+    def due(self, key: str, deadline: float) -> list[Alert]:
+        """The alerts of the key's matches whose absence held until `deadline`; they stop waiting."""
+        state = self.states.get(key)
+        if state is None:
+            return []
+        fired = [self.alert(key, deadline, w[1][4]) for w in state.waiting if w[0] == deadline]
+        state.waiting = [w for w in state.waiting if w[0] != deadline]
+        return fired
+
     def alert(self, key: str, detected_at: float, events: tuple[Event, ...]) -> Alert:
         """The alert of a match of `events` under `key`."""
         return alert_of(self.pattern, self.summarize, key, detected_at, events)
@@ -390,9 +400,17 @@ class _Matcher:
             self.seen.clear()
 
 
-def matcher_for(pattern: PatternDef) -> _Matcher | BurstMatcher:
-    """The matcher of `pattern`: column-wise for a counting pattern (`bursts`), else per event."""
-    return BurstMatcher(pattern) if is_burst(pattern) else _Matcher(pattern)
+_Any: TypeAlias = "_Matcher | BurstMatcher | PairMatcher"
+_Found: TypeAlias = "tuple[int, int, Alert | Deadline]"
+"""What a column-wise matcher found in a frame: (row, pattern's index, an alert or a deadline to wait for)."""
+
+
+def matcher_for(pattern: PatternDef) -> _Any:
+    """The matcher of `pattern`: column-wise for a counting (`bursts`) or a two-step pattern (`pairs`),
+    else per event."""
+    if is_burst(pattern):
+        return BurstMatcher(pattern)
+    return PairMatcher(pattern) if is_pair(pattern) else _Matcher(pattern)
 
 
 @dataclass
@@ -411,13 +429,13 @@ class PatternBook:
     arrival_mark: float = -math.inf
     buffer: list[pl.DataFrame] = field(default_factory=list)
     """Events not yet matched (`BUFFER_SCHEMA`): at most one frame, in release order (`_buffer`)."""
-    deadlines: list[tuple[float, int, _Matcher, str]] = field(default_factory=list)
+    deadlines: list[tuple[float, int, _Matcher | PairMatcher, str]] = field(default_factory=list)
     """Heap of waiting absences: (deadline, sequence, pattern's matcher, key)."""
     released: tuple[float, int] = (-math.inf, -1)
     skipped_late: int = 0
     swept_at: float = -math.inf
     _sequence: int = 0
-    _matchers: tuple[_Matcher | BurstMatcher, ...] = field(init=False, repr=False)
+    _matchers: tuple[_Any, ...] = field(init=False, repr=False)
     _routes: dict[tuple[str, str, str, str], tuple[_Route | None, ...]] = field(init=False, repr=False)
     _span: tuple[float, float] = field(init=False, repr=False)
     """The event times over which the rules' definitions were last looked up: `[lo, hi)`."""
@@ -617,21 +635,20 @@ class PatternBook:
         if not self._matchers:
             return
         classes, class_of = self._classes(ready)
-        bursts = self._bursts(ready, classes, class_of)
+        found = self._column_wise(ready, classes, class_of)
         routes, visits = self._visits(ready, classes, class_of)
         chosen = np.flatnonzero(visits)
         rows = ready[chosen].select(EVENT_SCHEMA.names()).iter_rows() if len(chosen) else iter(())
-        pending = bursts.pop() if bursts else None
-        """The next alert of a counting pattern: (row, pattern's index, alert); `bursts` is reversed."""
+        pending = found.pop() if found else None
+        """What a column-wise matcher found next (`found` is reversed)."""
         plans: dict[tuple[int, int], tuple[_Route, ...]] = {}
         deadlines = self.deadlines
         make = tuple.__new__
         for row, cls, visit, at in zip(rows, class_of[chosen].tolist(), visits[chosen].tolist(), chosen.tolist(),
                                        strict=True):
             while pending is not None and pending[0] < at:
-                self._fire(pending[2].detected_at, alerts, rules, inclusive=False)
-                alerts.append(pending[2])
-                pending = bursts.pop() if bursts else None
+                self._settle(pending, alerts, rules)
+                pending = found.pop() if found else None
             plan = plans.get((cls, visit))
             if plan is None:
                 plan = plans[(cls, visit)] = tuple(
@@ -672,25 +689,45 @@ class PatternBook:
                 if seen is not None:
                     seen[key] = time
             if pending is not None and pending[0] == at:
-                pending = self._merge_row(alerts, before, pending, bursts)
+                pending = self._merge_row(alerts, before, pending, found)
         while pending is not None:
-            self._fire(pending[2].detected_at, alerts, rules, inclusive=False)
-            alerts.append(pending[2])
-            pending = bursts.pop() if bursts else None
+            self._settle(pending, alerts, rules)
+            pending = found.pop() if found else None
 
-    def _merge_row(self, alerts: list[Alert], before: int, pending: tuple[int, int, Alert] | None,
-                   bursts: list[tuple[int, int, Alert]]) -> tuple[int, int, Alert] | None:
-        """Put the counting patterns' alerts of one event among those the other patterns gave it
-        (`alerts[before:]`), in the order of the patterns; return the next pending one."""
+    def _settle(self, found: _Found, alerts: list[Alert], rules: PatternRules | None) -> None:
+        """Take in what a column-wise matcher found at a row no per-event pattern visits: an alert (after
+        the absences due before it), or a match now waiting for its deadline."""
+        item = found[2]
+        if isinstance(item, Alert):
+            self._fire(item.detected_at, alerts, rules, inclusive=False)
+            alerts.append(item)
+        else:
+            self._wait(found[1], item)
+
+    def _wait(self, index: int, item: Deadline) -> None:
+        matcher = self._matchers[index]
+        assert isinstance(matcher, PairMatcher), "only pair matchers hand over deadlines"
+        self._sequence += 1
+        heapq.heappush(self.deadlines, (item.deadline, self._sequence, matcher, item.key))
+
+    def _merge_row(self, alerts: list[Alert], before: int, pending: _Found | None,
+                   found: list[_Found]) -> _Found | None:
+        """Put the column-wise matchers' alerts of one event among those the other patterns gave it
+        (`alerts[before:]`), in the order of the patterns, and their deadlines on the heap (after the
+        other patterns'); return the next pending find."""
         assert pending is not None
         index = {m.pattern.id: i for i, m in enumerate(self._matchers)}
-        found = [(index[a.pattern], a) for a in alerts[before:]]
+        merged: list[tuple[int, Alert]] = [(index[a.pattern], a) for a in alerts[before:]]
         at = pending[0]
         while pending is not None and pending[0] == at:
-            found.append((pending[1], pending[2]))
-            pending = bursts.pop() if bursts else None
-        found.sort(key=lambda f: f[0])
-        alerts[before:] = [a for _, a in found]
+            item = pending[2]
+            if isinstance(item, Alert):
+                merged.append((pending[1], item))
+            else:
+                self._wait(pending[1], item)
+            pending = found.pop() if found else None
+        merged.sort(key=lambda f: f[0])
+        alerts[before:] = [a for _, a in merged]
         return pending
 
     @staticmethod
@@ -701,12 +738,12 @@ class PatternBook:
         class_of = classes.replace_strict(distinct, pl.Series(range(len(distinct)), dtype=pl.Int64)).to_numpy()
         return distinct.to_list(), class_of
 
-    def _bursts(self, ready: pl.DataFrame, classes: list[str], class_of: np.ndarray) -> list[tuple[int, int, Alert]]:
-        """The counting patterns' alerts on `ready`: (row, pattern's index, alert), last first."""
-        found: list[tuple[int, int, Alert]] = []
+    def _column_wise(self, ready: pl.DataFrame, classes: list[str], class_of: np.ndarray) -> list[_Found]:
+        """What the column-wise matchers find in `ready`: (row, pattern's index, alert or deadline), last first."""
+        found: list[_Found] = []
         for index, matcher in enumerate(self._matchers):
-            if isinstance(matcher, BurstMatcher):
-                found.extend((at, index, alert) for at, alert in matcher.match(ready, classes, class_of))
+            if isinstance(matcher, (BurstMatcher, PairMatcher)):
+                found.extend((at, index, item) for at, item in matcher.match(ready, classes, class_of))
         found.sort(key=lambda f: (f[0], f[1]), reverse=True)
         return found
 
@@ -780,18 +817,8 @@ class PatternBook:
             deadline, _, matcher, key = heapq.heappop(deadlines)
             if rules is not None and not self._span[0] <= deadline < self._span[1]:
                 self._follow(rules, deadline)
-            if matcher.retired:
-                continue
-            state = matcher.states.get(key)
-            if state is None:
-                continue
-            keep: list[_Waiting] = []
-            for waiting in state.waiting:
-                if waiting[0] != deadline:
-                    keep.append(waiting)
-                else:
-                    alerts.append(matcher.alert(key, deadline, waiting[1][4]))
-            state.waiting = keep
+            if not matcher.retired:
+                alerts.extend(matcher.due(key, deadline))
 
     def _sweep(self) -> None:
         """Expire partial matches and drop keys left with nothing, quiet for a horizon, as of the earliest

@@ -1,0 +1,79 @@
+"""A predicate as a column: which rows of a frame of events fit it, less its tests of earlier steps' senders.
+
+The column-wise matchers (`bursts`, `pairs`) decide a step for a whole frame at once. An event's class
+(kind, shape, resolved role, scope) decides every static test of a predicate; what is left for some
+classes (question, thanks, a regex) depends on the text alone, so it is run once per distinct text of
+such a class, not once per row. Sender tests (`same_sender_as`, `other_sender_than`) compare with an
+earlier step's event: the matcher applies them itself (`SenderTest`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, TypeAlias
+
+import numpy as np
+import polars as pl
+
+from dataflows.event_frame import EVENT_SCHEMA
+from dataflows.events import Event
+from dataflows.patterns.definitions import CompiledPredicate, Predicate, ResidualTest, meets_scope
+
+SenderTest: TypeAlias = "tuple[Literal['same', 'other'], int] | None"
+"""A predicate's test of the sender against the sender of step `i`'s event: equal, different, or none."""
+_TEXT = EVENT_SCHEMA.names().index("text")
+
+
+def sender_test(predicate: Predicate, refs: dict[str, int]) -> SenderTest:
+    """The one sender test `predicate` makes at its top level (None if none). Column-wise matchers
+    take only predicates with at most one, and none nested (`is_flat`)."""
+    if predicate.same_sender_as is not None:
+        return ("same", refs[predicate.same_sender_as])
+    if predicate.other_sender_than is not None:
+        return ("other", refs[predicate.other_sender_than])
+    return None
+
+
+def is_flat(predicate: Predicate) -> bool:
+    """Whether `predicate` tests at most one earlier sender, at its top level, and never a key's first event."""
+    nested = any(next(p.step_refs(), None) is not None for p in (*predicate.any_of, *predicate.none_of))
+    both = predicate.same_sender_as is not None and predicate.other_sender_than is not None
+    return not (nested or both or predicate.uses_first_of_key)
+
+
+class PredicateColumn:
+    """One predicate without its sender test, decided for the rows of a frame (`engine.BUFFER_SCHEMA`)."""
+
+    def __init__(self, predicate: Predicate, by_user: bool, refs: dict[str, int]) -> None:
+        self.compiled: CompiledPredicate = predicate.model_copy(
+            update={"same_sender_as": None, "other_sender_than": None}).compile()
+        self.by_user = by_user
+        self.refs = refs
+        self._tests: dict[str, bool | ResidualTest] = {}
+
+    def __getstate__(self) -> dict[str, object]:
+        # The per-class tests are a cache of closures: rebuilt on demand.
+        return {**self.__dict__, "_tests": {}}
+
+    def fits(self, ready: pl.DataFrame, classes: Sequence[str], class_of: np.ndarray) -> np.ndarray:
+        """Which rows of `ready` fit (`class_of` indexes `classes`, the distinct classes of its rows)."""
+        tests = [self._test(name) for name in classes]
+        fits = np.array([test is True for test in tests], dtype=bool)[class_of]
+        for index, test in enumerate(tests):
+            if callable(test):
+                rows = np.flatnonzero(class_of == index)
+                texts = ready["text"].gather(rows)
+                distinct = ready[rows].unique(subset="text", keep="first").select(EVENT_SCHEMA.names()).rows()
+                passing = [values[_TEXT] for values in distinct if test(Event._make(values), (), False)]
+                fits[rows] = texts.is_in(pl.Series(passing, dtype=pl.String).implode()).to_numpy()
+        return fits
+
+    def _test(self, name: str) -> bool | ResidualTest:
+        found = self._tests.get(name)
+        if found is None:
+            kind, _, role, scope = name.split("\x00")
+            found = meets_scope(scope, self.by_user) and self.compiled.residual(
+                kind, role, self.refs)  # type: ignore[arg-type]
+            self._tests[name] = found
+        return found
+

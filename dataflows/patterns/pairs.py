@@ -1,0 +1,359 @@
+"""Match two-step patterns (a question, then its answer, then maybe a silence) column-wise.
+
+A pair pattern has two steps of one event each and maybe an absence: `conversation_completion` (a
+customer asks, someone else answers within 10 min, the customer then says nothing for 30 s). Per key
+the per-event matcher (`engine._Matcher`) keeps the open questions in order; an answer completes
+with the first one still alive (within the step's gap and the pattern's bound) whose sender the
+answer's sender test accepts, and clears them all. So, per key, in release order:
+
+- an answer at row `i` can complete only if the latest accepted question before it is alive
+  (`best[i]`, found for every row at once by a running maximum per key, or per key and sender);
+- it does complete if that question also came after the key's last completion: a loop over these
+  candidate answers only, per key in row order, keeps the completions (the sequential part);
+- the question it takes is the first alive, accepted one since the last completion;
+- a completion's silence is broken by the first later row of the key that fits the absence (and
+  its sender test) at or before the deadline: found for all completions at once by a search over
+  the absence's rows ordered by key (and sender).
+
+Between frames a key keeps its open questions (as rows) and its matches waiting for silence; the
+book's heap of deadlines fires those (`due`). The per-event matcher gives the same alerts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from dataflows.event_frame import EVENT_SCHEMA
+from dataflows.events import Event
+from dataflows.patterns.alerts import Alert, alert_of
+from dataflows.patterns.columns import PredicateColumn, SenderTest, is_flat, sender_test
+from dataflows.patterns.definitions import PatternDef, ResolvedRole, Summarizer
+
+OPEN_SCHEMA = pl.Schema([*EVENT_SCHEMA.items(), ("key", pl.String)])
+"""Open questions: the events a key's first step took since its last completion."""
+_KEY_COLUMN = {False: "session_id", True: "user_key"}
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """A completed match now waiting for silence until `deadline` (the book pushes it on its heap)."""
+
+    deadline: float
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Waiting:
+    deadline: float
+    events: tuple[Event, Event]
+
+    @property
+    def senders(self) -> tuple[str, str]:
+        return self.events[0].sender, self.events[1].sender
+
+
+def is_pair(pattern: PatternDef) -> bool:
+    """Whether this matcher takes `pattern`: two steps of one event each, every match alerted, no
+    test of a key's first event, and at most one sender test (top level) per predicate."""
+    steps = pattern.steps
+    if len(steps) != 2 or any(s.min_count != 1 or s.max_count != 1 for s in steps):
+        return False
+    predicates = [s.where for s in steps] + ([pattern.absence.not_followed_by] if pattern.absence else [])
+    return pattern.emit == "every_match" and all(is_flat(p) for p in predicates)
+
+
+class PairMatcher:
+    """One pair pattern within one `PatternBook`: its keys' open questions and waiting matches."""
+
+    def __init__(self, pattern: PatternDef) -> None:
+        assert is_pair(pattern), f"{pattern.id} is not a pair pattern"
+        self.pattern = pattern
+        self.retired = False
+        self.by_user = pattern.key == "user"
+        refs = {step.name: i for i, step in enumerate(pattern.steps)}
+        first, then = pattern.steps
+        self.first = PredicateColumn(first.where, self.by_user, refs)
+        self.then = PredicateColumn(then.where, self.by_user, refs)
+        self.then_sender = sender_test(then.where, refs)
+        absence = pattern.absence
+        self.absence = None if absence is None else PredicateColumn(absence.not_followed_by, self.by_user, refs)
+        self.absence_sender = None if absence is None else sender_test(absence.not_followed_by, refs)
+        self.silence = None if absence is None else absence.seconds
+        gap = math.inf if then.within_seconds is None else then.within_seconds
+        self.alive_for = min(gap, math.inf if pattern.within_seconds is None else pattern.within_seconds)
+        """How long a question stays open: an answer at most this long after it can take it."""
+        self.summarize = Summarizer(pattern)
+        self.open = pl.DataFrame(schema=OPEN_SCHEMA)
+        self.waiting: dict[str, list[_Waiting]] = {}
+
+    def route(self, kind: str, shape: str, role: ResolvedRole) -> None:
+        """No event is visited one by one (see `PatternBook._routes_of`): `match` takes whole frames."""
+        return None
+
+    @property
+    def open_keys(self) -> int:
+        """Keys with an open question or a waiting match."""
+        return len(self.held_keys())
+
+    def held_keys(self) -> set[str]:
+        """The keys `open_keys` counts."""
+        return {*self.waiting, *self.open["key"]}
+
+    def clear(self) -> None:
+        self.open = self.open.clear()
+        self.waiting = {}
+
+    def sweep(self, lower: float) -> None:
+        """Forget open questions no event at `lower` or later can answer (waiting matches leave by `due`)."""
+        if not self.open.is_empty() and self.alive_for < math.inf:
+            self.open = self.open.filter(lower - pl.col("time") <= self.alive_for)
+
+    def due(self, key: str, deadline: float) -> list[Alert]:
+        """The alerts of the key's matches whose silence held until `deadline`; they stop waiting."""
+        waiting = self.waiting.get(key)
+        if not waiting:
+            return []
+        fired = [w for w in waiting if w.deadline == deadline]
+        kept = [w for w in waiting if w.deadline != deadline]
+        if kept:
+            self.waiting[key] = kept
+        else:
+            del self.waiting[key]
+        return [alert_of(self.pattern, self.summarize, key, deadline, w.events) for w in fired]
+
+    def match(self, ready: pl.DataFrame, classes: Sequence[str], class_of: np.ndarray
+              ) -> list[tuple[int, Alert | Deadline]]:
+        """Match the rows of `ready` (in release order; `class_of` indexes `classes`): per completed
+        match, the row it completed at and its alert, or (with an absence) its deadline, in row order."""
+        asks = self.first.fits(ready, classes, class_of)
+        answers = self.then.fits(ready, classes, class_of)
+        breaks = (self.absence.fits(ready, classes, class_of) if self.absence is not None
+                  else np.zeros(len(ready), dtype=bool))
+        chosen = np.flatnonzero(asks | answers | breaks)
+        if not len(chosen):
+            return []
+        key = _KEY_COLUMN[self.by_user]
+        fresh = ready[chosen].select(
+            *EVENT_SCHEMA.names(), pl.col(key).alias("key"), pl.Series("pos", chosen, dtype=pl.Int64),
+            pl.Series("ask", asks[chosen]), pl.Series("answer", answers[chosen]), pl.Series("break", breaks[chosen]))
+        here = pl.col("key").is_in(fresh["key"].unique().implode())
+        carried = self.open.filter(here).with_columns(
+            pos=pl.lit(-1, pl.Int64), ask=pl.lit(True), answer=pl.lit(False), **{"break": pl.lit(False)})
+        rows = pl.concat([carried, fresh]).sort("key", maintain_order=True)
+        frame = _Frame(rows)
+        completed, taken, after = self._complete(frame)
+        self._keep_open(rows, frame, after, self.open.filter(~here))
+        if self.silence is None:
+            return self._alerts(rows, frame, completed, taken)
+        return self._await(rows, frame, completed, taken)
+
+    def _complete(self, f: _Frame) -> tuple[list[int], list[int], np.ndarray]:
+        """The rows of completing answers, the questions they take, and per key the row after its last."""
+        asks, answers, times, senders = f.flag("ask"), f.flag("answer"), f.times, f.senders
+        best = _last_before(asks, f.group) if self.then_sender is None else (
+            _last_before(asks, f.group * f.n_senders + senders) if self.then_sender[0] == "same"
+            else _last_other_before(asks, f.group, senders))
+        alive = (best >= 0) & (times - times[np.maximum(best, 0)] <= self.alive_for)
+        candidates = np.flatnonzero(answers & alive)
+        after = f.starts.copy()
+        completed: list[int] = []
+        taken: list[int] = []
+        questions = np.flatnonzero(asks).tolist()
+        time_of, sender_of = times.tolist(), senders.tolist()
+        relation = None if self.then_sender is None else self.then_sender[0]
+        alive_for = self.alive_for
+        at = 0
+        for row, last, group in zip(candidates.tolist(), best[candidates].tolist(), f.group[candidates].tolist(),
+                                    strict=True):
+            since = int(after[group])
+            if last < since:
+                continue
+            while questions[at] < since:
+                at += 1
+            pick = at
+            while True:
+                ask = questions[pick]
+                accepted = (relation is None or (sender_of[ask] == sender_of[row]) == (relation == "same"))
+                if accepted and time_of[row] - time_of[ask] <= alive_for:
+                    break
+                pick += 1
+            completed.append(row)
+            taken.append(ask)
+            after[group] = row + 1
+        return completed, taken, after
+
+    def _keep_open(self, rows: pl.DataFrame, f: _Frame, after: np.ndarray, elsewhere: pl.DataFrame) -> None:
+        """Keep each key's questions since its last completion that a later event could still answer."""
+        asks, times = f.flag("ask"), f.times
+        last = times[f.ends]
+        still = asks & (np.arange(f.n) >= after[f.group]) & (last[f.group] - times <= self.alive_for)
+        kept = rows.filter(pl.Series(still)).select(OPEN_SCHEMA.names())
+        self.open = pl.concat([elsewhere, kept])
+
+    def _events(self, rows: pl.DataFrame, completed: list[int], taken: list[int]) -> list[tuple[Event, Event]]:
+        picked = rows[np.array([*taken, *completed], dtype=np.int64)].select(EVENT_SCHEMA.names()).rows()
+        events = [Event._make(values) for values in picked]
+        return list(zip(events[:len(taken)], events[len(taken):], strict=True))
+
+    def _alerts(self, rows: pl.DataFrame, f: _Frame, completed: list[int], taken: list[int]
+                ) -> list[tuple[int, Alert | Deadline]]:
+        if not completed:
+            return []
+        keys = rows["key"].gather(completed).to_list()
+        found: list[tuple[int, Alert | Deadline]] = [
+            (int(f.pos[row]), alert_of(self.pattern, self.summarize, key, float(f.times[row]), match))
+            for row, key, match in zip(completed, keys, self._events(rows, completed, taken), strict=True)]
+        found.sort(key=lambda item: item[0])
+        return found
+
+    def _await(self, rows: pl.DataFrame, f: _Frame, completed: list[int], taken: list[int]
+               ) -> list[tuple[int, Alert | Deadline]]:
+        """Break the silences the frame's rows break (of matches carried in, and completed here); the
+        matches left wait for their deadline."""
+        assert self.silence is not None
+        names = rows["key"].gather(f.starts).to_list()
+        group_of = {name: g for g, name in enumerate(names)}
+        carried = [(key, w) for key in names for w in self.waiting.get(key, ())]
+        codes = dict(zip(rows["sender"].to_list(), f.senders.tolist(), strict=True)) if carried else {}
+        n_new = len(completed)
+        groups = np.array([*f.group[completed].tolist(), *(group_of[key] for key, _ in carried)], dtype=np.int64)
+        since = np.array([*(row + 1 for row in completed), *(f.starts[group_of[key]] for key, _ in carried)],
+                         dtype=np.int64)
+        ask_sender = [*f.senders[taken].tolist(), *(codes.get(w.senders[0], -1) for _, w in carried)]
+        answer_sender = [*f.senders[completed].tolist(), *(codes.get(w.senders[1], -1) for _, w in carried)]
+        deadlines = np.array([*(f.times[row] + self.silence for row in completed), *(w.deadline for _, w in carried)],
+                             dtype=np.float64)
+        broken = self._broken(f, groups, since, np.array([ask_sender, answer_sender], dtype=np.int64).reshape(2, -1),
+                              deadlines)
+        for key in names:
+            self.waiting.pop(key, None)
+        for (key, w), gone in zip(carried, broken[n_new:].tolist(), strict=True):
+            if not gone:
+                self.waiting.setdefault(key, []).append(w)
+        found: list[tuple[int, Alert | Deadline]] = []
+        matches = self._events(rows, completed, taken) if completed else []
+        for row, match, deadline, gone in zip(completed, matches, deadlines[:n_new].tolist(), broken[:n_new].tolist(),
+                                              strict=True):
+            if not gone:
+                key = names[f.group[row]]
+                self.waiting.setdefault(key, []).append(_Waiting(deadline, match))
+                found.append((int(f.pos[row]), Deadline(deadline, key)))
+        found.sort(key=lambda item: item[0])
+        return found
+
+    def _broken(self, f: _Frame, groups: np.ndarray, since: np.ndarray, senders: np.ndarray,
+                deadlines: np.ndarray) -> np.ndarray:
+        """Per waiting match (its key's group, the first row that can break it, its steps' sender
+        codes), whether a row of the key that fits the absence comes at or before its deadline."""
+        if not len(groups):
+            return np.zeros(0, dtype=bool)
+        breaks = f.flag("break")
+        test = self.absence_sender
+        if test is None:
+            first = _first_from(breaks, f.group, groups, since)
+        elif test[0] == "same":
+            first = _first_from(breaks, f.group * f.n_senders + f.senders, groups * f.n_senders + senders[test[1]],
+                                since, absent=senders[test[1]] < 0)
+        else:
+            first = _first_other_from(breaks, f.group, f.senders, groups, since, senders[test[1]])
+        return (first >= 0) & (f.times[np.maximum(first, 0)] <= deadlines)
+
+
+class _Frame:
+    """The arrays of a frame of rows sorted by key (release order within a key)."""
+
+    def __init__(self, rows: pl.DataFrame) -> None:
+        self.rows = rows
+        self.n = len(rows)
+        self.times = rows["time"].to_numpy()
+        self.pos = rows["pos"].to_numpy()
+        self.starts = np.flatnonzero(rows["key"].ne_missing(rows["key"].shift(1)).to_numpy())
+        self.ends = np.append(self.starts[1:], self.n) - 1
+        self.group = np.repeat(np.arange(len(self.starts), dtype=np.int64), np.diff(np.append(self.starts, self.n)))
+        self.senders = rows["sender"].rank("dense").fill_null(0).to_numpy().astype(np.int64) - 1
+        self.n_senders = int(self.senders.max()) + 1 if self.n else 1
+
+    def flag(self, name: str) -> np.ndarray:
+        return self.rows[name].to_numpy()
+
+
+def _last_before(flags: np.ndarray, gid: np.ndarray) -> np.ndarray:
+    """Per row, the last earlier row with a flag and the same `gid`, or -1."""
+    n = len(flags)
+    order = np.lexsort((np.arange(n), gid))
+    g = gid[order]
+    stride = n + 1
+    running = np.maximum.accumulate(np.where(flags[order], g * stride + order + 1, g * stride))
+    before = np.empty(n, dtype=np.int64)
+    before[0] = -1
+    before[1:] = running[:-1]
+    valid = (before >= 0) & (before // stride == g) & (before % stride > 0)
+    found = np.empty(n, dtype=np.int64)
+    found[order] = np.where(valid, before % stride - 1, -1)
+    return found
+
+
+def _last_other_before(flags: np.ndarray, group: np.ndarray, senders: np.ndarray) -> np.ndarray:
+    """Per row, the last earlier flagged row of its key (`group`, contiguous) from another sender, or -1.
+
+    The last flagged row before it, if from another sender; else the last before that one's run of
+    flagged rows from one sender."""
+    n = len(flags)
+    last = _last_before(flags, group)
+    flagged = np.flatnonzero(flags)
+    change = np.ones(len(flagged), dtype=bool)
+    change[1:] = (senders[flagged[1:]] != senders[flagged[:-1]]) | (group[flagged[1:]] != group[flagged[:-1]])
+    run_start = np.maximum.accumulate(np.where(change, np.arange(len(flagged)), 0))
+    previous = run_start - 1
+    before_run = np.full(n, -1, dtype=np.int64)
+    ok = previous >= 0
+    ok[ok] = group[flagged[previous[ok]]] == group[flagged[ok]]
+    before_run[flagged[ok]] = flagged[previous[ok]]
+    clipped = np.maximum(last, 0)
+    other = np.where(senders[clipped] != senders, last, before_run[clipped])
+    return np.where(last >= 0, other, -1)
+
+
+def _first_from(flags: np.ndarray, gid: np.ndarray, query: np.ndarray, since: np.ndarray,
+                absent: np.ndarray | None = None) -> np.ndarray:
+    """Per query, the first flagged row at or after `since` with `gid` equal to the query's, or -1
+    (always -1 where `absent`)."""
+    stride = len(flags) + 1
+    flagged = np.flatnonzero(flags)
+    codes = gid[flagged] * stride + flagged
+    order = np.argsort(codes, kind="stable")
+    codes, flagged = codes[order], flagged[order]
+    at = np.searchsorted(codes, query * stride + since, side="left")
+    found = flagged[np.minimum(at, len(flagged) - 1)] if len(flagged) else np.full(len(query), -1)
+    hit = (at < len(flagged)) & (gid[np.maximum(found, 0)] == query)
+    if absent is not None:
+        hit &= ~absent
+    return np.where(hit, found, -1)
+
+
+def _first_other_from(flags: np.ndarray, group: np.ndarray, senders: np.ndarray, query: np.ndarray,
+                      since: np.ndarray, sender: np.ndarray) -> np.ndarray:
+    """Per query, the first flagged row of its key (`group`, contiguous) at or after `since` whose
+    sender is not the query's `sender`, or -1: the first flagged row there, or the first after its
+    run of flagged rows from one sender."""
+    first = _first_from(flags, group, query, since)
+    flagged = np.flatnonzero(flags)
+    if not len(flagged):
+        return first
+    change = np.ones(len(flagged), dtype=bool)
+    change[1:] = (senders[flagged[1:]] != senders[flagged[:-1]]) | (group[flagged[1:]] != group[flagged[:-1]])
+    index = np.arange(len(flagged))
+    next_start = np.minimum.accumulate(np.where(change, index, len(flagged))[::-1])[::-1]
+    following = np.append(next_start[1:], len(flagged))
+    after_run = np.full(len(flags), -1, dtype=np.int64)
+    ok = following < len(flagged)
+    ok[ok] = group[flagged[following[ok]]] == group[flagged[ok]]
+    after_run[flagged[ok]] = flagged[following[ok]]
+    clipped = np.maximum(first, 0)
+    other = np.where(senders[clipped] != sender, first, after_run[clipped])
+    return np.where(first >= 0, other, -1)
