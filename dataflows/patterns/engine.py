@@ -22,7 +22,9 @@ starts afresh. Roles that the rules give chat users (`rm` is an agent) reach the
 
 Events come and wait as frames; what can be decided for a whole frame is decided column-wise
 (lateness, roles, keys, the order of release). Counting patterns (one open-ended step, no absence:
-a spam burst) are matched wholly column-wise (`bursts.BurstMatcher`); for the others, per event the
+a spam burst) and two-step ones (a question, its answer, maybe a silence: conversation completion)
+are matched wholly column-wise (`bursts.BurstMatcher`, `pairs.PairMatcher`; the latter hand their
+waiting matches' deadlines to the book's heap); for the others, per event the
 work is kept to what the event can change. An event's kind, shape, resolved role and scope (its
 class) decide every static test of every predicate, so each class gets a route, built once: per
 pattern, the `ResidualTest` left of each step and of the absence. Per pattern, a frame's events of
