@@ -29,7 +29,8 @@ import polars as pl
 from dataflows.event_frame import EVENT_SCHEMA
 from dataflows.events import Event
 from dataflows.patterns.alerts import Alert, alert_of
-from dataflows.patterns.definitions import PatternDef, ResidualTest, ResolvedRole, Summarizer, meets_scope
+from dataflows.patterns.columns import PredicateColumn
+from dataflows.patterns.definitions import PatternDef, ResolvedRole, Summarizer
 
 RUN_SCHEMA = pl.Schema([*EVENT_SCHEMA.items(), ("key", pl.String), ("pos", pl.Int64)])
 """A key's events of its current run (`pos` -1: they came in an earlier frame)."""
@@ -53,8 +54,7 @@ class BurstMatcher:
         self.pattern = pattern
         self.retired = False
         self.by_user = pattern.key == "user"
-        self.predicate = pattern.steps[0].where.compile()
-        self.refs = {pattern.steps[0].name: 0}
+        self.step = PredicateColumn(pattern.steps[0].where, self.by_user, {pattern.steps[0].name: 0})
         self.min = pattern.steps[0].min_count
         self.within = pattern.within_seconds
         self.bound = math.inf if self.within is None else self.within
@@ -63,11 +63,14 @@ class BurstMatcher:
         self.run = pl.DataFrame(schema=RUN_SCHEMA)
         self.muted: dict[str, float] = {}
         """Muted keys and the time each mute lasts until (an event at or before it extends it)."""
-        self._tests: dict[str, bool | ResidualTest] = {}
 
-    def __getstate__(self) -> dict[str, object]:
-        # The step tests are a cache of closures: rebuilt on demand.
-        return {**self.__dict__, "_tests": {}}
+    def __setstate__(self, state: dict[str, object]) -> None:
+        # Snapshots from before `PredicateColumn` kept the compiled step and a cache of its tests.
+        for stale in ("predicate", "refs", "_tests"):
+            state.pop(stale, None)
+        self.__dict__.update(state)
+        if "step" not in state:
+            self.step = PredicateColumn(self.pattern.steps[0].where, self.by_user, {self.pattern.steps[0].name: 0})
 
     def route(self, kind: str, shape: str, role: ResolvedRole) -> None:
         """No event is visited one by one (see `PatternBook._routes_of`): `match` takes whole frames."""
@@ -92,34 +95,10 @@ class BurstMatcher:
             self.run = self.run.filter(lower - pl.col("time") <= self.within)
         self.muted = {key: until for key, until in self.muted.items() if until >= lower}
 
-    def fits(self, ready: pl.DataFrame, classes: Sequence[str], class_of: np.ndarray) -> np.ndarray:
-        """Which rows of `ready` (`engine.BUFFER_SCHEMA`) fit the step: decided per class of event,
-        tested one by one only for classes whose step test depends on more than kind and role."""
-        tests = [self._test(name) for name in classes]
-        fits = np.array([test is True for test in tests], dtype=bool)[class_of]
-        residual = [index for index, test in enumerate(tests) if callable(test)]
-        if residual:
-            rows = np.flatnonzero(np.isin(class_of, residual))
-            picked = ready[rows].select(EVENT_SCHEMA.names()).rows()
-            for row, cls, values in zip(rows.tolist(), class_of[rows].tolist(), picked, strict=True):
-                test = tests[cls]
-                assert callable(test)
-                fits[row] = test(Event._make(values), (), False)
-        return fits
-
-    def _test(self, name: str) -> bool | ResidualTest:
-        found = self._tests.get(name)
-        if found is None:
-            kind, _, role, scope = name.split("\x00")
-            found = meets_scope(scope, self.by_user) and self.predicate.residual(
-                kind, role, self.refs)  # type: ignore[arg-type]
-            self._tests[name] = found
-        return found
-
     def match(self, ready: pl.DataFrame, classes: Sequence[str], class_of: np.ndarray) -> list[tuple[int, Alert]]:
         """Match the rows of `ready` (in release order; `class_of` indexes `classes`) that fit the
         step: the alerts, each with the row it completed at, in row order."""
-        chosen = np.flatnonzero(self.fits(ready, classes, class_of))
+        chosen = np.flatnonzero(self.step.fits(ready, classes, class_of))
         if not len(chosen):
             return []
         fresh = ready[chosen].select(

@@ -306,8 +306,7 @@ def _last_other_before(flags: np.ndarray, group: np.ndarray, senders: np.ndarray
     n = len(flags)
     last = _last_before(flags, group)
     flagged = np.flatnonzero(flags)
-    change = np.ones(len(flagged), dtype=bool)
-    change[1:] = (senders[flagged[1:]] != senders[flagged[:-1]]) | (group[flagged[1:]] != group[flagged[:-1]])
+    change = _run_starts(flagged, group, senders)
     run_start = np.maximum.accumulate(np.where(change, np.arange(len(flagged)), 0))
     previous = run_start - 1
     before_run = np.full(n, -1, dtype=np.int64)
@@ -317,6 +316,13 @@ def _last_other_before(flags: np.ndarray, group: np.ndarray, senders: np.ndarray
     clipped = np.maximum(last, 0)
     other = np.where(senders[clipped] != senders, last, before_run[clipped])
     return np.where(last >= 0, other, -1)
+
+
+def _run_starts(flagged: np.ndarray, group: np.ndarray, senders: np.ndarray) -> np.ndarray:
+    """Per flagged row (in row order), whether it starts a run of flagged rows of one key and one sender."""
+    change = np.ones(len(flagged), dtype=bool)
+    change[1:] = (senders[flagged[1:]] != senders[flagged[:-1]]) | (group[flagged[1:]] != group[flagged[:-1]])
+    return change
 
 
 def _first_from(flags: np.ndarray, gid: np.ndarray, query: np.ndarray, since: np.ndarray,
@@ -345,8 +351,7 @@ def _first_other_from(flags: np.ndarray, group: np.ndarray, senders: np.ndarray,
     flagged = np.flatnonzero(flags)
     if not len(flagged):
         return first
-    change = np.ones(len(flagged), dtype=bool)
-    change[1:] = (senders[flagged[1:]] != senders[flagged[:-1]]) | (group[flagged[1:]] != group[flagged[:-1]])
+    change = _run_starts(flagged, group, senders)
     index = np.arange(len(flagged))
     next_start = np.minimum.accumulate(np.where(change, index, len(flagged))[::-1])[::-1]
     following = np.append(next_start[1:], len(flagged))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import random
 from pathlib import Path
 from unittest import mock
@@ -16,6 +15,7 @@ from dataflows.patterns import engine
 from dataflows.patterns.bursts import BurstMatcher, is_burst
 from dataflows.patterns.definitions import PatternDef, pattern_from_dict
 from dataflows.patterns.engine import PatternBook
+from tests.dataflows.pattern_replay import replay_alerts
 
 SHIPPED = load_patterns(Path(__file__).parent.parent.parent / "samples" / "patterns.yaml")
 T0 = 1_704_103_200.0
@@ -55,16 +55,7 @@ def _day(rnd: random.Random, n: int) -> list[tuple[float, Event]]:
 
 
 def _alerts(events: list[tuple[float, Event]], advance_every: int, pickle_at: int | None) -> list[dict[str, object]]:
-    book = PatternBook(PATTERNS, 5.0)
-    alerts = []
-    for i, (clock, event) in enumerate(events):
-        book.add(event, clock)
-        if i % advance_every == 0:
-            alerts += book.advance(clock)
-        if i == pickle_at:
-            book = pickle.loads(pickle.dumps(book))
-    alerts += book.flush()
-    return [a.as_record() for a in alerts]
+    return replay_alerts(PATTERNS, events, advance_every, pickle_at)
 
 
 @settings(max_examples=40, deadline=None)
@@ -117,3 +108,23 @@ def test_a_mute_and_a_run_survive_between_frames_and_are_swept_when_stale() -> N
     assert say(400, "ann") == []
     assert matcher.muted == {} and matcher.run["key"].to_list() == ["ann"]
     assert book.open_keys == 1
+
+
+def test_a_snapshot_from_before_predicate_columns_resumes() -> None:
+    """A burst matcher pickled when it kept its compiled step and test cache (not a `PredicateColumn`)
+    rebuilds its step column on restore and matches as before."""
+    spam = next(p for p in SHIPPED if p.id == "spam_burst")
+    old = BurstMatcher(spam).__dict__.copy()
+    del old["step"]
+    old.update(predicate=spam.steps[0].where.compile(), refs={"message": 0}, _tests={})
+    restored = BurstMatcher.__new__(BurstMatcher)
+    restored.__setstate__(old)
+    assert not {"predicate", "refs", "_tests"} & set(restored.__dict__)
+    book = PatternBook((spam,), 0.0)
+    book._matchers = (restored,)
+    fired = []
+    for t in range(5):
+        book.add(Event(f"e{t}", "room", "eve", "USER_MESSAGE", "x", T0 + t, "event", "chat", "in", t, t, None, "eve",
+                       iso(T0 + t)), T0 + t)
+        fired += book.advance(T0 + t)
+    assert [a.key for a in fired] == ["eve"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from dataflows.events import Event, iso
 from dataflows.patterns import engine
 from dataflows.patterns.definitions import PatternDef, pattern_from_dict
 from dataflows.patterns.engine import PatternBook
+from tests.dataflows.pattern_replay import replay_alerts
 from dataflows.patterns.pairs import PairMatcher, is_pair
 
 SHIPPED = load_patterns(Path(__file__).parent.parent.parent / "samples" / "patterns.yaml")
@@ -70,16 +70,7 @@ def _day(rnd: random.Random, n: int) -> list[tuple[float, Event]]:
 
 
 def _alerts(events: list[tuple[float, Event]], advance_every: int, pickle_at: int | None) -> list[dict[str, object]]:
-    book = PatternBook(PATTERNS, 5.0)
-    alerts = []
-    for i, (clock, event) in enumerate(events):
-        book.add(event, clock)
-        if i % advance_every == 0:
-            alerts += book.advance(clock)
-        if i == pickle_at:
-            book = pickle.loads(pickle.dumps(book))
-    alerts += book.flush()
-    return [a.as_record() for a in alerts]
+    return replay_alerts(PATTERNS, events, advance_every, pickle_at)
 
 
 @settings(max_examples=25, deadline=None)
