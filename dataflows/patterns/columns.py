@@ -2,14 +2,15 @@
 
 The column-wise matchers (`bursts`, `pairs`) decide a step for a whole frame at once. An event's class
 (kind, shape, resolved role, scope) decides every static test of a predicate; what is left for some
-classes (question, thanks, a regex) depends on the text alone, so it is run once per distinct text of
-such a class, not once per row. Sender tests (`same_sender_as`, `other_sender_than`) compare with an
+classes (question, thanks, a regex) depends on the text alone, so its verdict per text is kept (a
+bounded cache per class: chat repeats its texts) across frames. Sender tests (`same_sender_as`, `other_sender_than`) compare with an
 earlier step's event: the matcher applies them itself (`SenderTest`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Literal, TypeAlias
 
 import numpy as np
@@ -21,7 +22,8 @@ from dataflows.patterns.definitions import CompiledPredicate, Predicate, Residua
 
 SenderTest: TypeAlias = "tuple[Literal['same', 'other'], int] | None"
 """A predicate's test of the sender against the sender of step `i`'s event: equal, different, or none."""
-_TEXT = EVENT_SCHEMA.names().index("text")
+TEXT_VERDICTS = 1 << 16
+"""How many texts' verdicts a predicate column keeps per class of event."""
 
 
 def sender_test(predicate: Predicate, refs: dict[str, int]) -> SenderTest:
@@ -49,7 +51,7 @@ class PredicateColumn:
             update={"same_sender_as": None, "other_sender_than": None}).compile()
         self.by_user = by_user
         self.refs = refs
-        self._tests: dict[str, bool | ResidualTest] = {}
+        self._tests: dict[str, bool | Callable[[str], bool]] = {}
 
     def __getstate__(self) -> dict[str, object]:
         # The per-class tests are a cache of closures: rebuilt on demand.
@@ -57,23 +59,31 @@ class PredicateColumn:
 
     def fits(self, ready: pl.DataFrame, classes: Sequence[str], class_of: np.ndarray) -> np.ndarray:
         """Which rows of `ready` fit (`class_of` indexes `classes`, the distinct classes of its rows)."""
-        tests = [self._test(name) for name in classes]
+        tests = [self._test(name, ready, class_of, index) for index, name in enumerate(classes)]
         fits = np.array([test is True for test in tests], dtype=bool)[class_of]
         for index, test in enumerate(tests):
             if callable(test):
                 rows = np.flatnonzero(class_of == index)
-                texts = ready["text"].gather(rows)
-                distinct = ready[rows].unique(subset="text", keep="first").select(EVENT_SCHEMA.names()).rows()
-                passing = [values[_TEXT] for values in distinct if test(Event._make(values), (), False)]
-                fits[rows] = texts.is_in(pl.Series(passing, dtype=pl.String).implode()).to_numpy()
+                fits[rows] = np.fromiter(map(test, ready["text"].gather(rows).to_list()), dtype=bool, count=len(rows))
         return fits
 
-    def _test(self, name: str) -> bool | ResidualTest:
+    def _test(self, name: str, ready: pl.DataFrame, class_of: np.ndarray, index: int) -> bool | Callable[[str], bool]:
+        """The predicate for class `name`: decided, or a cached test of a text (the class's static
+        tests are decided, so what is left reads the text alone; any event of the class stands in for
+        the rest)."""
         found = self._tests.get(name)
         if found is None:
             kind, _, role, scope = name.split("\x00")
-            found = meets_scope(scope, self.by_user) and self.compiled.residual(
+            residual = meets_scope(scope, self.by_user) and self.compiled.residual(
                 kind, role, self.refs)  # type: ignore[arg-type]
+            found = residual if isinstance(residual, bool) else _text_test(
+                residual, Event._make(ready.select(EVENT_SCHEMA.names()).row(int(np.argmax(class_of == index)))))
             self._tests[name] = found
         return found
 
+
+def _text_test(residual: ResidualTest, like: Event) -> Callable[[str], bool]:
+    @lru_cache(maxsize=TEXT_VERDICTS)
+    def test(text: str) -> bool:
+        return residual(like._replace(text=text), (), False)
+    return test

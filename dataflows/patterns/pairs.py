@@ -236,13 +236,16 @@ class PairMatcher:
             if not gone:
                 self.waiting.setdefault(key, []).append(w)
         found: list[tuple[int, Alert | Deadline]] = []
-        matches = self._events(rows, completed, taken) if completed else []
-        for row, match, deadline, gone in zip(completed, matches, deadlines[:n_new].tolist(), broken[:n_new].tolist(),
-                                              strict=True):
-            if not gone:
-                key = names[f.group[row]]
-                self.waiting.setdefault(key, []).append(_Waiting(deadline, match))
-                found.append((int(f.pos[row]), Deadline(deadline, key)))
+        kept = np.flatnonzero(~broken[:n_new])
+        if not len(kept):
+            return found
+        quiet = np.array(completed, dtype=np.int64)[kept]
+        matches = self._events(rows, quiet.tolist(), np.array(taken, dtype=np.int64)[kept].tolist())
+        for group, pos, match, deadline in zip(f.group[quiet].tolist(), f.pos[quiet].tolist(),
+                                                    matches, deadlines[kept].tolist(), strict=True):
+            key = names[group]
+            self.waiting.setdefault(key, []).append(_Waiting(deadline, match))
+            found.append((pos, Deadline(deadline, key)))
         found.sort(key=lambda item: item[0])
         return found
 
