@@ -21,7 +21,6 @@ alerts; this one exists because a burst pattern visits every message of every us
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import polars as pl
@@ -29,7 +28,7 @@ import polars as pl
 from dataflows.event_frame import EVENT_SCHEMA
 from dataflows.events import Event
 from dataflows.patterns.alerts import Alert, alert_of
-from dataflows.patterns.columns import PredicateColumn
+from dataflows.patterns.columns import PredicateColumn, Released
 from dataflows.patterns.definitions import PatternDef, ResolvedRole, Summarizer
 
 RUN_SCHEMA = pl.Schema([*EVENT_SCHEMA.items(), ("key", pl.String), ("pos", pl.Int64)])
@@ -95,10 +94,11 @@ class BurstMatcher:
             self.run = self.run.filter(lower - pl.col("time") <= self.within)
         self.muted = {key: until for key, until in self.muted.items() if until >= lower}
 
-    def match(self, ready: pl.DataFrame, classes: Sequence[str], class_of: np.ndarray) -> list[tuple[int, Alert]]:
-        """Match the rows of `ready` (in release order; `class_of` indexes `classes`) that fit the
-        step: the alerts, each with the row it completed at, in row order."""
-        chosen = np.flatnonzero(self.step.fits(ready, classes, class_of))
+    def match(self, released: Released) -> list[tuple[int, Alert]]:
+        """Match the released rows that fit the step: the alerts, each with the row it completed at,
+        in row order."""
+        ready = released.rows
+        chosen = np.flatnonzero(self.step.fits(released))
         if not len(chosen):
             return []
         fresh = ready[chosen].select(

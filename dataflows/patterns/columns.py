@@ -9,8 +9,9 @@ earlier step's event: the matcher applies them itself (`SenderTest`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from functools import lru_cache
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from typing import Literal, TypeAlias
 
 import numpy as np
@@ -24,6 +25,28 @@ SenderTest: TypeAlias = "tuple[Literal['same', 'other'], int] | None"
 """A predicate's test of the sender against the sender of step `i`'s event: equal, different, or none."""
 TEXT_VERDICTS = 1 << 16
 """How many texts' verdicts a predicate column keeps per class of event."""
+
+
+@dataclass
+class Released:
+    """Rows the book releases to its matchers (`engine.BUFFER_SCHEMA`, in release order), with each
+    row's class of event: `class_of` indexes `classes`, the distinct classes (kind, shape, role, scope)."""
+
+    rows: pl.DataFrame
+    classes: list[str]
+    class_of: np.ndarray
+
+    @classmethod
+    def of(cls, rows: pl.DataFrame) -> Released:
+        names = rows["class"]
+        distinct = names.unique(maintain_order=True)
+        class_of = names.replace_strict(distinct, pl.Series(range(len(distinct)), dtype=pl.Int64)).to_numpy()
+        return cls(rows, distinct.to_list(), class_of)
+
+    @cached_property
+    def texts(self) -> list[str]:
+        """The rows' texts as Python strings, made once for all predicates (each caches its verdicts by text)."""
+        return self.rows["text"].to_list()
 
 
 def sender_test(predicate: Predicate, refs: dict[str, int]) -> SenderTest:
@@ -57,27 +80,29 @@ class PredicateColumn:
         # The per-class tests are a cache of closures: rebuilt on demand.
         return {**self.__dict__, "_tests": {}}
 
-    def fits(self, ready: pl.DataFrame, classes: Sequence[str], class_of: np.ndarray) -> np.ndarray:
-        """Which rows of `ready` fit (`class_of` indexes `classes`, the distinct classes of its rows)."""
-        tests = [self._test(name, ready, class_of, index) for index, name in enumerate(classes)]
+    def fits(self, released: Released) -> np.ndarray:
+        """Which of the released rows fit."""
+        class_of = released.class_of
+        tests = [self._test(name, released, index) for index, name in enumerate(released.classes)]
         fits = np.array([test is True for test in tests], dtype=bool)[class_of]
         for index, test in enumerate(tests):
             if callable(test):
                 rows = np.flatnonzero(class_of == index)
-                fits[rows] = np.fromiter(map(test, ready["text"].gather(rows).to_list()), dtype=bool, count=len(rows))
+                texts = released.texts
+                fits[rows] = np.fromiter(map(test, map(texts.__getitem__, rows.tolist())), dtype=np.bool_, count=len(rows))
         return fits
 
-    def _test(self, name: str, ready: pl.DataFrame, class_of: np.ndarray, index: int) -> bool | Callable[[str], bool]:
-        """The predicate for class `name`: decided, or a cached test of a text (the class's static
-        tests are decided, so what is left reads the text alone; any event of the class stands in for
-        the rest)."""
+    def _test(self, name: str, released: Released, index: int) -> bool | Callable[[str], bool]:
+        """The predicate for class `name` (the `index`th of `released`): decided, or a cached test of a
+        text (the class's static tests are decided, so what is left reads the text alone; any event of
+        the class stands in for the rest)."""
         found = self._tests.get(name)
         if found is None:
             kind, _, role, scope = name.split("\x00")
             residual = meets_scope(scope, self.by_user) and self.compiled.residual(
                 kind, role, self.refs)  # type: ignore[arg-type]
-            found = residual if isinstance(residual, bool) else _text_test(
-                residual, Event._make(ready.select(EVENT_SCHEMA.names()).row(int(np.argmax(class_of == index)))))
+            like = released.rows.select(EVENT_SCHEMA.names()).row(int(np.argmax(released.class_of == index)))
+            found = residual if isinstance(residual, bool) else _text_test(residual, Event._make(like))
             self._tests[name] = found
         return found
 

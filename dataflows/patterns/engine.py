@@ -51,6 +51,7 @@ from dataflows.events import Event
 from dataflows.sequencing import Scope
 from dataflows.patterns.alerts import Alert, alert_of
 from dataflows.patterns.bursts import BurstMatcher, is_burst
+from dataflows.patterns.columns import Released
 from dataflows.patterns.pairs import Deadline, PairMatcher, is_pair
 from dataflows.patterns.definitions import (
     CompiledPredicate,
@@ -636,9 +637,9 @@ class PatternBook:
         """
         if not self._matchers:
             return
-        classes, class_of = self._classes(ready)
-        found = self._column_wise(ready, classes, class_of)
-        routes, visits = self._visits(ready, classes, class_of)
+        released = Released.of(ready)
+        found = self._column_wise(released)
+        routes, visits = self._visits(ready, released.classes, released.class_of)
         chosen = np.flatnonzero(visits)
         rows = ready[chosen].select(EVENT_SCHEMA.names()).iter_rows() if len(chosen) else iter(())
         pending = found.pop() if found else None
@@ -646,7 +647,7 @@ class PatternBook:
         plans: dict[tuple[int, int], tuple[_Route, ...]] = {}
         deadlines = self.deadlines
         make = tuple.__new__
-        for row, cls, visit, at in zip(rows, class_of[chosen].tolist(), visits[chosen].tolist(), chosen.tolist(),
+        for row, cls, visit, at in zip(rows, released.class_of[chosen].tolist(), visits[chosen].tolist(), chosen.tolist(),
                                        strict=True):
             while pending is not None and pending[0] < at:
                 self._settle(pending, alerts, rules)
@@ -732,20 +733,12 @@ class PatternBook:
         alerts[before:] = [a for _, a in merged]
         return pending
 
-    @staticmethod
-    def _classes(ready: pl.DataFrame) -> tuple[list[str], np.ndarray]:
-        """The distinct classes of events in `ready` and each row's index among them."""
-        classes = ready["class"]
-        distinct = classes.unique(maintain_order=True)
-        class_of = classes.replace_strict(distinct, pl.Series(range(len(distinct)), dtype=pl.Int64)).to_numpy()
-        return distinct.to_list(), class_of
-
-    def _column_wise(self, ready: pl.DataFrame, classes: list[str], class_of: np.ndarray) -> list[_Found]:
-        """What the column-wise matchers find in `ready`: (row, pattern's index, alert or deadline), last first."""
+    def _column_wise(self, released: Released) -> list[_Found]:
+        """What the column-wise matchers find in `released`: (row, pattern's index, alert or deadline), last first."""
         found: list[_Found] = []
         for index, matcher in enumerate(self._matchers):
             if isinstance(matcher, (BurstMatcher, PairMatcher)):
-                found.extend((at, index, item) for at, item in matcher.match(ready, classes, class_of))
+                found.extend((at, index, item) for at, item in matcher.match(released))
         found.sort(key=lambda f: (f[0], f[1]), reverse=True)
         return found
 

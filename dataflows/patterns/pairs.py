@@ -22,7 +22,6 @@ book's heap of deadlines fires those (`due`). The per-event matcher gives the sa
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +30,7 @@ import polars as pl
 from dataflows.event_frame import EVENT_SCHEMA
 from dataflows.events import Event
 from dataflows.patterns.alerts import Alert, alert_of
-from dataflows.patterns.columns import PredicateColumn, SenderTest, is_flat, sender_test
+from dataflows.patterns.columns import PredicateColumn, Released, SenderTest, is_flat, sender_test
 from dataflows.patterns.definitions import PatternDef, ResolvedRole, Summarizer
 
 OPEN_SCHEMA = pl.Schema([*EVENT_SCHEMA.items(), ("key", pl.String)])
@@ -126,14 +125,13 @@ class PairMatcher:
             del self.waiting[key]
         return [alert_of(self.pattern, self.summarize, key, deadline, w.events) for w in fired]
 
-    def match(self, ready: pl.DataFrame, classes: Sequence[str], class_of: np.ndarray
-              ) -> list[tuple[int, Alert | Deadline]]:
-        """Match the rows of `ready` (in release order; `class_of` indexes `classes`): per completed
-        match, the row it completed at and its alert, or (with an absence) its deadline, in row order."""
-        asks = self.first.fits(ready, classes, class_of)
-        answers = self.then.fits(ready, classes, class_of)
-        breaks = (self.absence.fits(ready, classes, class_of) if self.absence is not None
-                  else np.zeros(len(ready), dtype=bool))
+    def match(self, released: Released) -> list[tuple[int, Alert | Deadline]]:
+        """Match the released rows: per completed match, the row it completed at and its alert, or (with
+        an absence) its deadline, in row order."""
+        ready = released.rows
+        asks = self.first.fits(released)
+        answers = self.then.fits(released)
+        breaks = self.absence.fits(released) if self.absence is not None else np.zeros(len(ready), dtype=bool)
         chosen = np.flatnonzero(asks | answers | breaks)
         if not len(chosen):
             return []
