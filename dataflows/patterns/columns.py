@@ -3,16 +3,16 @@
 The column-wise matchers (`bursts`, `pairs`) decide a step for a whole frame at once. An event's class
 (kind, shape, resolved role, scope) decides every static test of a predicate; what is left for some
 classes (question, thanks, a regex) depends on the text alone, so its verdict per text is kept (a
-bounded cache per class: chat repeats its texts) across frames. Sender tests (`same_sender_as`, `other_sender_than`) compare with an
-earlier step's event: the matcher applies them itself (`SenderTest`).
+bounded cache per class: chat repeats its texts) across frames. Sender tests (`same_sender_as`,
+`other_sender_than`) compare with an earlier step's event: the matcher applies them itself (`SenderTest`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cached_property, lru_cache
-from typing import Literal, TypeAlias
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import polars as pl
@@ -30,23 +30,30 @@ TEXT_VERDICTS = 1 << 16
 @dataclass
 class Released:
     """Rows the book releases to its matchers (`engine.BUFFER_SCHEMA`, in release order), with each
-    row's class of event: `class_of` indexes `classes`, the distinct classes (kind, shape, role, scope)."""
+    row's class of event: `class_of` indexes `classes`, the distinct classes (kind, shape, role, scope).
+
+    Frames here are often small (a paced input, many shards), where a Polars call costs more than
+    Python over the rows: so the classes are numbered in Python, and the matchers share the columns
+    they read as Python lists (`values`)."""
 
     rows: pl.DataFrame
     classes: list[str]
     class_of: np.ndarray
+    _values: dict[str, list[Any]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, rows: pl.DataFrame) -> Released:
-        names = rows["class"]
-        distinct = names.unique(maintain_order=True)
-        class_of = names.replace_strict(distinct, pl.Series(range(len(distinct)), dtype=pl.Int64)).to_numpy()
-        return cls(rows, distinct.to_list(), class_of)
+        numbers: dict[str, int] = {}
+        class_of = np.fromiter((numbers.setdefault(name, len(numbers)) for name in rows["class"].to_list()),
+                               dtype=np.int64, count=len(rows))
+        return cls(rows, list(numbers), class_of)
 
-    @cached_property
-    def texts(self) -> list[str]:
-        """The rows' texts as Python strings, made once for all predicates (each caches its verdicts by text)."""
-        return self.rows["text"].to_list()
+    def values(self, name: str) -> list[Any]:
+        """Column `name` as a Python list, made once for all matchers."""
+        found = self._values.get(name)
+        if found is None:
+            found = self._values[name] = self.rows[name].to_list()
+        return found
 
 
 def sender_test(predicate: Predicate, refs: dict[str, int]) -> SenderTest:
@@ -88,7 +95,7 @@ class PredicateColumn:
         for index, test in enumerate(tests):
             if callable(test):
                 rows = np.flatnonzero(class_of == index)
-                texts = released.texts
+                texts = released.values("text")
                 fits[rows] = np.fromiter(map(test, map(texts.__getitem__, rows.tolist())), dtype=np.bool_, count=len(rows))
         return fits
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -30,11 +31,9 @@ import polars as pl
 from dataflows.event_frame import EVENT_SCHEMA
 from dataflows.events import Event
 from dataflows.patterns.alerts import Alert, alert_of
-from dataflows.patterns.columns import PredicateColumn, Released, SenderTest, is_flat, sender_test
+from dataflows.patterns.columns import PredicateColumn, Released, is_flat, sender_test
 from dataflows.patterns.definitions import PatternDef, ResolvedRole, Summarizer
 
-OPEN_SCHEMA = pl.Schema([*EVENT_SCHEMA.items(), ("key", pl.String)])
-"""Open questions: the events a key's first step took since its last completion."""
 _KEY_COLUMN = {False: "session_id", True: "user_key"}
 
 
@@ -87,8 +86,18 @@ class PairMatcher:
         self.alive_for = min(gap, math.inf if pattern.within_seconds is None else pattern.within_seconds)
         """How long a question stays open: an answer at most this long after it can take it."""
         self.summarize = Summarizer(pattern)
-        self.open = pl.DataFrame(schema=OPEN_SCHEMA)
+        self.open: dict[str, list[Event]] = {}
+        """Per key, the questions its first step took since its last completion, in release order."""
         self.waiting: dict[str, list[_Waiting]] = {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Snapshots taken before the open questions were kept per key hold them as one frame.
+        held = state["open"]
+        if isinstance(held, pl.DataFrame):
+            state["open"] = {}
+            for key, values in zip(held["key"].to_list(), held.select(EVENT_SCHEMA.names()).rows(), strict=True):
+                state["open"].setdefault(key, []).append(Event._make(values))
+        self.__dict__.update(state)
 
     def route(self, kind: str, shape: str, role: ResolvedRole) -> None:
         """No event is visited one by one (see `PatternBook._routes_of`): `match` takes whole frames."""
@@ -101,16 +110,19 @@ class PairMatcher:
 
     def held_keys(self) -> set[str]:
         """The keys `open_keys` counts."""
-        return {*self.waiting, *self.open["key"]}
+        return {*self.waiting, *self.open}
 
     def clear(self) -> None:
-        self.open = self.open.clear()
+        self.open = {}
         self.waiting = {}
 
     def sweep(self, lower: float) -> None:
         """Forget open questions no event at `lower` or later can answer (waiting matches leave by `due`)."""
-        if not self.open.is_empty() and self.alive_for < math.inf:
-            self.open = self.open.filter(lower - pl.col("time") <= self.alive_for)
+        if self.alive_for < math.inf:
+            alive_for = self.alive_for
+            kept = {key: [e for e in events if lower - e.time <= alive_for]  # type: ignore[operator]
+                    for key, events in self.open.items()}
+            self.open = {key: events for key, events in kept.items() if events}
 
     def due(self, key: str, deadline: float) -> list[Alert]:
         """The alerts of the key's matches whose silence held until `deadline`; they stop waiting."""
@@ -128,31 +140,22 @@ class PairMatcher:
     def match(self, released: Released) -> list[tuple[int, Alert | Deadline]]:
         """Match the released rows: per completed match, the row it completed at and its alert, or (with
         an absence) its deadline, in row order."""
-        ready = released.rows
         asks = self.first.fits(released)
         answers = self.then.fits(released)
-        breaks = self.absence.fits(released) if self.absence is not None else np.zeros(len(ready), dtype=bool)
+        breaks = self.absence.fits(released) if self.absence is not None else np.zeros(len(asks), dtype=bool)
         chosen = np.flatnonzero(asks | answers | breaks)
         if not len(chosen):
             return []
-        key = _KEY_COLUMN[self.by_user]
-        fresh = ready[chosen].select(
-            *EVENT_SCHEMA.names(), pl.col(key).alias("key"), pl.Series("pos", chosen, dtype=pl.Int64),
-            pl.Series("ask", asks[chosen]), pl.Series("answer", answers[chosen]), pl.Series("break", breaks[chosen]))
-        here = pl.col("key").is_in(fresh["key"].unique().implode())
-        carried = self.open.filter(here).with_columns(
-            pos=pl.lit(-1, pl.Int64), ask=pl.lit(True), answer=pl.lit(False), **{"break": pl.lit(False)})
-        rows = pl.concat([carried, fresh]).sort("key", maintain_order=True)
-        frame = _Frame(rows)
+        frame = _Frame(released, chosen, _KEY_COLUMN[self.by_user], self.open, (asks, answers, breaks))
         completed, taken, after = self._complete(frame)
-        self._keep_open(rows, frame, after, self.open.filter(~here))
+        self._keep_open(frame, after)
         if self.silence is None:
-            return self._alerts(rows, frame, completed, taken)
-        return self._await(rows, frame, completed, taken)
+            return self._alerts(frame, completed, taken)
+        return self._await(frame, completed, taken)
 
     def _complete(self, f: _Frame) -> tuple[list[int], list[int], np.ndarray]:
         """The rows of completing answers, the questions they take, and per key the row after its last."""
-        asks, answers, times, senders = f.flag("ask"), f.flag("answer"), f.times, f.senders
+        asks, answers, times, senders = f.ask, f.answer, f.times, f.senders
         best = _last_before(asks, f.group) if self.then_sender is None else (
             _last_before(asks, f.group * f.n_senders + senders) if self.then_sender[0] == "same"
             else _last_other_before(asks, f.group, senders))
@@ -185,52 +188,47 @@ class PairMatcher:
             after[group] = row + 1
         return completed, taken, after
 
-    def _keep_open(self, rows: pl.DataFrame, f: _Frame, after: np.ndarray, elsewhere: pl.DataFrame) -> None:
+    def _keep_open(self, f: _Frame, after: np.ndarray) -> None:
         """Keep each key's questions since its last completion that a later event could still answer."""
-        asks, times = f.flag("ask"), f.times
-        last = times[f.ends]
-        still = asks & (np.arange(f.n) >= after[f.group]) & (last[f.group] - times <= self.alive_for)
-        kept = rows.filter(pl.Series(still)).select(OPEN_SCHEMA.names())
-        self.open = pl.concat([elsewhere, kept])
+        last = f.times[f.ends]
+        still = f.ask & (np.arange(f.n) >= after[f.group]) & (last[f.group] - f.times <= self.alive_for)
+        for key in f.keys:
+            self.open.pop(key, None)
+        kept = np.flatnonzero(still).tolist()
+        for key, event in zip([f.keys[g] for g in f.group[kept].tolist()], f.events(kept), strict=True):
+            self.open.setdefault(key, []).append(event)
 
-    def _events(self, rows: pl.DataFrame, completed: list[int], taken: list[int]) -> list[tuple[Event, Event]]:
-        picked = rows[np.array([*taken, *completed], dtype=np.int64)].select(EVENT_SCHEMA.names()).rows()
-        events = [Event._make(values) for values in picked]
-        return list(zip(events[:len(taken)], events[len(taken):], strict=True))
-
-    def _alerts(self, rows: pl.DataFrame, f: _Frame, completed: list[int], taken: list[int]
-                ) -> list[tuple[int, Alert | Deadline]]:
+    def _alerts(self, f: _Frame, completed: list[int], taken: list[int]) -> list[tuple[int, Alert | Deadline]]:
         if not completed:
             return []
-        keys = rows["key"].gather(completed).to_list()
+        events = f.events([*taken, *completed])
         found: list[tuple[int, Alert | Deadline]] = [
-            (int(f.pos[row]), alert_of(self.pattern, self.summarize, key, float(f.times[row]), match))
-            for row, key, match in zip(completed, keys, self._events(rows, completed, taken), strict=True)]
+            (pos, alert_of(self.pattern, self.summarize, f.keys[group], time, match))
+            for pos, group, time, match in zip(
+                f.pos[completed].tolist(), f.group[completed].tolist(), f.times[completed].tolist(),
+                zip(events[:len(taken)], events[len(taken):], strict=True), strict=True)]
         found.sort(key=lambda item: item[0])
         return found
 
-    def _await(self, rows: pl.DataFrame, f: _Frame, completed: list[int], taken: list[int]
-               ) -> list[tuple[int, Alert | Deadline]]:
+    def _await(self, f: _Frame, completed: list[int], taken: list[int]) -> list[tuple[int, Alert | Deadline]]:
         """Break the silences the frame's rows break (of matches carried in, and completed here); the
         matches left wait for their deadline."""
         assert self.silence is not None
-        names = rows["key"].gather(f.starts).to_list()
-        group_of = {name: g for g, name in enumerate(names)}
-        carried = [(key, w) for key in names for w in self.waiting.get(key, ())]
-        codes = dict(zip(rows["sender"].to_list(), f.senders.tolist(), strict=True)) if carried else {}
+        names = f.keys
+        carried = [(g, key, w) for g, key in enumerate(names) for w in self.waiting.get(key, ())]
+        codes = f.sender_codes
         n_new = len(completed)
-        groups = np.array([*f.group[completed].tolist(), *(group_of[key] for key, _ in carried)], dtype=np.int64)
-        since = np.array([*(row + 1 for row in completed), *(f.starts[group_of[key]] for key, _ in carried)],
-                         dtype=np.int64)
-        ask_sender = [*f.senders[taken].tolist(), *(codes.get(w.senders[0], -1) for _, w in carried)]
-        answer_sender = [*f.senders[completed].tolist(), *(codes.get(w.senders[1], -1) for _, w in carried)]
-        deadlines = np.array([*(f.times[row] + self.silence for row in completed), *(w.deadline for _, w in carried)],
+        groups = np.array([*f.group[completed].tolist(), *(g for g, _, _ in carried)], dtype=np.int64)
+        since = np.array([*(row + 1 for row in completed), *(f.starts[g] for g, _, _ in carried)], dtype=np.int64)
+        ask_sender = [*f.senders[taken].tolist(), *(codes.get(w.senders[0], -1) for _, _, w in carried)]
+        answer_sender = [*f.senders[completed].tolist(), *(codes.get(w.senders[1], -1) for _, _, w in carried)]
+        deadlines = np.array([*(f.times[completed] + self.silence).tolist(), *(w.deadline for _, _, w in carried)],
                              dtype=np.float64)
         broken = self._broken(f, groups, since, np.array([ask_sender, answer_sender], dtype=np.int64).reshape(2, -1),
                               deadlines)
         for key in names:
             self.waiting.pop(key, None)
-        for (key, w), gone in zip(carried, broken[n_new:].tolist(), strict=True):
+        for (_, key, w), gone in zip(carried, broken[n_new:].tolist(), strict=True):
             if not gone:
                 self.waiting.setdefault(key, []).append(w)
         found: list[tuple[int, Alert | Deadline]] = []
@@ -238,9 +236,10 @@ class PairMatcher:
         if not len(kept):
             return found
         quiet = np.array(completed, dtype=np.int64)[kept]
-        matches = self._events(rows, quiet.tolist(), np.array(taken, dtype=np.int64)[kept].tolist())
+        events = f.events([*np.array(taken, dtype=np.int64)[kept].tolist(), *quiet.tolist()])
         for group, pos, match, deadline in zip(f.group[quiet].tolist(), f.pos[quiet].tolist(),
-                                                    matches, deadlines[kept].tolist(), strict=True):
+                                               zip(events[:len(kept)], events[len(kept):], strict=True),
+                                               deadlines[kept].tolist(), strict=True):
             key = names[group]
             self.waiting.setdefault(key, []).append(_Waiting(deadline, match))
             found.append((pos, Deadline(deadline, key)))
@@ -253,7 +252,7 @@ class PairMatcher:
         codes), whether a row of the key that fits the absence comes at or before its deadline."""
         if not len(groups):
             return np.zeros(0, dtype=bool)
-        breaks = f.flag("break")
+        breaks = f.brk
         test = self.absence_sender
         if test is None:
             first = _first_from(breaks, f.group, groups, since)
@@ -266,21 +265,58 @@ class PairMatcher:
 
 
 class _Frame:
-    """The arrays of a frame of rows sorted by key (release order within a key)."""
+    """The rows a pair matcher looks at, as arrays sorted by key (release order within a key): each
+    key's open questions carried in, then the released rows that fit one of its predicates.
 
-    def __init__(self, rows: pl.DataFrame) -> None:
-        self.rows = rows
-        self.n = len(rows)
-        self.times = rows["time"].to_numpy()
-        self.pos = rows["pos"].to_numpy()
-        self.starts = np.flatnonzero(rows["key"].ne_missing(rows["key"].shift(1)).to_numpy())
+    Keys and senders are numbered in Python (`group`, `senders`): released frames are often small,
+    where that beats any Polars call."""
+
+    def __init__(self, released: Released, chosen: np.ndarray, key_column: str, open_questions: dict[str, list[Event]],
+                 flags: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        self.released = released
+        every_key, every_sender = released.values(key_column), released.values("sender")
+        rows = chosen.tolist()
+        fresh_keys = [every_key[i] for i in rows]
+        numbers: dict[str, int] = {}
+        for key in fresh_keys:
+            numbers.setdefault(key, len(numbers))
+        self.keys = list(numbers)
+        """Each group's key."""
+        self.carried = [event for key in self.keys for event in open_questions.get(key, ())]
+        carried_keys = [numbers[key] for key in self.keys for _ in open_questions.get(key, ())]
+        codes: dict[str, int] = {}
+        sender_codes = [codes.setdefault(name, len(codes))
+                        for name in [*(e.sender for e in self.carried), *(every_sender[i] for i in rows)]]
+        self.sender_codes = codes
+        n_carried = len(self.carried)
+        group = np.array([*carried_keys, *(numbers[key] for key in fresh_keys)], dtype=np.int64)
+        order = np.argsort(group, kind="stable")
+        self.n = len(order)
+        self.group = group[order]
+        times = released.rows["time"].to_numpy()
+        self.times = np.concatenate([np.array([e.time for e in self.carried], dtype=np.float64), times[chosen]])[order]
+        self.pos = np.concatenate([np.full(n_carried, -1, dtype=np.int64), chosen])[order]
+        """The row in `released`, or -1 for a question carried in."""
+        self.source = np.concatenate([np.arange(n_carried, dtype=np.int64), chosen])[order]
+        """The row in `released`, or the index in `carried`."""
+        self.senders = np.array(sender_codes, dtype=np.int64)[order]
+        self.n_senders = max(len(codes), 1)
+        asks, answers, breaks = flags
+        self.ask = np.concatenate([np.ones(n_carried, dtype=bool), asks[chosen]])[order]
+        self.answer = np.concatenate([np.zeros(n_carried, dtype=bool), answers[chosen]])[order]
+        self.brk = np.concatenate([np.zeros(n_carried, dtype=bool), breaks[chosen]])[order]
+        self.starts = np.flatnonzero(np.diff(self.group, prepend=-1))
         self.ends = np.append(self.starts[1:], self.n) - 1
-        self.group = np.repeat(np.arange(len(self.starts), dtype=np.int64), np.diff(np.append(self.starts, self.n)))
-        self.senders = rows["sender"].rank("dense").fill_null(0).to_numpy().astype(np.int64) - 1
-        self.n_senders = int(self.senders.max()) + 1 if self.n else 1
 
-    def flag(self, name: str) -> np.ndarray:
-        return self.rows[name].to_numpy()
+    def events(self, rows: list[int]) -> list[Event]:
+        """The events of these rows: carried in, or made from the released rows (one gather for all)."""
+        if not rows:
+            return []
+        pos, source = self.pos[rows], self.source[rows]
+        fresh = np.unique(pos[pos >= 0])
+        made = dict(zip(fresh.tolist(), map(Event._make, self.released.rows[fresh].select(EVENT_SCHEMA.names()).rows()),
+                        strict=True)) if len(fresh) else {}
+        return [made[p] if p >= 0 else self.carried[s] for p, s in zip(pos.tolist(), source.tolist(), strict=True)]
 
 
 def _last_before(flags: np.ndarray, gid: np.ndarray) -> np.ndarray:

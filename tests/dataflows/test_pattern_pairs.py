@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import polars as pl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from connectors.files.patterns_file import load_patterns
+from dataflows.event_frame import events_frame
 from dataflows.events import Event, iso
 from dataflows.patterns import engine
 from dataflows.patterns.definitions import PatternDef, pattern_from_dict
@@ -99,3 +101,23 @@ def test_only_flat_two_step_patterns_go_column_wise() -> None:
     twice = pattern_from_dict({"id": "twice", "key": "user", "within_seconds": 9, "steps": [
         {"name": "a", "where": {"message": True}, "times": 2}, {"name": "b", "where": {"message": True}}]})
     assert not is_pair(twice)
+
+
+def test_a_snapshot_holding_open_questions_as_a_frame_resumes() -> None:
+    """A pair matcher pickled when it kept its open questions as one frame (with a `key` column)
+    restores them per key, and an answer then completes with the question carried in."""
+    completion = next(p for p in SHIPPED if p.id == "conversation_completion")
+    question = Event("in:0", "s-1", "customer", "message", "why?", T0, "event", "conversation", "in", 0, 0, None, None,
+                     iso(T0))
+    old = PairMatcher(completion).__dict__.copy()
+    old["open"] = events_frame([question]).with_columns(key=pl.lit("s-1"))
+    restored = PairMatcher.__new__(PairMatcher)
+    restored.__setstate__(old)
+    assert restored.open == {"s-1": [question]}
+    book = PatternBook((completion,), 0.0)
+    book._matchers = (restored,)
+    answer = question._replace(event_id="in:1", sender="rm", text="sure", time=T0 + 5, line=1, offset=1,
+                               timestamp=iso(T0 + 5))
+    book.add(answer, T0 + 5)
+    fired = book.advance(T0 + 5) + book.flush()
+    assert [(a.key, [e["event_id"] for e in a.as_record()["events"]]) for a in fired] == [("s-1", ["in:0", "in:1"])]
