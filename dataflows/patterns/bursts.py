@@ -25,14 +25,12 @@ import math
 import numpy as np
 import polars as pl
 
-from dataflows.event_frame import EVENT_SCHEMA
 from dataflows.events import Event
 from dataflows.patterns.alerts import Alert, alert_of
 from dataflows.patterns.columns import PredicateColumn, Released
 from dataflows.patterns.definitions import PatternDef, ResolvedRole, Summarizer
+from dataflows.patterns.keyed import KeyedRows, events_by_key
 
-RUN_SCHEMA = pl.Schema([*EVENT_SCHEMA.items(), ("key", pl.String), ("pos", pl.Int64)])
-"""A key's events of its current run (`pos` -1: they came in an earlier frame)."""
 _KEY_COLUMN = {False: "session_id", True: "user_key"}
 _COUNTING, _MUTED = 0, 1
 
@@ -59,7 +57,8 @@ class BurstMatcher:
         self.bound = math.inf if self.within is None else self.within
         self.once = pattern.emit == "once_per_burst"
         self.summarize = Summarizer(pattern)
-        self.run = pl.DataFrame(schema=RUN_SCHEMA)
+        self.run: dict[str, list[Event]] = {}
+        """Per key, the events of its current run."""
         self.muted: dict[str, float] = {}
         """Muted keys and the time each mute lasts until (an event at or before it extends it)."""
 
@@ -67,6 +66,8 @@ class BurstMatcher:
         # Snapshots from before `PredicateColumn` kept the compiled step and a cache of its tests.
         for stale in ("predicate", "refs", "_tests"):
             state.pop(stale, None)
+        if isinstance(state["run"], pl.DataFrame):  # before runs were kept per key
+            state["run"] = events_by_key(state["run"])
         self.__dict__.update(state)
         if "step" not in state:
             self.step = PredicateColumn(self.pattern.steps[0].where, self.by_user, {self.pattern.steps[0].name: 0})
@@ -78,49 +79,37 @@ class BurstMatcher:
     @property
     def open_keys(self) -> int:
         """Keys with a run or a mute."""
-        return len(self.muted) + self.run["key"].n_unique()
+        return len(self.muted) + len(self.run)
 
     def held_keys(self) -> set[str]:
         """The keys `open_keys` counts."""
-        return {*self.muted, *self.run["key"]}
+        return {*self.muted, *self.run}
 
     def clear(self) -> None:
-        self.run = self.run.clear()
+        self.run = {}
         self.muted = {}
 
     def sweep(self, lower: float) -> None:
         """Forget run events and mutes no event at `lower` or later can meet."""
-        if self.within is not None and not self.run.is_empty():
-            self.run = self.run.filter(lower - pl.col("time") <= self.within)
+        if self.within is not None:
+            within = self.within
+            kept = {key: [e for e in events if lower - e.time <= within]  # type: ignore[operator]
+                    for key, events in self.run.items()}
+            self.run = {key: events for key, events in kept.items() if events}
         self.muted = {key: until for key, until in self.muted.items() if until >= lower}
 
     def match(self, released: Released) -> list[tuple[int, Alert]]:
         """Match the released rows that fit the step: the alerts, each with the row it completed at,
         in row order."""
-        ready = released.rows
         chosen = np.flatnonzero(self.step.fits(released))
         if not len(chosen):
             return []
-        fresh = ready[chosen].select(
-            *EVENT_SCHEMA.names(), pl.col(_KEY_COLUMN[self.by_user]).alias("key"),
-            pl.Series("pos", chosen, dtype=pl.Int64))
-        if self.run.is_empty():
-            kept, runs = self.run, fresh
-        else:
-            here = pl.col("key").is_in(fresh["key"].unique().implode())
-            kept = self.run.filter(~here)
-            runs = pl.concat([self.run.filter(here), fresh])
-        runs = runs.sort("key", maintain_order=True)
-        times = runs["time"].to_numpy()
-        pos = runs["pos"].to_numpy()
-        starts = np.flatnonzero(runs["key"].ne_missing(runs["key"].shift(1)).to_numpy())
-        ends = np.append(starts[1:], len(runs)) - 1
-        group = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(runs))))
+        runs = KeyedRows(released, chosen, _KEY_COLUMN[self.by_user], self.run)
+        times, pos, starts, ends, group, keys = runs.times, runs.pos, runs.starts, runs.ends, runs.group, runs.keys
         firsts = starts + np.add.reduceat((pos < 0).astype(np.int64), starts)
-        keys = runs["key"].gather(starts).to_list()
         until = np.array([self.muted.get(key, -math.inf) for key in keys], dtype=np.float64)
 
-        rows = np.arange(len(runs))
+        rows = np.arange(runs.n)
         back = rows - (self.min - 1)
         completes = (pos >= 0) & (back >= starts[group]) & (times - times[np.maximum(back, 0)] <= self.bound)
         previous = np.full_like(times, math.inf)
@@ -131,14 +120,17 @@ class BurstMatcher:
             np.flatnonzero(completes), np.flatnonzero(breaks), starts, firsts, ends, until, times)
 
         counting = mode == _COUNTING
-        tail = counting[group] & (rows >= pointer[group]) & (times[ends][group] - times <= self.bound)
-        self.run = pl.concat([kept, runs.filter(pl.Series(tail))])
+        tail = np.flatnonzero(counting[group] & (rows >= pointer[group]) & (times[ends][group] - times <= self.bound))
+        for key in keys:
+            self.run.pop(key, None)
+        for key, event in zip([keys[g] for g in group[tail].tolist()], runs.events(tail.tolist()), strict=True):
+            self.run.setdefault(key, []).append(event)
         for g, key in enumerate(keys):
             if counting[g]:
                 self.muted.pop(key, None)
             else:
                 self.muted[key] = float(times[ends[g]]) + (self.within or 0.0)
-        return self._alerts(runs, completed, keys, group, times, pos)
+        return self._alerts(runs, completed)
 
     def _rounds(self, completes: np.ndarray, breaks: np.ndarray, starts: np.ndarray, firsts: np.ndarray,
                 ends: np.ndarray, until: np.ndarray, times: np.ndarray
@@ -167,16 +159,16 @@ class BurstMatcher:
             active = np.concatenate([resumed, done])
         return pointer, mode, completed
 
-    def _alerts(self, runs: pl.DataFrame, completed: list[int], keys: list[str], group: np.ndarray,
-                times: np.ndarray, pos: np.ndarray) -> list[tuple[int, Alert]]:
+    def _alerts(self, runs: KeyedRows, completed: list[int]) -> list[tuple[int, Alert]]:
         if not completed:
             return []
         taken = np.concatenate([np.arange(i - self.min + 1, i + 1) for i in completed])
-        events = [Event._make(row) for row in runs[taken].select(EVENT_SCHEMA.names()).rows()]
+        events = runs.events(taken.tolist())
         alerts = []
         for n, i in enumerate(completed):
             match = tuple(events[n * self.min:(n + 1) * self.min])
-            alerts.append((int(pos[i]), alert_of(self.pattern, self.summarize, keys[group[i]], float(times[i]), match)))
+            alerts.append((int(runs.pos[i]), alert_of(self.pattern, self.summarize, runs.keys[runs.group[i]],
+                                                      float(runs.times[i]), match)))
         alerts.sort(key=lambda found: found[0])
         return alerts
 

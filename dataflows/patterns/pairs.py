@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from dataflows.event_frame import EVENT_SCHEMA
 from dataflows.events import Event
 from dataflows.patterns.alerts import Alert, alert_of
 from dataflows.patterns.columns import PredicateColumn, Released, is_flat, sender_test
 from dataflows.patterns.definitions import PatternDef, ResolvedRole, Summarizer
+from dataflows.patterns.keyed import KeyedRows, events_by_key
 
 _KEY_COLUMN = {False: "session_id", True: "user_key"}
 
@@ -92,11 +92,8 @@ class PairMatcher:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Snapshots taken before the open questions were kept per key hold them as one frame.
-        held = state["open"]
-        if isinstance(held, pl.DataFrame):
-            state["open"] = {}
-            for key, values in zip(held["key"].to_list(), held.select(EVENT_SCHEMA.names()).rows(), strict=True):
-                state["open"].setdefault(key, []).append(Event._make(values))
+        if isinstance(state["open"], pl.DataFrame):
+            state["open"] = events_by_key(state["open"])
         self.__dict__.update(state)
 
     def route(self, kind: str, shape: str, role: ResolvedRole) -> None:
@@ -264,59 +261,18 @@ class PairMatcher:
         return (first >= 0) & (f.times[np.maximum(first, 0)] <= deadlines)
 
 
-class _Frame:
-    """The rows a pair matcher looks at, as arrays sorted by key (release order within a key): each
-    key's open questions carried in, then the released rows that fit one of its predicates.
-
-    Keys and senders are numbered in Python (`group`, `senders`): released frames are often small,
-    where that beats any Polars call."""
+class _Frame(KeyedRows):
+    """The rows a pair matcher looks at: each key's open questions carried in, then the released rows
+    that fit one of its predicates (`ask`, `answer`, `brk`: which)."""
 
     def __init__(self, released: Released, chosen: np.ndarray, key_column: str, open_questions: dict[str, list[Event]],
                  flags: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
-        self.released = released
-        every_key, every_sender = released.values(key_column), released.values("sender")
-        rows = chosen.tolist()
-        fresh_keys = [every_key[i] for i in rows]
-        numbers: dict[str, int] = {}
-        for key in fresh_keys:
-            numbers.setdefault(key, len(numbers))
-        self.keys = list(numbers)
-        """Each group's key."""
-        self.carried = [event for key in self.keys for event in open_questions.get(key, ())]
-        carried_keys = [numbers[key] for key in self.keys for _ in open_questions.get(key, ())]
-        codes: dict[str, int] = {}
-        sender_codes = [codes.setdefault(name, len(codes))
-                        for name in [*(e.sender for e in self.carried), *(every_sender[i] for i in rows)]]
-        self.sender_codes = codes
-        n_carried = len(self.carried)
-        group = np.array([*carried_keys, *(numbers[key] for key in fresh_keys)], dtype=np.int64)
-        order = np.argsort(group, kind="stable")
-        self.n = len(order)
-        self.group = group[order]
-        times = released.rows["time"].to_numpy()
-        self.times = np.concatenate([np.array([e.time for e in self.carried], dtype=np.float64), times[chosen]])[order]
-        self.pos = np.concatenate([np.full(n_carried, -1, dtype=np.int64), chosen])[order]
-        """The row in `released`, or -1 for a question carried in."""
-        self.source = np.concatenate([np.arange(n_carried, dtype=np.int64), chosen])[order]
-        """The row in `released`, or the index in `carried`."""
-        self.senders = np.array(sender_codes, dtype=np.int64)[order]
-        self.n_senders = max(len(codes), 1)
+        super().__init__(released, chosen, key_column, open_questions)
         asks, answers, breaks = flags
-        self.ask = np.concatenate([np.ones(n_carried, dtype=bool), asks[chosen]])[order]
-        self.answer = np.concatenate([np.zeros(n_carried, dtype=bool), answers[chosen]])[order]
-        self.brk = np.concatenate([np.zeros(n_carried, dtype=bool), breaks[chosen]])[order]
-        self.starts = np.flatnonzero(np.diff(self.group, prepend=-1))
-        self.ends = np.append(self.starts[1:], self.n) - 1
-
-    def events(self, rows: list[int]) -> list[Event]:
-        """The events of these rows: carried in, or made from the released rows (one gather for all)."""
-        if not rows:
-            return []
-        pos, source = self.pos[rows], self.source[rows]
-        fresh = np.unique(pos[pos >= 0])
-        made = dict(zip(fresh.tolist(), map(Event._make, self.released.rows[fresh].select(EVENT_SCHEMA.names()).rows()),
-                        strict=True)) if len(fresh) else {}
-        return [made[p] if p >= 0 else self.carried[s] for p, s in zip(pos.tolist(), source.tolist(), strict=True)]
+        n = self.n_carried
+        self.ask = self.column(np.ones(n, dtype=bool), asks[chosen])
+        self.answer = self.column(np.zeros(n, dtype=bool), answers[chosen])
+        self.brk = self.column(np.zeros(n, dtype=bool), breaks[chosen])
 
 
 def _last_before(flags: np.ndarray, gid: np.ndarray) -> np.ndarray:

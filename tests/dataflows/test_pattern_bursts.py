@@ -6,10 +6,12 @@ import random
 from pathlib import Path
 from unittest import mock
 
+import polars as pl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from connectors.files.patterns_file import load_patterns
+from dataflows.event_frame import events_frame
 from dataflows.events import Event, iso
 from dataflows.patterns import engine
 from dataflows.patterns.bursts import BurstMatcher, is_burst
@@ -100,14 +102,19 @@ def test_a_mute_and_a_run_survive_between_frames_and_are_swept_when_stale() -> N
         return [a.key for a in book.advance(T0 + t)]
 
     assert [say(t, "eve") for t in (0, 1, 2, 3)] == [[], [], [], []]
-    assert say(3.5, "bob") == [] and matcher.run["key"].to_list() == ["eve"] * 4 + ["bob"]
+    assert say(3.5, "bob") == [] and _run_keys(matcher) == ["bob"] + ["eve"] * 4
     assert say(4, "eve") == ["eve"]
-    assert matcher.muted == {"eve": T0 + 14} and matcher.run["key"].to_list() == ["bob"]
+    assert matcher.muted == {"eve": T0 + 14} and _run_keys(matcher) == ["bob"]
     assert [say(t, "eve") for t in (13, 14, 23)] == [[], [], []]  # within 10 s of each other: still muted
     assert matcher.muted == {"eve": T0 + 33}
     assert say(400, "ann") == []
-    assert matcher.muted == {} and matcher.run["key"].to_list() == ["ann"]
+    assert matcher.muted == {} and _run_keys(matcher) == ["ann"]
     assert book.open_keys == 1
+
+
+def _run_keys(matcher: BurstMatcher) -> list[str]:
+    """The key of each event the matcher holds in a run, sorted."""
+    return sorted(key for key, events in matcher.run.items() for _ in events)
 
 
 def test_a_snapshot_from_before_predicate_columns_resumes() -> None:
@@ -128,3 +135,24 @@ def test_a_snapshot_from_before_predicate_columns_resumes() -> None:
                        iso(T0 + t)), T0 + t)
         fired += book.advance(T0 + t)
     assert [a.key for a in fired] == ["eve"]
+
+
+def test_a_snapshot_holding_runs_as_a_frame_resumes() -> None:
+    """A burst matcher pickled when it kept its runs as one frame (`key` and `pos` columns) restores
+    them per key, and the run goes on from the events carried in."""
+    spam = next(p for p in SHIPPED if p.id == "spam_burst")
+
+    def said(t: int) -> Event:
+        return Event(f"e{t}", "room", "eve", "USER_MESSAGE", "x", T0 + t, "event", "chat", "in", t, t, None, "eve",
+                     iso(T0 + t))
+
+    old = BurstMatcher(spam).__dict__.copy()
+    old["run"] = events_frame([said(t) for t in range(4)]).with_columns(key=pl.lit("eve"), pos=pl.lit(-1, pl.Int64))
+    restored = BurstMatcher.__new__(BurstMatcher)
+    restored.__setstate__(old)
+    assert _run_keys(restored) == ["eve"] * 4
+    book = PatternBook((spam,), 0.0)
+    book._matchers = (restored,)
+    book.add(said(4), T0 + 4)
+    fired = book.advance(T0 + 4)
+    assert [[e["event_id"] for e in a.as_record()["events"]] for a in fired] == [[f"e{t}" for t in range(5)]]
