@@ -6,7 +6,8 @@ Writes a conversation input of `rate` events per second of event time for `secon
 it at speed 1 (so `rate` events/s arrive) through the whole pipeline (the four patterns on, LLM
 off), in this process. The run's replay clock is built here, so each event's due wall time is
 known (`ReplayClock.wall_time_for`): the replay cannot read an event before then. A thread tails
-`messages.jsonl` and notes when each record appears (polled every millisecond). Latency = seen -
+`messages.jsonl` and notes when each record appears (polled every millisecond; it parses the records
+only after the run, to take as little of the pipeline's interpreter as it can). Latency = seen -
 due; prints p50, p99 and max. Target (issue 19): p99 <= 100 ms without the LLM stage.
 """
 
@@ -46,28 +47,37 @@ def write_input(path: Path, rate: float, seconds: float, sessions: int) -> int:
 
 
 class Tail(threading.Thread):
-    """Notes the wall time each new line of a growing file is first seen, with its `timestamp`."""
+    """Notes the wall time each new line of a growing file is first seen, with its `timestamp`.
+
+    It shares the pipeline's process (and GIL), so each poll only reads what was appended and
+    notes the time; the lines are split and parsed after the run (`seen`)."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(daemon=True)
         self.path = path
-        self.seen: list[tuple[float, str]] = []
+        self.chunks: list[tuple[float, bytes]] = []
         self.stop = threading.Event()
 
     def run(self) -> None:
-        position, partial = 0, b""
-        while True:
-            stopping = self.stop.is_set()
-            with self.path.open("rb") as file:
-                file.seek(position)
+        with self.path.open("rb") as file:
+            while True:
+                stopping = self.stop.is_set()
                 chunk = file.read()
-            now = time.time()
-            position += len(chunk)
+                if chunk:
+                    self.chunks.append((time.time(), chunk))
+                if stopping:
+                    return
+                time.sleep(POLL_S)
+
+    @property
+    def seen(self) -> list[tuple[float, str]]:
+        """Per whole line, when it was first seen and its `timestamp`."""
+        found: list[tuple[float, str]] = []
+        partial = b""
+        for now, chunk in self.chunks:
             *whole, partial = (partial + chunk).split(b"\n")
-            self.seen += [(now, orjson.loads(line)["timestamp"]) for line in whole]
-            if stopping:
-                return
-            time.sleep(POLL_S)
+            found += [(now, orjson.loads(line)["timestamp"]) for line in whole]
+        return found
 
 
 def main() -> None:

@@ -97,6 +97,10 @@ class FlowConfig:
     live: bool = False
     rules: bool = False
     """Whether a rules stream is joined: messages are then judged by it and wait for its clock."""
+    snapshots: bool = True
+    """Whether shards snapshot their state (for recovery). Bytewax asks for a snapshot every epoch
+    even without recovery, and pickling a shard's buffered events takes milliseconds: a paced run
+    stalls on it. Without, a snapshot is empty."""
     rule_pattern_keys: frozenset[KeyKind] = frozenset({"session", "user"})
     """The keys of the patterns the rules stream may define: any, unless its content is known
     (a rules file: `RulesFileSource.pattern_keys`). Without user-keyed ones, chat events are not
@@ -180,9 +184,8 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
     watermark passes them and `alerts` of session-keyed patterns; events of its users (scope `all`
     or `user`) meet the user-keyed patterns. It emits `gauge`s (open windows, rule-set version,
     watermark) when they change. Never discarded: the sequencer must keep hearing every partition's markers. Its
-    snapshot is the pickled state: Bytewax asks for one every epoch even without recovery, and one
-    `pickle.dumps` is far cheaper than a `deepcopy`.
-    """
+    snapshot is the pickled state (one `pickle.dumps` is far cheaper than a `deepcopy`), or nothing
+    when the run keeps no snapshots (`FlowConfig.snapshots`)."""
 
     def __init__(self, config: FlowConfig, resume: bytes | None) -> None:
         self.config = config
@@ -225,7 +228,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, tuple[str, Any], bytes]):
         return self._batches(out), StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> bytes:
-        return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL) if self.config.snapshots else b""
 
     def _released(self, *, final: bool) -> pl.DataFrame:
         """The events the sequencer lets go, in order, timed (`RELEASED_SCHEMA`)."""

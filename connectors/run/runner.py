@@ -72,7 +72,8 @@ class ReplayRun:
         outputs = _file_outputs(self.out_dir, self.lake, self.state_dir) + _tally(self.state_dir, self.glimpses)
         rules = RulesFileSource(self.rules_path, self.clock) if self.rules_path else None
         flag = stop_flag(self)
-        return build_flow(_stoppable(source, flag), outputs, _knowing(self.flow, rules), gauges=_gauges(self.state_dir),
+        return build_flow(_stoppable(source, flag), outputs, _knowing(self.flow, rules, self.recovery),
+                          gauges=_gauges(self.state_dir),
                           rules=None if rules is None else _stoppable(rules, flag), stages=self.stages)
 
 
@@ -117,7 +118,8 @@ class KafkaRun:
         outputs = [kafka_output(self.brokers, self.topics, self.kafka_config)]
         outputs += _file_outputs(self.out_dir, self.lake, self.state_dir) + _tally(self.state_dir, self.glimpses)
         flag, rules = stop_flag(self), self._rules()
-        return build_flow(_stoppable(source, flag), outputs, _knowing(self.flow, rules), gauges=_gauges(self.state_dir),
+        return build_flow(_stoppable(source, flag), outputs, _knowing(self.flow, rules, self.recovery),
+                          gauges=_gauges(self.state_dir),
                           rules=None if rules is None else _stoppable(rules, flag), stages=self.stages)
 
     def _rules(self) -> FixedPartitionedSource[RulesSourceItem, Any] | None:
@@ -135,11 +137,13 @@ class KafkaRun:
 FlowJob = ReplayRun | KafkaRun
 
 
-def _knowing(flow: FlowConfig, rules: FixedPartitionedSource[RulesSourceItem, Any] | None) -> FlowConfig:
-    """`flow`, told which pattern keys a rules file defines (a topic may define any)."""
+def _knowing(flow: FlowConfig, rules: FixedPartitionedSource[RulesSourceItem, Any] | None,
+             recovery: Recovery | None) -> FlowConfig:
+    """`flow`, told which pattern keys a rules file defines (a topic may define any), and whether its
+    snapshots are kept (only with recovery)."""
     if isinstance(rules, RulesFileSource):
-        return replace(flow, rule_pattern_keys=rules.pattern_keys())
-    return flow
+        flow = replace(flow, rule_pattern_keys=rules.pattern_keys())
+    return replace(flow, snapshots=recovery is not None)
 
 
 def stop_flag(run: FlowJob) -> StopFlag | None:

@@ -96,7 +96,8 @@ class PredicateColumn:
             if callable(test):
                 rows = np.flatnonzero(class_of == index)
                 texts = released.values("text")
-                fits[rows] = np.fromiter(map(test, map(texts.__getitem__, rows.tolist())), dtype=np.bool_, count=len(rows))
+                fits[rows] = np.fromiter(map(test, map(texts.__getitem__, rows.tolist())), dtype=np.bool_,
+                                         count=len(rows))
         return fits
 
     def _test(self, name: str, released: Released, index: int) -> bool | Callable[[str], bool]:

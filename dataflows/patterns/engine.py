@@ -49,6 +49,7 @@ import polars as pl
 from dataflows.event_frame import EVENT_SCHEMA, events_frame
 from dataflows.events import Event
 from dataflows.sequencing import Scope
+from dataflows.small_frames import rows_where
 from dataflows.patterns.alerts import Alert, alert_of
 from dataflows.patterns.bursts import BurstMatcher, is_burst
 from dataflows.patterns.columns import Released
@@ -85,6 +86,41 @@ _TIME = EVENT_SCHEMA.names().index("time")
 _SESSION = EVENT_SCHEMA.names().index("session_id")
 _RELEASE_ORDER = ["time", "offset", "event_id", "session_id", "sender", "kind", "text"]
 """Event-time order, ties broken by file order, then (for events of different inputs) by content."""
+
+
+def _buffer_columns(role: pl.Expr) -> tuple[pl.Expr | str, ...]:
+    resolved = (
+        pl.when(pl.col("shape") == "conversation")
+        .then(pl.when(pl.col("sender") == "rm").then(pl.lit("agent")).otherwise(pl.lit("customer")))
+        .otherwise(pl.coalesce(role, pl.lit("user")))
+    )
+    return (
+        *EVENT_SCHEMA.names(), resolved.alias("role"), "scope",
+        pl.coalesce("username", pl.concat_str("session_id", pl.lit("/"), "sender")).alias("user_key"),
+        pl.concat_str("kind", "shape", resolved, "scope", separator="\x00").alias("class"),
+    )
+
+
+_BUFFER_COLUMNS = {True: _buffer_columns(pl.col("role")), False: _buffer_columns(pl.lit(None, pl.String))}
+"""The buffer's columns of timed events (`BUFFER_SCHEMA`), by whether they carry a `role` column."""
+SMALL_FRAME = 64
+"""Frames of at most this many rows are turned into buffer rows in Python (`_few_buffer_rows`): on
+a few rows a Polars query costs more in planning than Python costs over the rows."""
+
+
+def _few_buffer_rows(events: pl.DataFrame) -> pl.DataFrame:
+    """What `_BUFFER_COLUMNS` makes of `events`, for a few rows."""
+    lists = {name: events[name].to_list() for name in ("shape", "sender", "username", "session_id", "kind", "scope")}
+    given = events["role"].to_list() if "role" in events.columns else [None] * len(events)
+    roles = [("agent" if sender == "rm" else "customer") if shape == "conversation"
+             else ("user" if role is None else role)
+             for shape, sender, role in zip(lists["shape"], lists["sender"], given, strict=True)]
+    users = [f"{session}/{sender}" if name is None else name
+             for name, session, sender in zip(lists["username"], lists["session_id"], lists["sender"], strict=True)]
+    classes = ["\x00".join(parts) for parts in zip(lists["kind"], lists["shape"], roles, lists["scope"], strict=True)]
+    return pl.DataFrame([
+        *(events[name] for name in EVENT_SCHEMA.names()), pl.Series("role", roles, pl.String), events["scope"],
+        pl.Series("user_key", users, pl.String), pl.Series("class", classes, pl.String)])
 
 
 def _in_order(before: dict[str, Any], after: dict[str, Any]) -> bool:
@@ -431,7 +467,7 @@ class PatternBook:
     watermark: float = -math.inf
     arrival_mark: float = -math.inf
     buffer: list[pl.DataFrame] = field(default_factory=list)
-    """Events not yet matched (`BUFFER_SCHEMA`): at most one frame, in release order (`_buffer`)."""
+    """Events not yet matched (`BUFFER_SCHEMA`): frames that, one after another, are in release order (`_buffer`)."""
     deadlines: list[tuple[float, int, _Matcher | PairMatcher, str]] = field(default_factory=list)
     """Heap of waiting absences: (deadline, sequence, pattern's matcher, key)."""
     released: tuple[float, int] = (-math.inf, -1)
@@ -453,8 +489,12 @@ class PatternBook:
         self.set_patterns(self.patterns)
 
     def __getstate__(self) -> dict[str, Any]:
-        # Routes are a cache of residual tests: rebuilt on demand, not worth a snapshot's bytes.
-        return {name: value for name, value in self.__dict__.items() if name != "_routes"}
+        # Routes are a cache of residual tests: rebuilt on demand, not worth a snapshot's bytes. The
+        # buffer's frames go as one (a pickled frame's cost is mostly per frame).
+        state = {name: value for name, value in self.__dict__.items() if name != "_routes"}
+        if len(self.buffer) > 1:
+            state["buffer"] = [pl.concat(self.buffer)]
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -523,32 +563,24 @@ class PatternBook:
             keep &= self._in_effect(times, rules)
         if not keep.any():
             return
-        role = pl.col("role") if "role" in events.columns else pl.lit(None, pl.String)
-        resolved = (
-            pl.when(pl.col("shape") == "conversation")
-            .then(pl.when(pl.col("sender") == "rm").then(pl.lit("agent")).otherwise(pl.lit("customer")))
-            .otherwise(pl.coalesce(role, pl.lit("user")))
-        )
-        kept = events.filter(pl.Series(keep)) if not keep.all() else events
-        rows = kept.select(
-            *EVENT_SCHEMA.names(), resolved.alias("role"), "scope",
-            pl.coalesce("username", pl.concat_str("session_id", pl.lit("/"), "sender")).alias("user_key"),
-            pl.concat_str("kind", "shape", resolved, "scope", separator="\x00").alias("class"),
-        )
+        kept = rows_where(events, keep)
+        rows = (_few_buffer_rows(kept) if len(kept) <= SMALL_FRAME
+                else kept.select(*_BUFFER_COLUMNS["role" in kept.columns]))
         kept_times = times[keep]
         self._buffer(rows if bool(np.all(kept_times[1:] > kept_times[:-1])) else rows.sort(_RELEASE_ORDER))
 
     def _buffer(self, rows: pl.DataFrame) -> None:
-        """Add rows (sorted) to the buffer, which stays one frame in release order: the whole of it is
-        sorted again only when the rows go before its last one (events arriving out of time order)."""
+        """Add rows (sorted) to the buffer: frames that, one after another, are in release order. Rows
+        that go after the buffer's last one are a frame of their own (no copy of what waits); rows
+        that go before it (events arriving out of time order) make the buffer one frame sorted again."""
         if not self.buffer:
             self.buffer = [rows]
             return
-        waiting = self.buffer[0]
-        joined = pl.concat([waiting, rows])
-        if not _in_order(waiting.row(len(waiting) - 1, named=True), rows.row(0, named=True)):
-            joined = joined.sort(_RELEASE_ORDER)
-        self.buffer = [joined]
+        last = self.buffer[-1]
+        if _in_order(last.row(len(last) - 1, named=True), rows.row(0, named=True)):
+            self.buffer.append(rows)
+        else:
+            self.buffer = [pl.concat([*self.buffer, rows]).sort(_RELEASE_ORDER)]
 
     def advance(self, now: float | None, rules: PatternRules | None = None) -> list[Alert]:
         """Move the watermark to `now - out_of_orderness`; match what it passed, fire due absences."""
@@ -556,12 +588,18 @@ class PatternBook:
             return []
         self.watermark = mark = now - self.out_of_orderness
         alerts: list[Alert] = []
-        if self.buffer:
+        passed: list[pl.DataFrame] = []
+        while self.buffer:
             waiting = self.buffer[0]
             cut = int(np.searchsorted(waiting["time"].to_numpy(), mark, side="right"))
-            self.buffer = [waiting.slice(cut)] if cut < len(waiting) else []
             if cut:
-                self._release(waiting.slice(0, cut), alerts, rules)
+                passed.append(waiting.slice(0, cut))
+            if cut < len(waiting):
+                self.buffer[0] = waiting.slice(cut)
+                break
+            self.buffer.pop(0)
+        if passed:
+            self._release(passed[0] if len(passed) == 1 else pl.concat(passed), alerts, rules)
         self._fire(mark, alerts, rules, inclusive=False)
         if mark - self.swept_at >= SWEEP_EVERY_SECONDS:
             self._sweep()
@@ -571,7 +609,7 @@ class PatternBook:
         """End of input: match every buffered event, then fire every waiting absence."""
         alerts: list[Alert] = []
         if self.buffer:
-            ready = self.buffer[0]
+            ready = pl.concat(self.buffer)
             self.buffer = []
             self._release(ready, alerts, rules)
         self._fire(math.inf, alerts, rules, inclusive=True)

@@ -1,5 +1,6 @@
 """The whole dataflow on `bytewax.testing` inputs."""
 
+import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dataflows.event_frame import events_frame
-from dataflows.flow import FlowConfig, build_flow, chat_shards, routed_frame, shard_of
+from dataflows.flow import FlowConfig, ShardLogic, build_flow, chat_shards, routed_frame, shard_of
 from dataflows.events import DeadLetter, Event
 from dataflows.sequencing import DONE, Progress, ReplayLayout, Stamped, replay_items
 from dataflows.windows import WindowConfig
@@ -244,3 +245,13 @@ def test_routed_frames_place_events_where_chat_shards_does(batch: list[Event], s
                              else ((shard_of(event.session_id, shards), "all"),))
     )
     assert sorted(routed.select("event_id", "shard", "scope").iter_rows()) == expected
+
+
+def test_a_shard_snapshots_its_state_only_when_snapshots_are_kept() -> None:
+    """Bytewax asks for a snapshot every epoch even without recovery: a run without recovery gets
+    an empty one (pickling the buffered events stalls a paced run), one with recovery the state."""
+    kept = ShardLogic(FlowConfig(), None)
+    resumed = ShardLogic(FlowConfig(), kept.snapshot())
+    assert resumed.state.sequencer.clock_floor() == kept.state.sequencer.clock_floor()
+    assert pickle.loads(kept.snapshot()).__class__ is kept.state.__class__
+    assert ShardLogic(FlowConfig(snapshots=False), None).snapshot() == b""

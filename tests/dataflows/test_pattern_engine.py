@@ -7,10 +7,12 @@ import random
 from pathlib import Path
 from unittest import mock
 
+import polars as pl
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dataflows.event_frame import events_frame
 from dataflows.events import Event, iso
 from connectors.files.patterns_file import load_patterns
 from dataflows.patterns.definitions import PatternDef, ResolvedRole, pattern_from_dict
@@ -437,3 +439,24 @@ def test_a_book_with_no_patterns_keeps_no_events_until_a_rule_defines_one() -> N
     assert feed.book.buffered == 0
     feed.chat(150, "eve")
     assert feed.book.buffered == 1
+
+
+@pytest.mark.parametrize("with_roles", [False, True])
+def test_few_rows_are_made_buffer_rows_in_python_as_polars_makes_them(with_roles: bool) -> None:
+    """Small frames skip the Polars query for the buffer's derived columns (role, user key, class):
+    both ways give the same frame, for conversations, chat with and without a rules role, and users."""
+    events = [
+        Event("a", "s-1", "rm", "message", "hi", T0, "event", "conversation", "in", 1, 1, None, None, iso(T0)),
+        Event("b", "s-1", "customer", "message", "yo", T0, "event", "conversation", "in", 2, 2, None, None, iso(T0)),
+        Event("c", "room", "ann", "USER_MESSAGE", "x", T0, "event", "chat", "in", 3, 3, "en", "ann", iso(T0)),
+        Event("d", "room", "bob", "USER_JOINED", "", T0, "event", "chat", "in", 4, 4, None, None, iso(T0)),
+    ]
+    frame = events_frame(events).with_columns(pl.Series("scope", ["all", "session", "user", "all"]))
+    if with_roles:
+        frame = frame.with_columns(pl.Series("role", [None, None, "agent", None], dtype=pl.String))
+    polars_way = frame.select(*engine._BUFFER_COLUMNS[with_roles])
+    python_way = engine._few_buffer_rows(frame)
+    assert python_way.schema == engine.BUFFER_SCHEMA
+    assert python_way.equals(polars_way)
+    assert python_way["role"].to_list() == ["agent", "customer", "agent" if with_roles else "user", "user"]
+    assert python_way["user_key"].to_list() == ["s-1/rm", "s-1/customer", "ann", "room/bob"]

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from connectors.files.jsonl import prepare_out_dir
+from connectors.run.recovery import Recovery
 from connectors.run.runner import (
-    CLUSTER_SWITCH_INTERVAL, GC_YOUNG_THRESHOLD, OUTPUT_FILES, Cluster, ReplayRun, free_addresses, run_job,
+    CLUSTER_SWITCH_INTERVAL, GC_YOUNG_THRESHOLD, OUTPUT_FILES, Cluster, ReplayRun, _knowing, free_addresses, run_job,
 )
 from dataflows.clock import ReplayClock
 from dataflows.flow import FlowConfig
@@ -78,3 +79,9 @@ def test_a_flow_runs_with_start_up_objects_frozen_and_fewer_young_collections_th
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
     assert (tmp_path / "out" / "messages.jsonl").read_text().count("\n") == 2
+
+
+def test_a_run_keeps_shard_snapshots_only_with_recovery(tmp_path: Path) -> None:
+    """Without recovery no snapshot is ever read back, so the flow is told not to make them."""
+    assert _knowing(FlowConfig(), None, None).snapshots is False
+    assert _knowing(FlowConfig(), None, Recovery(tmp_path / "recovery")).snapshots is True
