@@ -260,13 +260,17 @@ def test_profile_stacks_go_to_stages() -> None:
            f"{worker};ReplayPartition.next_batch (connectors/files/replay.py:160);read_json (dataflows/parse.py:70) 3",
            f"{worker};json_lines (connectors/files/jsonl.py:51);json_line (connectors/files/jsonl.py:46) 2",
            f"{worker};_encoding.<locals>.apply (dataflows/flow.py:440) 1",
+           f"{worker};ShardLogic._judged (dataflows/flow.py:260);judged (dataflows/judging.py:40) 6",
+           f"{worker};ShardLogic._columns (dataflows/flow.py:250);FrameWindows.add (dataflows/window_frames.py:90) 2",
+           f"{worker};ReplayPartition._load_block (connectors/files/replay.py:378);parse_block "
+           "(dataflows/parse_block.py:76) 1",
            f"{worker} 4",
            "_bootstrap (threading.py:1);_Poller._loop (connectors/run/runner.py:222);wait (threading.py:600) 9",
            "<module> (x.py:1);_find_and_load (<frozen importlib._bootstrap>:1176) 5"]
     profile = bench_scaling.aggregate(raw)
-    assert profile.by_stage == {"windows": 7, "parsing": 3, "sinks": 3, "engine": 4}
+    assert profile.by_stage == {"windows": 9, "parsing": 4, "sinks": 3, "rules": 6, "engine": 4}
     assert (profile.startup, profile.outside) == (5, 9)
-    assert profile.percent()["windows"] == pytest.approx(7 / 17 * 100)
+    assert profile.percent()["windows"] == pytest.approx(9 / 26 * 100)
 
 
 def test_cpu_bound_spreads_cluster_cpu_over_the_cores() -> None:
