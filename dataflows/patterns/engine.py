@@ -109,7 +109,7 @@ a few rows a Polars query costs more in planning than Python costs over the rows
 
 
 def _few_buffer_rows(events: pl.DataFrame) -> pl.DataFrame:
-    """What `_BUFFER_COLUMNS` makes of `events`, for a few rows."""
+    """What `_BUFFER_COLUMNS` make of `events`, computed in Python (for a few rows)."""
     lists = {name: events[name].to_list() for name in ("shape", "sender", "username", "session_id", "kind", "scope")}
     given = events["role"].to_list() if "role" in events.columns else [None] * len(events)
     roles = [("agent" if sender == "rm" else "customer") if shape == "conversation"
@@ -676,8 +676,9 @@ class PatternBook:
         if not self._matchers:
             return
         released = Released.of(ready)
+        class_of = released.class_of
         found = self._column_wise(released)
-        routes, visits = self._visits(ready, released.classes, released.class_of)
+        routes, visits = self._visits(ready, released.classes, class_of)
         chosen = np.flatnonzero(visits)
         rows = ready[chosen].select(EVENT_SCHEMA.names()).iter_rows() if len(chosen) else iter(())
         pending = found.pop() if found else None
@@ -685,7 +686,7 @@ class PatternBook:
         plans: dict[tuple[int, int], tuple[_Route, ...]] = {}
         deadlines = self.deadlines
         make = tuple.__new__
-        for row, cls, visit, at in zip(rows, released.class_of[chosen].tolist(), visits[chosen].tolist(), chosen.tolist(),
+        for row, cls, visit, at in zip(rows, class_of[chosen].tolist(), visits[chosen].tolist(), chosen.tolist(),
                                        strict=True):
             while pending is not None and pending[0] < at:
                 self._settle(pending, alerts, rules)

@@ -15,7 +15,7 @@ answer's sender test accepts, and clears them all. So, per key, in release order
   its sender test) at or before the deadline: found for all completions at once by a search over
   the absence's rows ordered by key (and sender).
 
-Between frames a key keeps its open questions (as rows) and its matches waiting for silence; the
+Between frames a key keeps its open questions (as events) and its matches waiting for silence; the
 book's heap of deadlines fires those (`due`). The per-event matcher gives the same alerts.
 """
 
