@@ -36,11 +36,22 @@ def judged(book: RuleBook, events: pl.DataFrame) -> pl.DataFrame:
             strict=True,
         )
     ]
+    # The book hands back one object per remembered verdict: make each column once per distinct
+    # verdict and gather it to the rows.
+    slots: dict[int, int] = {}
+    distinct: list[Moderation] = []
+    picks = []
+    for verdict in verdicts:
+        slot = slots.setdefault(id(verdict), len(distinct))
+        if slot == len(distinct):
+            distinct.append(verdict)
+        picks.append(slot)
+    rows = pl.Series(picks, dtype=pl.UInt32)
     return events.with_columns(
-        pl.Series("text", [v.text for v in verdicts], dtype=pl.String),
-        pl.Series("action", [v.action for v in verdicts], dtype=pl.String),
-        pl.Series("role", [v.role for v in verdicts], dtype=pl.String),
-        pl.Series("moderation", [moderation_json(v) for v in verdicts], dtype=pl.Binary),
+        pl.Series("text", [v.text for v in distinct], dtype=pl.String).gather(rows),
+        pl.Series("action", [v.action for v in distinct], dtype=pl.String).gather(rows),
+        pl.Series("role", [v.role for v in distinct], dtype=pl.String).gather(rows),
+        pl.Series("moderation", [moderation_json(v) for v in distinct], dtype=pl.Binary).gather(rows),
     )
 
 
