@@ -2,13 +2,16 @@
 
 A partition appends whole lines and flushes after every batch; its snapshot is the file's
 length, so a run resumed from Bytewax recovery truncates what was written after the snapshot
-and writes it again: the files hold every record exactly once.
+and writes it again: the files hold every record exactly once. A batch is written on a thread of
+the partition's own while the worker goes on (the write releases the GIL); the next batch, a
+snapshot and close wait for it first.
 """
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -115,6 +118,9 @@ class JsonlPartition(StatefulSinkPartition[bytes, int]):
     Without a snapshot the file starts empty: in a fresh run it is empty anyway (one partition
     writes it), and in a resumed run every line in it came after the last snapshot (the run died
     before its first one, or the kind's first record came after it), so it is written again.
+
+    One batch at most is being written at a time, on the partition's writer thread: memory holds
+    that batch and the one the worker makes meanwhile. A failed write is raised on the next call.
     """
 
     def __init__(self, path: Path, resume_length: int | None) -> None:
@@ -122,13 +128,30 @@ class JsonlPartition(StatefulSinkPartition[bytes, int]):
         self.file: BinaryIO = path.open("ab")
         self.file.truncate(length)
         self.file.seek(length)
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"convoflow-{path.stem}")
+        self.writing: Future[None] | None = None
 
     def write_batch(self, values: list[bytes]) -> None:
-        self.file.write(b"".join(values))
-        self.file.flush()
+        self._written()
+        self.writing = self.writer.submit(self._write, values)
 
     def snapshot(self) -> int:
+        self._written()
         return self.file.tell()
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self._written()
+        finally:
+            self.writer.shutdown()
+            self.file.close()
+
+    def _write(self, values: list[bytes]) -> None:
+        self.file.writelines(values)
+        self.file.flush()
+
+    def _written(self) -> None:
+        """Wait for the batch being written (raising what its write raised)."""
+        if self.writing is not None:
+            writing, self.writing = self.writing, None
+            writing.result()

@@ -68,6 +68,21 @@ def test_a_partition_without_a_snapshot_rewrites_its_file(tmp_path: Path) -> Non
     assert [orjson.loads(line) for line in (tmp_path / "late.jsonl").read_bytes().splitlines()] == [{"n": 1}, {"n": 2}]
 
 
+def test_a_snapshot_counts_the_batch_written_on_the_writer_thread_and_a_failed_write_is_raised(tmp_path: Path) -> None:
+    """Batches are written on the partition's own thread: its snapshot waits for the one in flight,
+    and what a write raised comes out of the next call, not lost with the thread."""
+    part = JsonlSink(tmp_path, ["late"]).build_part("out", "late", None)
+    line = json_line({"n": 1})
+    part.write_batch([line])
+    assert part.snapshot() == len(line)
+    part.write_batch(["not bytes"])  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        part.snapshot()
+    part.write_batch([line])
+    part.close()
+    assert (tmp_path / "late.jsonl").read_bytes() == line * 2
+
+
 texts = st.text(alphabet=st.sampled_from(['a', 'é', '😀', '"', '\\', '/', '\n', '\t', '\x00', '\x1f', '\u2028', '<', ' ']),
                 max_size=8)
 rows = st.fixed_dictionaries({
