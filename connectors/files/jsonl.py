@@ -2,9 +2,9 @@
 
 A partition appends whole lines and flushes after every batch; its snapshot is the file's
 length, so a run resumed from Bytewax recovery truncates what was written after the snapshot
-and writes it again: the files hold every record exactly once. A batch is written on a thread of
-the partition's own while the worker goes on (the write releases the GIL); the next batch, a
-snapshot and close wait for it first.
+and writes it again: the files hold every record exactly once. A batch is encoded and written on a
+thread of the partition's own while the worker goes on (Polars' encoding and the write release the
+GIL); the next batch, a snapshot and close wait for it first.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def json_line(record: Record) -> bytes:
 
 
 def json_lines(kind: str, records: Records) -> bytes:
-    """A batch of records as JSON lines: the encoder to give the flow for this sink. A frame is
-    encoded column-wise, byte for byte as `json_line` encodes its rows."""
+    """A batch of records as JSON lines (how `JsonlPartition` writes them). A frame is encoded
+    column-wise, byte for byte as `json_line` encodes its rows."""
     if isinstance(records, pl.DataFrame):
         if records.is_empty():
             return b""
@@ -92,11 +92,9 @@ def _json_object(entries: pl.Expr) -> pl.Expr:
     return pl.lit("{") + entries.list.eval(key + pl.lit(":") + value).list.join(",") + pl.lit("}")
 
 
-class JsonlSink(KindPartitionedSink[bytes, int]):
-    """Routes `(kind, line)` to `<out_dir>/<kind>.jsonl`; one partition per kind.
-
-    Lines arrive already encoded by `json_lines`, in chunks, from the worker that produced them.
-    """
+class JsonlSink(KindPartitionedSink[Records, int]):
+    """Routes `(kind, records)` to `<out_dir>/<kind>.jsonl`; one partition per kind, which encodes
+    the records (`json_lines`) as it writes them."""
 
     output = "JSONL"
 
@@ -109,21 +107,23 @@ class JsonlSink(KindPartitionedSink[bytes, int]):
         return f"{kind}.jsonl"
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> JsonlPartition:
-        return JsonlPartition(self.out_dir / self.file_name(for_part), resume_state)
+        return JsonlPartition(self.out_dir / self.file_name(for_part), for_part, resume_state)
 
 
-class JsonlPartition(StatefulSinkPartition[bytes, int]):
+class JsonlPartition(StatefulSinkPartition[Records, int]):
     """Appends JSON lines; resumes by truncating to the snapshotted length.
 
     Without a snapshot the file starts empty: in a fresh run it is empty anyway (one partition
     writes it), and in a resumed run every line in it came after the last snapshot (the run died
     before its first one, or the kind's first record came after it), so it is written again.
 
-    One batch at most is being written at a time, on the partition's writer thread: memory holds
-    that batch and the one the worker makes meanwhile. A failed write is raised on the next call.
+    One batch at most is being encoded and written at a time, on the partition's writer thread:
+    memory holds that batch and the one the worker makes meanwhile. A failed write is raised on the
+    next call.
     """
 
-    def __init__(self, path: Path, resume_length: int | None) -> None:
+    def __init__(self, path: Path, kind: str, resume_length: int | None) -> None:
+        self.kind = kind
         length = resume_length or 0
         self.file: BinaryIO = path.open("ab")
         self.file.truncate(length)
@@ -131,7 +131,7 @@ class JsonlPartition(StatefulSinkPartition[bytes, int]):
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"convoflow-{path.stem}")
         self.writing: Future[None] | None = None
 
-    def write_batch(self, values: list[bytes]) -> None:
+    def write_batch(self, values: list[Records]) -> None:
         self._written()
         self.writing = self.writer.submit(self._write, values)
 
@@ -146,8 +146,8 @@ class JsonlPartition(StatefulSinkPartition[bytes, int]):
             self.writer.shutdown()
             self.file.close()
 
-    def _write(self, values: list[bytes]) -> None:
-        self.file.writelines(values)
+    def _write(self, values: list[Records]) -> None:
+        self.file.writelines(json_lines(self.kind, records) for records in values)
         self.file.flush()
 
     def _written(self) -> None:

@@ -26,7 +26,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import FixedPartitionedSource
 from bytewax.testing import cluster_main, run_main
 
-from connectors.files.jsonl import JsonlSink, json_lines
+from connectors.files.jsonl import JsonlSink
 from connectors.view.progress import GAUGES_FILE, GaugeSink, TallySink, tallied
 from connectors.run.recovery import Recovery
 from connectors.run.stopping import RunAborted, Signals, StopFlag, StoppableSource, stop_on_signals
@@ -178,7 +178,7 @@ class LakeConfig:
 
 def _file_outputs(out_dir: Path | None, lake: LakeConfig | None, state_dir: Path | None) -> list[FlowOutput]:
     kinds = [k.value for k in OutputKind]
-    outputs = [] if out_dir is None else [FlowOutput("jsonl", JsonlSink(out_dir, kinds), json_lines)]
+    outputs = [] if out_dir is None else [FlowOutput("jsonl", JsonlSink(out_dir, kinds), as_given)]
     if lake is not None:
         # Imported here: pyiceberg and pyarrow add ~0.8 s to every worker process's start.
         from connectors.lake.sink import IcebergSink, SnapshotExpiry

@@ -31,7 +31,7 @@ def test_routes_kinds_to_their_files_whatever_the_order(tmp_path: Path) -> None:
     parts = {name: sink.build_part("out", name, None) for name in sink.list_parts()}
     ordered = sorted(sink.list_parts())
     for kind in ["windows", "late", "messages"]:
-        parts[ordered[sink.part_fn(kind)]].write_batch([json_line({"kind": kind})])
+        parts[ordered[sink.part_fn(kind)]].write_batch([[{"kind": kind}]])
     for part in parts.values():
         part.close()
     for kind in ["windows", "late", "messages"]:
@@ -46,12 +46,12 @@ def test_unknown_kind_is_a_clear_error(tmp_path: Path) -> None:
 def test_resume_truncates_what_was_written_after_the_snapshot(tmp_path: Path) -> None:
     sink = JsonlSink(tmp_path, ["windows"])
     part = sink.build_part("out", "windows", None)
-    part.write_batch([json_line({"n": 1})])
+    part.write_batch([[{"n": 1}]])
     length = part.snapshot()
-    part.write_batch([json_line({"n": 2})])
+    part.write_batch([[{"n": 2}]])
     part.close()
     resumed = sink.build_part("out", "windows", length)
-    resumed.write_batch([json_line({"n": 2}), json_line({"n": 3})])
+    resumed.write_batch([[{"n": 2}], pl.DataFrame({"n": [3]})])
     resumed.close()
     assert [orjson.loads(line) for line in (tmp_path / "windows.jsonl").read_bytes().splitlines()] == [{"n": 1}, {"n": 2}, {"n": 3}]
 
@@ -60,25 +60,25 @@ def test_a_partition_without_a_snapshot_rewrites_its_file(tmp_path: Path) -> Non
     """Killed before its first snapshot (or first built after the last one): all of it is replayed."""
     sink = JsonlSink(tmp_path, ["late"])
     first = sink.build_part("out", "late", None)
-    first.write_batch([json_line({"n": 1})])
+    first.write_batch([[{"n": 1}]])
     first.close()
     resumed = sink.build_part("out", "late", None)
-    resumed.write_batch([json_line({"n": 1}), json_line({"n": 2})])
+    resumed.write_batch([[{"n": 1}, {"n": 2}]])
     resumed.close()
     assert [orjson.loads(line) for line in (tmp_path / "late.jsonl").read_bytes().splitlines()] == [{"n": 1}, {"n": 2}]
 
 
 def test_a_snapshot_counts_the_batch_written_on_the_writer_thread_and_a_failed_write_is_raised(tmp_path: Path) -> None:
-    """Batches are written on the partition's own thread: its snapshot waits for the one in flight,
-    and what a write raised comes out of the next call, not lost with the thread."""
+    """Batches are encoded and written on the partition's own thread: its snapshot waits for the one
+    in flight, and what encoding or writing raised comes out of the next call, not lost with the thread."""
     part = JsonlSink(tmp_path, ["late"]).build_part("out", "late", None)
     line = json_line({"n": 1})
-    part.write_batch([line])
+    part.write_batch([[{"n": 1}]])
     assert part.snapshot() == len(line)
-    part.write_batch(["not bytes"])  # type: ignore[list-item]
+    part.write_batch([[{"n": object()}]])
     with pytest.raises(TypeError):
         part.snapshot()
-    part.write_batch([line])
+    part.write_batch([pl.DataFrame({"n": [1]})])
     part.close()
     assert (tmp_path / "late.jsonl").read_bytes() == line * 2
 
