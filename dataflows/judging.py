@@ -40,7 +40,7 @@ def judged(book: RuleBook, events: pl.DataFrame) -> pl.DataFrame:
     # verdict and gather it to the rows.
     slots: dict[int, int] = {}
     distinct: list[Moderation] = []
-    picks = []
+    picks: list[int] = []
     for verdict in verdicts:
         slot = slots.setdefault(id(verdict), len(distinct))
         if slot == len(distinct):
