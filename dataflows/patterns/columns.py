@@ -23,8 +23,9 @@ from dataflows.patterns.definitions import CompiledPredicate, Predicate, Residua
 
 SenderTest: TypeAlias = "tuple[Literal['same', 'other'], int] | None"
 """A predicate's test of the sender against the sender of step `i`'s event: equal, different, or none."""
-TEXT_VERDICTS = 1 << 16
-"""How many texts' verdicts a predicate column keeps per class of event."""
+TEXT_VERDICTS = 4096
+"""How many texts' verdicts a predicate column keeps per class of event: with every text new (live chat) the
+caches of a process hold predicates x classes x shards x this many texts."""
 
 
 @dataclass
