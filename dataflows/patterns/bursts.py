@@ -29,9 +29,8 @@ from dataflows.events import Event
 from dataflows.patterns.alerts import Alert, alert_of
 from dataflows.patterns.columns import PredicateColumn, Released
 from dataflows.patterns.definitions import PatternDef, ResolvedRole, Summarizer
-from dataflows.patterns.keyed import KeyedRows, events_by_key
+from dataflows.patterns.keyed import KeyedRows, events_by_key, recent
 
-_KEY_COLUMN = {False: "session_id", True: "user_key"}
 _COUNTING, _MUTED = 0, 1
 
 
@@ -92,10 +91,7 @@ class BurstMatcher:
     def sweep(self, lower: float) -> None:
         """Forget run events and mutes no event at `lower` or later can meet."""
         if self.within is not None:
-            within = self.within
-            kept = {key: [e for e in events if lower - e.time <= within]  # type: ignore[operator]
-                    for key, events in self.run.items()}
-            self.run = {key: events for key, events in kept.items() if events}
+            self.run = recent(self.run, lower, self.within)
         self.muted = {key: until for key, until in self.muted.items() if until >= lower}
 
     def match(self, released: Released) -> list[tuple[int, Alert]]:
@@ -104,7 +100,7 @@ class BurstMatcher:
         chosen = np.flatnonzero(self.step.fits(released))
         if not len(chosen):
             return []
-        runs = KeyedRows(released, chosen, _KEY_COLUMN[self.by_user], self.run)
+        runs = KeyedRows(released, chosen, self.by_user, self.run)
         times, pos, starts, ends, group, keys = runs.times, runs.pos, runs.starts, runs.ends, runs.group, runs.keys
         firsts = starts + np.add.reduceat((pos < 0).astype(np.int64), starts)
         until = np.array([self.muted.get(key, -math.inf) for key in keys], dtype=np.float64)
@@ -121,10 +117,7 @@ class BurstMatcher:
 
         counting = mode == _COUNTING
         tail = np.flatnonzero(counting[group] & (rows >= pointer[group]) & (times[ends][group] - times <= self.bound))
-        for key in keys:
-            self.run.pop(key, None)
-        for key, event in zip([keys[g] for g in group[tail].tolist()], runs.events(tail.tolist()), strict=True):
-            self.run.setdefault(key, []).append(event)
+        runs.carry(self.run, tail.tolist())
         for g, key in enumerate(keys):
             if counting[g]:
                 self.muted.pop(key, None)

@@ -23,6 +23,8 @@ from dataflows.patterns.definitions import CompiledPredicate, Predicate, Residua
 
 SenderTest: TypeAlias = "tuple[Literal['same', 'other'], int] | None"
 """A predicate's test of the sender against the sender of step `i`'s event: equal, different, or none."""
+KEY_COLUMN = {False: "session_id", True: "user_key"}
+"""The released rows' column of a pattern's key, by whether it is keyed by user."""
 TEXT_VERDICTS = 4096
 """How many texts' verdicts a predicate column keeps per class of event: with every text new (live chat) the
 caches of a process hold predicates x classes x shards x this many texts."""

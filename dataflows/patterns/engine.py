@@ -52,7 +52,7 @@ from dataflows.sequencing import Scope
 from dataflows.small_frames import rows_where
 from dataflows.patterns.alerts import Alert, alert_of
 from dataflows.patterns.bursts import BurstMatcher, is_burst
-from dataflows.patterns.columns import Released
+from dataflows.patterns.columns import KEY_COLUMN, Released
 from dataflows.patterns.pairs import Deadline, PairMatcher, is_pair
 from dataflows.patterns.definitions import (
     CompiledPredicate,
@@ -80,8 +80,6 @@ BUFFER_SCHEMA = pl.Schema([*EVENT_SCHEMA.items(), ("role", pl.String), ("scope",
                            ("class", pl.String)])
 """Events waiting for the watermark: each with its sender's resolved role, its scope, its user
 (`key_of(event, "user")`) and its class (kind, shape, role and scope: what decides its routes)."""
-_KEY_COLUMN = {False: "session_id", True: "user_key"}
-"""The buffer's column of a pattern's key, by whether it is keyed by user."""
 _TIME = EVENT_SCHEMA.names().index("time")
 _SESSION = EVENT_SCHEMA.names().index("session_id")
 _RELEASE_ORDER = ["time", "offset", "event_id", "session_id", "sender", "kind", "text"]
@@ -799,7 +797,7 @@ class PatternBook:
             if (starts == routed).all():
                 visits |= routed.astype(np.int64) << index
                 continue
-            column = _KEY_COLUMN[matcher.by_user]
+            column = KEY_COLUMN[matcher.by_user]
             active = set(matcher.states)
             active.update(ready[column].filter(pl.Series(starts)).to_list())
             membership[str(index)] = pl.col(column).is_in(pl.Series(list(active), dtype=pl.String).implode())
@@ -812,7 +810,7 @@ class PatternBook:
             visits |= visited.astype(np.int64) << index
             seen, passed = matchers[index].seen, routed & ~visited  # type: ignore[union-attr]
             if seen is not None and passed.any():
-                column = _KEY_COLUMN[matchers[index].by_user]
+                column = KEY_COLUMN[matchers[index].by_user]
                 last = ready.filter(pl.Series(passed)).group_by(column).agg(pl.col("time").max())
                 seen.update(last.iter_rows())
         return routes, visits

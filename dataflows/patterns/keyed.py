@@ -15,16 +15,17 @@ import polars as pl
 
 from dataflows.event_frame import EVENT_SCHEMA
 from dataflows.events import Event
-from dataflows.patterns.columns import Released
+from dataflows.patterns.columns import KEY_COLUMN, Released
 
 
 class KeyedRows:
-    """Rows `chosen` of `released`, after each of their keys' events in `carried`, grouped by key."""
+    """Rows `chosen` of `released`, after each of their keys' events in `carried`, grouped by key
+    (the session, or the user when `by_user`)."""
 
-    def __init__(self, released: Released, chosen: np.ndarray, key_column: str,
+    def __init__(self, released: Released, chosen: np.ndarray, by_user: bool,
                  carried: Mapping[str, Sequence[Event]]) -> None:
         self.released = released
-        every_key, every_sender = released.values(key_column), released.values("sender")
+        every_key, every_sender = released.values(KEY_COLUMN[by_user]), released.values("sender")
         rows = chosen.tolist()
         fresh_keys = [every_key[i] for i in rows]
         numbers: dict[str, int] = {}
@@ -32,8 +33,9 @@ class KeyedRows:
             numbers.setdefault(key, len(numbers))
         self.keys = list(numbers)
         """Each group's key."""
-        self.carried = [event for key in self.keys for event in carried.get(key, ())]
-        carried_groups = [numbers[key] for key in self.keys for _ in carried.get(key, ())]
+        held = [carried.get(key, ()) for key in self.keys]
+        self.carried = [event for events in held for event in events]
+        carried_groups = [group for group, events in enumerate(held) for _ in events]
         self.n_carried = len(self.carried)
         codes: dict[str, int] = {}
         senders = [codes.setdefault(name, len(codes))
@@ -68,6 +70,21 @@ class KeyedRows:
         made = dict(zip(fresh.tolist(), map(Event._make, self.released.rows[fresh].select(EVENT_SCHEMA.names()).rows()),
                         strict=True)) if len(fresh) else {}
         return [made[p] if p >= 0 else self.carried[s] for p, s in zip(pos.tolist(), source.tolist(), strict=True)]
+
+
+    def carry(self, held: dict[str, list[Event]], rows: list[int]) -> None:
+        """What `held` keeps for the next frame of each key here: the events of these rows (in order)."""
+        for key in self.keys:
+            held.pop(key, None)
+        for group, event in zip(self.group[rows].tolist(), self.events(rows), strict=True):
+            held.setdefault(self.keys[group], []).append(event)
+
+
+def recent(held: Mapping[str, Sequence[Event]], lower: float, within: float) -> dict[str, list[Event]]:
+    """`held` less the events more than `within` before `lower` (and the keys left with none)."""
+    kept = {key: [e for e in events if lower - e.time <= within]  # type: ignore[operator]
+            for key, events in held.items()}
+    return {key: events for key, events in kept.items() if events}
 
 
 def events_by_key(frame: pl.DataFrame) -> dict[str, list[Event]]:

@@ -32,9 +32,7 @@ from dataflows.events import Event
 from dataflows.patterns.alerts import Alert, alert_of
 from dataflows.patterns.columns import PredicateColumn, Released, is_flat, sender_test
 from dataflows.patterns.definitions import PatternDef, ResolvedRole, Summarizer
-from dataflows.patterns.keyed import KeyedRows, events_by_key
-
-_KEY_COLUMN = {False: "session_id", True: "user_key"}
+from dataflows.patterns.keyed import KeyedRows, events_by_key, recent
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,10 +114,7 @@ class PairMatcher:
     def sweep(self, lower: float) -> None:
         """Forget open questions no event at `lower` or later can answer (waiting matches leave by `due`)."""
         if self.alive_for < math.inf:
-            alive_for = self.alive_for
-            kept = {key: [e for e in events if lower - e.time <= alive_for]  # type: ignore[operator]
-                    for key, events in self.open.items()}
-            self.open = {key: events for key, events in kept.items() if events}
+            self.open = recent(self.open, lower, self.alive_for)
 
     def due(self, key: str, deadline: float) -> list[Alert]:
         """The alerts of the key's matches whose silence held until `deadline`; they stop waiting."""
@@ -143,7 +138,7 @@ class PairMatcher:
         chosen = np.flatnonzero(asks | answers | breaks)
         if not len(chosen):
             return []
-        frame = _Frame(released, chosen, _KEY_COLUMN[self.by_user], self.open, (asks, answers, breaks))
+        frame = _Frame(released, chosen, self.by_user, self.open, (asks, answers, breaks))
         completed, taken, after = self._complete(frame)
         self._keep_open(frame, after)
         if self.silence is None:
@@ -189,21 +184,16 @@ class PairMatcher:
         """Keep each key's questions since its last completion that a later event could still answer."""
         last = f.times[f.ends]
         still = f.ask & (np.arange(f.n) >= after[f.group]) & (last[f.group] - f.times <= self.alive_for)
-        for key in f.keys:
-            self.open.pop(key, None)
-        kept = np.flatnonzero(still).tolist()
-        for key, event in zip([f.keys[g] for g in f.group[kept].tolist()], f.events(kept), strict=True):
-            self.open.setdefault(key, []).append(event)
+        f.carry(self.open, np.flatnonzero(still).tolist())
 
     def _alerts(self, f: _Frame, completed: list[int], taken: list[int]) -> list[tuple[int, Alert | Deadline]]:
         if not completed:
             return []
-        events = f.events([*taken, *completed])
         found: list[tuple[int, Alert | Deadline]] = [
             (pos, alert_of(self.pattern, self.summarize, f.keys[group], time, match))
             for pos, group, time, match in zip(
                 f.pos[completed].tolist(), f.group[completed].tolist(), f.times[completed].tolist(),
-                zip(events[:len(taken)], events[len(taken):], strict=True), strict=True)]
+                f.matches(taken, completed), strict=True)]
         found.sort(key=lambda item: item[0])
         return found
 
@@ -233,9 +223,8 @@ class PairMatcher:
         if not len(kept):
             return found
         quiet = np.array(completed, dtype=np.int64)[kept]
-        events = f.events([*np.array(taken, dtype=np.int64)[kept].tolist(), *quiet.tolist()])
-        for group, pos, match, deadline in zip(f.group[quiet].tolist(), f.pos[quiet].tolist(),
-                                               zip(events[:len(kept)], events[len(kept):], strict=True),
+        matches = f.matches(np.array(taken, dtype=np.int64)[kept].tolist(), quiet.tolist())
+        for group, pos, match, deadline in zip(f.group[quiet].tolist(), f.pos[quiet].tolist(), matches,
                                                deadlines[kept].tolist(), strict=True):
             key = names[group]
             self.waiting.setdefault(key, []).append(_Waiting(deadline, match))
@@ -265,14 +254,19 @@ class _Frame(KeyedRows):
     """The rows a pair matcher looks at: each key's open questions carried in, then the released rows
     that fit one of its predicates (`ask`, `answer`, `brk`: which)."""
 
-    def __init__(self, released: Released, chosen: np.ndarray, key_column: str, open_questions: dict[str, list[Event]],
+    def __init__(self, released: Released, chosen: np.ndarray, by_user: bool, open_questions: dict[str, list[Event]],
                  flags: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
-        super().__init__(released, chosen, key_column, open_questions)
+        super().__init__(released, chosen, by_user, open_questions)
         asks, answers, breaks = flags
         n = self.n_carried
         self.ask = self.column(np.ones(n, dtype=bool), asks[chosen])
         self.answer = self.column(np.zeros(n, dtype=bool), answers[chosen])
         self.brk = self.column(np.zeros(n, dtype=bool), breaks[chosen])
+
+    def matches(self, questions: list[int], answers: list[int]) -> list[tuple[Event, Event]]:
+        """The (question, answer) events of these pairs of rows."""
+        events = self.events([*questions, *answers])
+        return list(zip(events[:len(questions)], events[len(questions):], strict=True))
 
 
 def _last_before(flags: np.ndarray, gid: np.ndarray) -> np.ndarray:
