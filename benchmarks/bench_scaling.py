@@ -10,7 +10,8 @@ and two separate 1 x 1 runs at once (what two busy cores give this workload with
 Events/s are input lines over the wall time from building the job to its end; CPU s are the case's
 whole processes' (start-up included), which other work on the machine does not inflate. With
 `--repeat N` the cases run N times, interleaved; medians are reported and each round's ratio.
-Each process is held to one Polars thread (`POLARS_MAX_THREADS=1`). Target: 2 processes >= 1.6 x one. Also shown: the ceiling that ratio could reach on idle cores, from
+Each process is held to one compute thread: one Polars thread (`POLARS_MAX_THREADS=1`) and its JSONL
+encoded and written by the worker itself (`writer_threads=False`). Target: 2 processes >= 1.6 x one. Also shown: the ceiling that ratio could reach on idle cores, from
 the CPU seconds alone (see `cpu_bound`).
 
 Then, unless `--skip-profile`, py-spy samples a 1-process run with the four patterns and a stream of
@@ -47,7 +48,8 @@ CASES: dict[str, tuple[int, int]] = {"1p1w": (1, 1), "2p1w": (2, 1), "1p2w": (1,
 SIDE_BY_SIDE = "2x1p1w"
 ONE_THREAD = {**os.environ, "POLARS_MAX_THREADS": "1"}
 """Every case's environment: each process holds one compute thread, as a process per machine of a
-cluster would (issue 19), so the ratio is the flow's scaling, not Polars' threads."""
+cluster would (issue 19), so the ratio is the flow's scaling, not Polars' threads (nor the JSONL
+writer threads: `pipeline_seconds` turns them off)."""
 """Two separate 1 x 1 runs of the whole file at once: no cluster, nothing exchanged. Their joint
 events/s over one run's is what two busy cores give this workload on this machine, the most a
 2-process cluster could reach."""
@@ -159,7 +161,8 @@ def pipeline_seconds(path: Path, processes: int, workers: int, *, patterns: bool
         rules_path = bench_replay().write_bench_rules(Path(scratch) / "rules.jsonl") if rules else None
         config = FlowConfig(layout=ReplayLayout(partitions=processes * workers), time_origin=origin, patterns=defs,
                             rules=rules)
-        job = ReplayRun(path, out, config, ReplayClock(origin, time.time(), 0.0), rules_path=rules_path)
+        job = ReplayRun(path, out, config, ReplayClock(origin, time.time(), 0.0), rules_path=rules_path,
+                        writer_threads=False)
         run_job(job, processes, workers)
         seconds = time.perf_counter() - start
         windows = (out / "windows.jsonl").read_bytes().count(b"\n")

@@ -4,7 +4,8 @@ A partition appends whole lines and flushes after every batch; its snapshot is t
 length, so a run resumed from Bytewax recovery truncates what was written after the snapshot
 and writes it again: the files hold every record exactly once. A batch is encoded and written on a
 thread of the partition's own while the worker goes on (Polars' encoding and the write release the
-GIL); the next batch, a snapshot and close wait for it first.
+GIL); the next batch, a snapshot and close wait for it first. Without `writer_threads` the worker
+encodes and writes each batch itself: one compute thread per process.
 """
 
 from __future__ import annotations
@@ -94,20 +95,22 @@ def _json_object(entries: pl.Expr) -> pl.Expr:
 
 class JsonlSink(KindPartitionedSink[Records, int]):
     """Routes `(kind, records)` to `<out_dir>/<kind>.jsonl`; one partition per kind, which encodes
-    the records (`json_lines`) as it writes them."""
+    the records (`json_lines`) as it writes them, on a thread of its own unless not `writer_threads`."""
 
     output = "JSONL"
 
-    def __init__(self, out_dir: Path, kinds: Sequence[str]) -> None:
+    def __init__(self, out_dir: Path, kinds: Sequence[str], *, writer_threads: bool = True) -> None:
         super().__init__(kinds)
         self.out_dir = out_dir
+        self.writer_threads = writer_threads
 
     @staticmethod
     def file_name(kind: str) -> str:
         return f"{kind}.jsonl"
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> JsonlPartition:
-        return JsonlPartition(self.out_dir / self.file_name(for_part), for_part, resume_state)
+        return JsonlPartition(self.out_dir / self.file_name(for_part), for_part, resume_state,
+                              writer_thread=self.writer_threads)
 
 
 class JsonlPartition(StatefulSinkPartition[Records, int]):
@@ -119,21 +122,25 @@ class JsonlPartition(StatefulSinkPartition[Records, int]):
 
     One batch at most is being encoded and written at a time, on the partition's writer thread:
     memory holds that batch and the one the worker makes meanwhile. A failed write is raised on the
-    next call.
+    next call. Without `writer_thread`, `write_batch` encodes and writes the batch itself.
     """
 
-    def __init__(self, path: Path, kind: str, resume_length: int | None) -> None:
+    def __init__(self, path: Path, kind: str, resume_length: int | None, *, writer_thread: bool = True) -> None:
         self.kind = kind
         length = resume_length or 0
         self.file: BinaryIO = path.open("ab")
         self.file.truncate(length)
         self.file.seek(length)
-        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"convoflow-{path.stem}")
+        self.writer = (ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"convoflow-{path.stem}")
+                       if writer_thread else None)
         self.writing: Future[None] | None = None
 
     def write_batch(self, values: list[Records]) -> None:
         self._written()
-        self.writing = self.writer.submit(self._write, values)
+        if self.writer is None:
+            self._write(values)
+        else:
+            self.writing = self.writer.submit(self._write, values)
 
     def snapshot(self) -> int:
         self._written()
@@ -143,7 +150,8 @@ class JsonlPartition(StatefulSinkPartition[Records, int]):
         try:
             self._written()
         finally:
-            self.writer.shutdown()
+            if self.writer is not None:
+                self.writer.shutdown()
             self.file.close()
 
     def _write(self, values: list[Records]) -> None:

@@ -132,7 +132,7 @@ def plan_run(s: RunSettings, state_dir: Path, *, glimpses: bool = False) -> RunP
                             rules=s.rules is not None),
             clock=ReplayClock(event_origin=origin, wall_origin=start, speed=s.speed_factor),
             state_dir=state_dir, lake=lake_config, rules_path=rules_path, stages=stages, recovery=recovery,
-            max_line_bytes=s.max_line_bytes, glimpses=glimpses,
+            max_line_bytes=s.max_line_bytes, glimpses=glimpses, writer_threads=s.writer_threads,
         )
         destination = str(replay_out)
     else:
@@ -144,6 +144,7 @@ def plan_run(s: RunSettings, state_dir: Path, *, glimpses: bool = False) -> RunP
             out_dir=out_dir.resolve() if out_dir else None, state_dir=state_dir, lake=lake_config,
             rules_path=rules_path, rules_topic=live.rules_topic, rules_partitions=live.rules_partitions,
             rules_grace=s.rules_grace, stages=stages, recovery=recovery, glimpses=glimpses,
+            writer_threads=s.writer_threads,
         )
         destination = f"Kafka topics {', '.join(live.topics.all())}" + (f" and {out_dir}" if out_dir else "")
     return RunPlan(job, processes, s.workers, cluster, destination, recovery, resuming, lake_config)

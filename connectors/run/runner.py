@@ -63,13 +63,16 @@ class ReplayRun:
     max_line_bytes: int = MAX_LINE_BYTES
     glimpses: bool = False
     """Keep glimpses of the latest records for a live view's panes (in `state_dir`)."""
+    writer_threads: bool = True
+    """Encode and write JSONL outputs on a thread per file (`JsonlSink`); off: on the worker's thread."""
 
     def build(self) -> Dataflow:
         """The flow with its real connectors: JSONL files, and Iceberg tables when `lake` is set."""
         source = ReplaySource(self.input_path, layout=self.flow.layout, clock=self.clock, batch_size=self.batch_size,
                               max_line_bytes=self.max_line_bytes,
                               figures_dir=self.state_dir if self.glimpses else None)
-        outputs = _file_outputs(self.out_dir, self.lake, self.state_dir) + _tally(self.state_dir, self.glimpses)
+        outputs = (_file_outputs(self.out_dir, self.lake, self.state_dir, self.writer_threads)
+                   + _tally(self.state_dir, self.glimpses))
         rules = RulesFileSource(self.rules_path, self.clock) if self.rules_path else None
         flag = stop_flag(self)
         return build_flow(_stoppable(source, flag), outputs, _knowing(self.flow, rules, self.recovery),
@@ -105,6 +108,8 @@ class KafkaRun:
     recovery: Recovery | None = None
     glimpses: bool = False
     """Keep glimpses of the latest records for a live view's panes (in `state_dir`)."""
+    writer_threads: bool = True
+    """Encode and write JSONL outputs on a thread per file (`JsonlSink`); off: on the worker's thread."""
 
     def build(self) -> Dataflow:
         """The flow reading `input_topic` live and writing every output kind to its topic."""
@@ -116,7 +121,8 @@ class KafkaRun:
             tail=self.tail, config=dict(self.kafka_config), batch_size=self.batch_size, figures_dir=self.state_dir,
         )
         outputs = [kafka_output(self.brokers, self.topics, self.kafka_config)]
-        outputs += _file_outputs(self.out_dir, self.lake, self.state_dir) + _tally(self.state_dir, self.glimpses)
+        outputs += (_file_outputs(self.out_dir, self.lake, self.state_dir, self.writer_threads)
+                    + _tally(self.state_dir, self.glimpses))
         flag, rules = stop_flag(self), self._rules()
         return build_flow(_stoppable(source, flag), outputs, _knowing(self.flow, rules, self.recovery),
                           gauges=_gauges(self.state_dir),
@@ -176,9 +182,11 @@ class LakeConfig:
         return f"Iceberg tables in {self.lake_dir}" if self.lake_dir else f"Iceberg catalog {self.catalog}"
 
 
-def _file_outputs(out_dir: Path | None, lake: LakeConfig | None, state_dir: Path | None) -> list[FlowOutput]:
+def _file_outputs(out_dir: Path | None, lake: LakeConfig | None, state_dir: Path | None,
+                  writer_threads: bool) -> list[FlowOutput]:
     kinds = [k.value for k in OutputKind]
-    outputs = [] if out_dir is None else [FlowOutput("jsonl", JsonlSink(out_dir, kinds), as_given)]
+    outputs = ([] if out_dir is None
+               else [FlowOutput("jsonl", JsonlSink(out_dir, kinds, writer_threads=writer_threads), as_given)])
     if lake is not None:
         # Imported here: pyiceberg and pyarrow add ~0.8 s to every worker process's start.
         from connectors.lake.sink import IcebergSink, SnapshotExpiry
