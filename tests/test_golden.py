@@ -1,7 +1,7 @@
 """The differential test: every output record of every golden case, however the flow runs.
 
-Each case's input (tests/golden/cases.py) runs 1 x 1, 1 x 2 (workers), as 2 processes, 1 x 1 with the
-worker writing its JSONL itself (`--no-writer-threads`) and, for the cases short enough, paced; every output file must hold exactly the records of the golden file
+Each case's input (tests/golden/cases.py) runs 1 x 1, 1 x 2 (workers), as 2 processes, as 2 processes
+encoding their JSONL where it is made (`--no-writer-threads`) and, for the cases short enough, paced; every output file must hold exactly the records of the golden file
 (order within a file aside), byte for byte. The golden files were written by today's core, so this
 guards every step of the columnar rewrite: a difference is a bug, or a deliberate change that is
 re-recorded (`python -m tests.golden.record CASE`) and stated in the commit.
@@ -17,7 +17,7 @@ import pytest
 from tests.golden.cases import CASES, OUTPUTS, digest, load_golden, output_digests, run_golden
 
 MODES = {"1x1": [], "1x2": ["--workers", "2"], "2p": ["--processes", "2"],
-         "1x1-no-writer-threads": ["--no-writer-threads"]}
+         "2p-no-writer-threads": ["--processes", "2", "--no-writer-threads"]}
 
 
 def differences(written: dict[str, Counter[bytes]], golden: dict[str, Counter[str]]) -> list[str]:

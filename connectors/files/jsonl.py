@@ -4,8 +4,9 @@ A partition appends whole lines and flushes after every batch; its snapshot is t
 length, so a run resumed from Bytewax recovery truncates what was written after the snapshot
 and writes it again: the files hold every record exactly once. A batch is encoded and written on a
 thread of the partition's own while the worker goes on (Polars' encoding and the write release the
-GIL); the next batch, a snapshot and close wait for it first. Without `writer_threads` the worker
-encodes and writes each batch itself: one compute thread per process.
+GIL); the next batch, a snapshot and close wait for it first. Without writer threads the flow
+encodes each batch where it is made (`jsonl_output`), spread over a cluster's workers, and the
+file's partition only writes the lines: one compute thread per process.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from bytewax.outputs import StatefulSinkPartition
 from connectors.by_kind import KindPartitionedSink
 
 from dataflows.errors import ConvoflowError
+from dataflows.flow import FlowOutput, as_given
 from dataflows.records import Records, is_json, is_map
 
 Record = dict[str, Any]
@@ -93,9 +95,20 @@ def _json_object(entries: pl.Expr) -> pl.Expr:
     return pl.lit("{") + entries.list.eval(key + pl.lit(":") + value).list.join(",") + pl.lit("}")
 
 
-class JsonlSink(KindPartitionedSink[Records, int]):
-    """Routes `(kind, records)` to `<out_dir>/<kind>.jsonl`; one partition per kind, which encodes
-    the records (`json_lines`) as it writes them, on a thread of its own unless not `writer_threads`."""
+Batch = Records | bytes
+"""What a JSONL partition takes: records, or the JSON lines `json_lines` made of them."""
+
+
+def jsonl_output(out_dir: Path, kinds: Sequence[str], *, writer_threads: bool = True) -> FlowOutput:
+    """The flow output writing each kind to its file: records encoded on the file's writer thread,
+    or (without writer threads) where the flow makes them."""
+    sink = JsonlSink(out_dir, kinds, writer_threads=writer_threads)
+    return FlowOutput("jsonl", sink, as_given if writer_threads else json_lines)
+
+
+class JsonlSink(KindPartitionedSink[Batch, int]):
+    """Routes `(kind, batch)` to `<out_dir>/<kind>.jsonl`; one partition per kind, which encodes
+    records (`json_lines`) as it writes them, on a thread of its own unless not `writer_threads`."""
 
     output = "JSONL"
 
@@ -113,7 +126,7 @@ class JsonlSink(KindPartitionedSink[Records, int]):
                               writer_thread=self.writer_threads)
 
 
-class JsonlPartition(StatefulSinkPartition[Records, int]):
+class JsonlPartition(StatefulSinkPartition[Batch, int]):
     """Appends JSON lines; resumes by truncating to the snapshotted length.
 
     Without a snapshot the file starts empty: in a fresh run it is empty anyway (one partition
@@ -135,7 +148,7 @@ class JsonlPartition(StatefulSinkPartition[Records, int]):
                        if writer_thread else None)
         self.writing: Future[None] | None = None
 
-    def write_batch(self, values: list[Records]) -> None:
+    def write_batch(self, values: list[Batch]) -> None:
         self._written()
         if self.writer is None:
             self._write(values)
@@ -154,8 +167,8 @@ class JsonlPartition(StatefulSinkPartition[Records, int]):
                 self.writer.shutdown()
             self.file.close()
 
-    def _write(self, values: list[Records]) -> None:
-        self.file.writelines(json_lines(self.kind, records) for records in values)
+    def _write(self, values: list[Batch]) -> None:
+        self.file.writelines(batch if isinstance(batch, bytes) else json_lines(self.kind, batch) for batch in values)
         self.file.flush()
 
     def _written(self) -> None:

@@ -26,7 +26,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import FixedPartitionedSource
 from bytewax.testing import cluster_main, run_main
 
-from connectors.files.jsonl import JsonlSink
+from connectors.files.jsonl import JsonlSink, jsonl_output
 from connectors.view.progress import GAUGES_FILE, GaugeSink, TallySink, tallied
 from connectors.run.recovery import Recovery
 from connectors.run.stopping import RunAborted, Signals, StopFlag, StoppableSource, stop_on_signals
@@ -64,7 +64,8 @@ class ReplayRun:
     glimpses: bool = False
     """Keep glimpses of the latest records for a live view's panes (in `state_dir`)."""
     writer_threads: bool = True
-    """Encode and write JSONL outputs on a thread per file (`JsonlSink`); off: on the worker's thread."""
+    """Encode and write JSONL outputs on a thread per file; off: encoded where made, written by the worker
+    (`jsonl_output`)."""
 
     def build(self) -> Dataflow:
         """The flow with its real connectors: JSONL files, and Iceberg tables when `lake` is set."""
@@ -109,7 +110,8 @@ class KafkaRun:
     glimpses: bool = False
     """Keep glimpses of the latest records for a live view's panes (in `state_dir`)."""
     writer_threads: bool = True
-    """Encode and write JSONL outputs on a thread per file (`JsonlSink`); off: on the worker's thread."""
+    """Encode and write JSONL outputs on a thread per file; off: encoded where made, written by the worker
+    (`jsonl_output`)."""
 
     def build(self) -> Dataflow:
         """The flow reading `input_topic` live and writing every output kind to its topic."""
@@ -185,8 +187,7 @@ class LakeConfig:
 def _file_outputs(out_dir: Path | None, lake: LakeConfig | None, state_dir: Path | None,
                   writer_threads: bool) -> list[FlowOutput]:
     kinds = [k.value for k in OutputKind]
-    outputs = ([] if out_dir is None
-               else [FlowOutput("jsonl", JsonlSink(out_dir, kinds, writer_threads=writer_threads), as_given)])
+    outputs = [] if out_dir is None else [jsonl_output(out_dir, kinds, writer_threads=writer_threads)]
     if lake is not None:
         # Imported here: pyiceberg and pyarrow add ~0.8 s to every worker process's start.
         from connectors.lake.sink import IcebergSink, SnapshotExpiry

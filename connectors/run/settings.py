@@ -90,7 +90,7 @@ class RunSettings(BaseSettings):
     overwrite: bool = _help("Replace the outputs of an earlier run in --out-dir.", default=False)
     writer_threads: Annotated[bool, Cli(flags=("--writer-threads/--no-writer-threads",))] = _help(
         "Encode and write each JSONL output on a thread of its own while the worker goes on "
-        "(off: on the worker's thread, one compute thread per process).", default=True)
+        "(off: encoded by the worker that makes them: one compute thread per process).", default=True)
     quiet: bool = _help("No live view; print only the summary.", default=False)
     log_format: LogFormat = _help("How the run's own log lines are written to stderr.", default=LogFormat.text)
     metrics_port: int | None = _help(

@@ -86,7 +86,8 @@ def test_a_snapshot_counts_the_batch_written_on_the_writer_thread_and_a_failed_w
 
 def test_without_a_writer_thread_the_worker_writes_each_batch_before_going_on(tmp_path: Path) -> None:
     """`writer_threads=False` (one compute thread per process): the batch is in the file when
-    `write_batch` returns, and what encoding raised comes out of `write_batch` itself."""
+    `write_batch` returns, what encoding raised comes out of `write_batch` itself, and lines the
+    flow encoded upstream are written as they are."""
     part = JsonlSink(tmp_path, ["late"], writer_threads=False).build_part("out", "late", None)
     assert part.writer is None
     part.write_batch([[{"n": 1}], pl.DataFrame({"n": [2]})])
@@ -94,7 +95,9 @@ def test_without_a_writer_thread_the_worker_writes_each_batch_before_going_on(tm
     with pytest.raises(TypeError):
         part.write_batch([[{"n": object()}]])
     assert part.snapshot() == len(json_line({"n": 1}) + json_line({"n": 2}))
+    part.write_batch([json_lines("late", [{"n": 3}])])  # encoded where the records were made
     part.close()
+    assert (tmp_path / "late.jsonl").read_bytes() == b"".join(json_line({"n": n}) for n in (1, 2, 3))
 
 texts = st.text(alphabet=st.sampled_from(['a', 'é', '😀', '"', '\\', '/', '\n', '\t', '\x00', '\x1f', '\u2028', '<', ' ']),
                 max_size=8)
