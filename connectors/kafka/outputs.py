@@ -2,15 +2,19 @@
 
 Each output kind goes to its own topic (`OutputTopics`); every record is keyed by its session,
 so a session's messages, windows and alerts stay on one partition and in order. Messages take
-the chat pipeline's envelope (`envelope`). Delivery is at-least-once: the sink flushes after
-every batch, and a message the brokers finally refuse stops the run with the reason
-(`undelivered`) instead of vanishing; while brokers are away librdkafka keeps retrying for
-`message.timeout.ms`. Only failed deliveries are reported back (`PRODUCER_DEFAULTS`).
+the chat pipeline's envelope (`envelope`). With recovery, delivery is at-least-once: the sink
+flushes after every batch, so the epoch a snapshot closes holds only delivered outputs. Without
+recovery a restart resumes nothing, so the sink encodes and produces on a thread of its own and
+flushes when the run ends. Either way a message the brokers finally refuse
+stops the run with the reason (`undelivered`) instead of vanishing; while brokers are away
+librdkafka keeps retrying for `message.timeout.ms`. Only failed deliveries are reported back
+(`PRODUCER_DEFAULTS`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from datetime import datetime
 from types import MappingProxyType
@@ -22,7 +26,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import Producer
 
 from dataflows.errors import ConvoflowError
-from dataflows.flow import FlowOutput, OutputKind
+from dataflows.flow import FlowOutput, OutputKind, as_given
 from connectors.files.jsonl import json_expr
 from dataflows.records import Record, Records
 
@@ -149,22 +153,27 @@ def undelivered(err: Any, message: Any) -> None:
         raise ConvoflowError(msg)
 
 
-class KafkaTopicsSink(DynamicSink[tuple[str, list[Keyed]]]):
+class KafkaTopicsSink(DynamicSink[tuple[str, Records]]):
     """Writes each output kind's batches to its topic; one producer per worker.
 
     Bytewax's own `KafkaSink` wants one `KafkaSinkMessage` object per record and polls the
-    producer after every message; this takes the flow's encoded batches as they come and polls
-    once per batch. Like it, it flushes after every batch (at-least-once), and a delivery that
-    librdkafka gives up on raises (`undelivered`).
+    producer after every message; this takes the flow's batches of records as they come, encodes
+    them column-wise (`encode_for_kafka`) and polls once per batch. With `in_background` (a run
+    without recovery) a partition encodes and produces each batch on a thread of its own while the
+    worker goes on (Polars' encoding releases the GIL), and waits for deliveries only at the end;
+    else, like Bytewax's, it flushes after every batch (at-least-once). A delivery that librdkafka
+    gives up on raises (`undelivered`) at the next poll, and so from the next call.
     """
 
-    def __init__(self, brokers: str, topics: OutputTopics, config: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, brokers: str, topics: OutputTopics, config: Mapping[str, Any] | None = None, *,
+                 in_background: bool = False) -> None:
         self.brokers = brokers
         self.topics = topics
         self.config = dict(config or {})
+        self.in_background = in_background
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _TopicsPartition:
-        return _TopicsPartition(Producer(self.producer_config()), self.topics)
+        return _TopicsPartition(Producer(self.producer_config()), self.topics, in_background=self.in_background)
 
     def producer_config(self) -> dict[str, Any]:
         """The defaults, the run's own settings, then the brokers and the delivery callback."""
@@ -175,28 +184,52 @@ class KafkaTopicsSink(DynamicSink[tuple[str, list[Keyed]]]):
         return config
 
 
-class _TopicsPartition(StatelessSinkPartition[tuple[str, list[Keyed]]]):
-    def __init__(self, producer: Producer, topics: OutputTopics) -> None:
+class _TopicsPartition(StatelessSinkPartition[tuple[str, Records]]):
+    """One worker's producer. In the background one batch at most is being encoded and produced
+    at a time: the next batch and close wait for it, and raise what it raised."""
+
+    def __init__(self, producer: Producer, topics: OutputTopics, *, in_background: bool = False) -> None:
         self.producer = producer
         self.topics = topics
+        self.sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convoflow-kafka") if in_background else None
+        self.sending: Future[None] | None = None
 
-    def write_batch(self, items: list[tuple[str, list[Keyed]]]) -> None:
+    def write_batch(self, items: list[tuple[str, Records]]) -> None:
+        self._sent()
+        if self.sender is None:
+            self._send(items)
+            self.producer.flush()
+        else:
+            self.sending = self.sender.submit(self._send, items)
+
+    def close(self) -> None:
+        try:
+            self._sent()
+        finally:
+            if self.sender is not None:
+                self.sender.shutdown()
+        self.producer.flush()
+
+    def _send(self, items: list[tuple[str, Records]]) -> None:
         produce = self.producer.produce
-        for kind, messages in items:
+        for kind, records in items:
             topic = self.topics.of(kind)
-            for key, value in messages:
+            for key, value in encode_for_kafka(kind, records):
                 try:
                     produce(topic, value, key)
                 except BufferError:  # librdkafka's queue is full: let it drain, then go on
                     self.producer.flush()
                     produce(topic, value, key)
             self.producer.poll(0)
-        self.producer.flush()
 
-    def close(self) -> None:
-        self.producer.flush()
+    def _sent(self) -> None:
+        """Wait for the batch being sent (raising what sending it raised)."""
+        if self.sending is not None:
+            sending, self.sending = self.sending, None
+            sending.result()
 
 
-def kafka_output(brokers: str, topics: OutputTopics, config: Mapping[str, Any] | None = None) -> FlowOutput:
-    """The flow output that writes every kind to its topic on `brokers`."""
-    return FlowOutput("kafka", KafkaTopicsSink(brokers, topics, config), encode_for_kafka)
+def kafka_output(brokers: str, topics: OutputTopics, config: Mapping[str, Any] | None = None, *,
+                 in_background: bool = False) -> FlowOutput:
+    """The flow output that writes every kind to its topic on `brokers` (see `KafkaTopicsSink`)."""
+    return FlowOutput("kafka", KafkaTopicsSink(brokers, topics, config, in_background=in_background), as_given)

@@ -122,7 +122,8 @@ class KafkaRun:
             self.brokers.split(","), self.input_topic, self.parts, from_beginning=self.from_beginning,
             tail=self.tail, config=dict(self.kafka_config), batch_size=self.batch_size, figures_dir=self.state_dir,
         )
-        outputs = [kafka_output(self.brokers, self.topics, self.kafka_config)]
+        # Without recovery no epoch is resumed from, so nothing asks each batch to be delivered first.
+        outputs = [kafka_output(self.brokers, self.topics, self.kafka_config, in_background=self.recovery is None)]
         outputs += (_file_outputs(self.out_dir, self.lake, self.state_dir, self.writer_threads)
                     + _tally(self.state_dir, self.glimpses))
         flag, rules = stop_flag(self), self._rules()

@@ -137,21 +137,47 @@ class FakeProducer:
         return 0
 
 
-def test_the_sink_writes_each_kind_to_its_topic_polls_once_per_batch_and_flushes() -> None:
+def late(session: str, n: int) -> dict[str, Any]:
+    return {"session_id": session, "n": n}
+
+
+def test_the_sink_encodes_and_writes_each_kind_to_its_topic_polls_once_per_batch_and_flushes() -> None:
     producer = FakeProducer()
-    part = _TopicsPartition(producer, OutputTopics(messages="fanout-test", late="late-test"))  # type: ignore[arg-type]
-    part.write_batch([("messages", [(b"s-1", b"m1"), (b"s-2", b"m2")]), ("late", [(b"s-1", b"l1")]), ("windows", [])])
+    part = _TopicsPartition(producer, OutputTopics(late="late-test", windows="windows-test"))  # type: ignore[arg-type]
+    part.write_batch([("late", [late("s-1", 1), late("s-2", 2)]), ("windows", pl.DataFrame([late("s-1", 3)])),
+                      ("alerts", [])])
     assert producer.calls == [
-        ("produce", "fanout-test", b"s-1", b"m1"), ("produce", "fanout-test", b"s-2", b"m2"), ("poll",),
-        ("produce", "late-test", b"s-1", b"l1"), ("poll",), ("poll",), ("flush",),
+        ("produce", "late-test", b"s-1", orjson.dumps(late("s-1", 1))),
+        ("produce", "late-test", b"s-2", orjson.dumps(late("s-2", 2))), ("poll",),
+        ("produce", "windows-test", b"s-1", orjson.dumps(late("s-1", 3))), ("poll",), ("poll",), ("flush",),
     ]
+
+
+def test_without_recovery_the_sink_sends_in_the_background_and_waits_for_deliveries_only_at_the_end() -> None:
+    """Each batch is encoded and produced on the partition's own thread; the next call waits for it
+    (so calls stay in order) and close flushes."""
+    producer = FakeProducer()
+    part = _TopicsPartition(producer, OutputTopics(late="late-test"), in_background=True)  # type: ignore[arg-type]
+    part.write_batch([("late", [late("s-1", 1)])])
+    part.write_batch([("late", pl.DataFrame([late("s-2", 2)]))])
+    part.close()
+    assert producer.calls == [("produce", "late-test", b"s-1", orjson.dumps(late("s-1", 1))), ("poll",),
+                              ("produce", "late-test", b"s-2", orjson.dumps(late("s-2", 2))), ("poll",), ("flush",)]
+
+
+def test_a_failed_send_in_the_background_is_raised_by_the_next_call() -> None:
+    part = _TopicsPartition(FakeProducer(), OutputTopics(), in_background=True)  # type: ignore[arg-type]
+    part.write_batch([("late", [{"session_id": "s-1", "n": object()}])])
+    with pytest.raises(TypeError):
+        part.write_batch([("late", [late("s-1", 1)])])
+    part.close()
 
 
 def test_a_full_producer_queue_is_drained_and_nothing_is_lost() -> None:
     producer = FakeProducer(room=2)
     part = _TopicsPartition(producer, OutputTopics())  # type: ignore[arg-type]
-    part.write_batch([("messages", [(b"k", f"m{i}".encode()) for i in range(5)])])
-    assert [c[3] for c in producer.calls if c[0] == "produce"] == [b"m0", b"m1", b"m2", b"m3", b"m4"]
+    part.write_batch([("late", [late("k", i) for i in range(5)])])
+    assert [orjson.loads(c[3])["n"] for c in producer.calls if c[0] == "produce"] == [0, 1, 2, 3, 4]
 
 
 @dataclass
