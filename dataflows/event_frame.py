@@ -46,6 +46,12 @@ def events_frame(events: Iterable[Event]) -> pl.DataFrame:
     return pl.DataFrame(list(events), schema=EVENT_SCHEMA, orient="row")
 
 
+def frame_events(frame: pl.DataFrame) -> list[Event]:
+    """The `Event` of each row of a frame with `EVENT_SCHEMA`'s columns (and maybe others). Made column
+    by column: Polars hands out whole columns as Python lists about twice as fast as rows (`rows()`)."""
+    return list(map(Event._make, zip(*(frame[name].to_list() for name in EVENT_SCHEMA.names()))))
+
+
 RECORD_FIELDS = ["event_id", "session_id", "sender", "kind", "text", "timestamp", "time_source", "shape", "language",
                  "username", "source", "line"]
 """An event's fields in its JSON record, in order (`Event.as_record`)."""

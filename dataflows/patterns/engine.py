@@ -46,7 +46,7 @@ from typing import Any, Protocol, TypeAlias
 import numpy as np
 import polars as pl
 
-from dataflows.event_frame import EVENT_SCHEMA, events_frame
+from dataflows.event_frame import EVENT_SCHEMA, events_frame, frame_events
 from dataflows.events import Event
 from dataflows.sequencing import Scope
 from dataflows.small_frames import rows_where
@@ -80,8 +80,6 @@ BUFFER_SCHEMA = pl.Schema([*EVENT_SCHEMA.items(), ("role", pl.String), ("scope",
                            ("class", pl.String)])
 """Events waiting for the watermark: each with its sender's resolved role, its scope, its user
 (`key_of(event, "user")`) and its class (kind, shape, role and scope: what decides its routes)."""
-_TIME = EVENT_SCHEMA.names().index("time")
-_SESSION = EVENT_SCHEMA.names().index("session_id")
 _RELEASE_ORDER = ["time", "offset", "event_id", "session_id", "sender", "kind", "text"]
 """Event-time order, ties broken by file order, then (for events of different inputs) by content."""
 
@@ -678,13 +676,12 @@ class PatternBook:
         found = self._column_wise(released)
         routes, visits = self._visits(ready, released.classes, class_of)
         chosen = np.flatnonzero(visits)
-        rows = ready[chosen].select(EVENT_SCHEMA.names()).iter_rows() if len(chosen) else iter(())
+        rows = frame_events(ready.select(EVENT_SCHEMA.names())[chosen]) if len(chosen) else []
         pending = found.pop() if found else None
         """What a column-wise matcher found next (`found` is reversed)."""
         plans: dict[tuple[int, int], tuple[_Route, ...]] = {}
         deadlines = self.deadlines
-        make = tuple.__new__
-        for row, cls, visit, at in zip(rows, class_of[chosen].tolist(), visits[chosen].tolist(), chosen.tolist(),
+        for event, cls, visit, at in zip(rows, class_of[chosen].tolist(), visits[chosen].tolist(), chosen.tolist(),
                                        strict=True):
             while pending is not None and pending[0] < at:
                 self._settle(pending, alerts, rules)
@@ -694,12 +691,11 @@ class PatternBook:
                 plan = plans[(cls, visit)] = tuple(
                     r for i, r in enumerate(routes[cls]) if r is not None and visit >> i & 1
                 )
-            event: Event = make(Event, row)
-            time: float = row[_TIME]
+            time: float = event.time  # type: ignore[assignment]  # released events are timed
             if deadlines and deadlines[0][0] < time:
                 self._fire(time, alerts, rules, inclusive=False)
             before = len(alerts)
-            session, user = row[_SESSION], None
+            session, user = event.session_id, None
             for matcher, by_user, tests, absence, can_start, touches in plan:
                 if not by_user:
                     key = session

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import polars as pl
 
-from dataflows.event_frame import EVENT_SCHEMA
+from dataflows.event_frame import EVENT_SCHEMA, frame_events
 from dataflows.events import Event
 from dataflows.patterns.columns import KEY_COLUMN, Released
 
@@ -67,7 +67,7 @@ class KeyedRows:
             return []
         pos, source = self.pos[rows], self.source[rows]
         fresh = np.unique(pos[pos >= 0])
-        made = dict(zip(fresh.tolist(), map(Event._make, self.released.rows[fresh].select(EVENT_SCHEMA.names()).rows()),
+        made = dict(zip(fresh.tolist(), frame_events(self.released.rows.select(EVENT_SCHEMA.names())[fresh]),
                         strict=True)) if len(fresh) else {}
         return [made[p] if p >= 0 else self.carried[s] for p, s in zip(pos.tolist(), source.tolist(), strict=True)]
 
