@@ -2,8 +2,8 @@
 
     python benchmarks/report.py [--quick] [--only replay scaling ...] [--kafka-brokers HOST:PORT]
 
-Runs bench_replay, bench_kafka, bench_lake, bench_llm, bench_scaling and bench_memory one after the
-other, each as a subprocess with the sizes of BENCHES (`--quick`: small ones, for a smoke run), and
+Runs bench_replay, bench_kafka, bench_latency, bench_kafka_latency, bench_lake, bench_llm,
+bench_scaling and bench_memory one after the other, each as a subprocess with the sizes of BENCHES (`--quick`: small ones, for a smoke run), and
 parses what each prints: the existing benchmarks' tables and verdict lines, the new ones' final
 `RESULT {json}` line. RESULTS.md gets a table of the figures with their targets (met or missed), the
 machine (CPU, cores, RAM, load), the versions that matter, the date and the exact commands; the chart
@@ -11,8 +11,8 @@ shows throughput by stage (pipeline, + patterns, + rules, Kafka, lake) and by pr
 The chart needs matplotlib (`pip install -e '.[bench]'`); without it a plain bar chart without text
 is written by the standard library alone.
 
-bench_kafka uses --kafka-brokers, else KAFKA_BOOTSTRAP_SERVERS, else starts the project's broker
-(scripts/kafka-local.sh), which this script stops again if it was not running before.
+bench_kafka and bench_kafka_latency use --kafka-brokers, else KAFKA_BOOTSTRAP_SERVERS, else start the
+project's broker (scripts/kafka-local.sh), which this script stops again if it was not running before.
 """
 
 from __future__ import annotations
@@ -258,16 +258,28 @@ LATENCY = re.compile(rf"^message latency \(due -> written\): p50 (?P<p50>{_NUMBE
 LATENCY_P99 = re.compile(rf"^p99 latency: (?P<p99>{_NUMBER}) ms {_VERDICT}$")
 
 
+KAFKA_LATENCY = re.compile(rf"^message latency \(produced -> produced\): p50 (?P<p50>{_NUMBER}) ms, "
+                           rf"p99 (?P<p99>{_NUMBER}) ms")
+
+
 def parse_latency(text: str) -> list[Figure]:
     """bench_latency: a paced replay's message latency, p50, and p99 against its target."""
+    return _latency_figures(text, LATENCY, "latency", "paced replay 2,000 events/s")
+
+
+def parse_kafka_latency(text: str) -> list[Figure]:
+    """bench_kafka_latency: a live Kafka run's message latency, p50, and p99 against its target."""
+    return _latency_figures(text, KAFKA_LATENCY, "latency.kafka", "Kafka live 2,000 events/s")
+
+
+def _latency_figures(text: str, p50_line: re.Pattern[str], key: str, what: str) -> list[Figure]:
     figures = []
     for line in text.splitlines():
-        if found := LATENCY.match(line.strip()):
-            figures.append(Figure("latency", "latency.p50", "message latency p50, paced replay 2,000 events/s",
-                                  number(found["p50"]), "ms"))
+        if found := p50_line.match(line.strip()):
+            figures.append(Figure("latency", f"{key}.p50", f"message latency p50, {what}", number(found["p50"]), "ms"))
         elif found := LATENCY_P99.match(line.strip()):
-            figures.append(Figure("latency", "latency.p99", "message latency p99, paced replay 2,000 events/s",
-                                  number(found["p99"]), "ms", found["target"], verdict_met(found["verdict"])))
+            figures.append(Figure("latency", f"{key}.p99", f"message latency p99, {what}", number(found["p99"]), "ms",
+                                  found["target"], verdict_met(found["verdict"])))
     return figures
 
 
@@ -276,6 +288,7 @@ BENCHES = (
           parse_replay),
     Bench("kafka", "bench_kafka.py", ("--events", "200000", "--repeat", "3"), ("--events", "20000"), parse_kafka),
     Bench("latency", "bench_latency.py", (), ("--seconds", "2"), parse_latency),
+    Bench("kafka-latency", "bench_kafka_latency.py", (), ("--seconds", "2"), parse_kafka_latency),
     Bench("lake", "bench_lake.py", ("--rows", "1000000"), ("--rows", "100000"), parse_lake),
     Bench("llm", "bench_llm.py", (), ("--items", "200", "--rounds", "5"), parse_llm),
     Bench("scaling", "bench_scaling.py", ("--events", "2000000", "--repeat", "2"),
@@ -285,8 +298,12 @@ BENCHES = (
 )
 
 
+KAFKA_BENCHES = ("kafka", "kafka-latency")
+"""The benchmarks that take --brokers (else start the project's broker, stopped after each)."""
+
+
 def bench_command(bench: Bench, quick: bool, brokers: str | None) -> list[str]:
-    extra = ["--brokers", brokers] if bench.name == "kafka" and brokers else []
+    extra = ["--brokers", brokers] if bench.name in KAFKA_BENCHES and brokers else []
     return [sys.executable, str(BENCH_DIR / bench.script), *(bench.quick if quick else bench.full), *extra]
 
 
@@ -610,7 +627,7 @@ def main() -> None:
     machine_info = machine()
     runs = []
     for bench in (b for b in BENCHES if args.only is None or b.name in args.only):
-        own_broker = (bench.name == "kafka" and not args.kafka_brokers and not os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        own_broker = (bench.name in KAFKA_BENCHES and not args.kafka_brokers and not os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
                       and not args.keep_broker and not kafka_running())
         runs.append(run_bench(bench, bench_command(bench, args.quick, args.kafka_brokers), args.timeout))
         if own_broker:

@@ -105,6 +105,16 @@ def test_parse_lake() -> None:
     assert (figures["lake.commits"].value, figures["lake.files"].value, figures["lake.median_file"].value) == (20, 22, 1.18)
 
 
+
+def test_parse_kafka_latency() -> None:
+    out = ("Kafka live, 2,000 events/s for 10 s (1,240 warm-up events over 3.1 s not measured), 1 process, ...\n"
+           "message latency (produced -> produced): p50 12.0 ms, p99 48.5 ms, max 90.0 ms over 20,000 messages\n"
+           "p99 latency: 48.5 ms (target <= 100: met)\n")
+    figures = by_key(report.parse_kafka_latency(out))
+    assert (figures["latency.kafka.p50"].value, figures["latency.kafka.p50"].target) == (12.0, "")
+    p99 = figures["latency.kafka.p99"]
+    assert (p99.value, p99.unit, p99.target, p99.met) == (48.5, "ms", "<= 100", True)
+
 def test_parse_llm_keeps_top_concurrency_and_verdicts() -> None:
     figures = by_key(report.parse_llm(LLM_OUT))
     assert figures["llm.assistant_windows"].value == 196.9
