@@ -13,7 +13,7 @@ from dataflows.event_frame import EVENT_SCHEMA, events_frame
 from dataflows.events import DeadLetter, Event, LineRef, iso
 from dataflows.parse import parse_line
 from dataflows.event_frame import iso_expr
-from dataflows.parse_block import parse_block
+from dataflows.parse_block import COLUMNS_FROM, parse_block
 
 T0 = 1_709_542_800.0
 
@@ -41,11 +41,15 @@ def block(lines: list[bytes]) -> bytes:
 
 
 def check_same(lines: list[bytes], *, offset: int = 0, first: int = 1, max_bytes: int = 1 << 20) -> None:
-    parsed = parse_block(block(lines), source="in.jsonl", offset=offset, line=first, max_bytes=max_bytes)
+    """Read column-wise (`columns_from=0`) and as a block of its size is read by default (a small one
+    line by line), the block gives what its lines give one by one."""
     events, dead = line_by_line(lines, offset=offset, first=first, max_bytes=max_bytes)
-    assert [Event._make(row) for row in parsed.events.iter_rows()] == events
-    assert parsed.dead == dead
-    assert parsed.events.schema == EVENT_SCHEMA
+    for columns_from in (0, COLUMNS_FROM):
+        parsed = parse_block(block(lines), source="in.jsonl", offset=offset, line=first, max_bytes=max_bytes,
+                             columns_from=columns_from)
+        assert [Event._make(row) for row in parsed.events.iter_rows()] == events
+        assert parsed.dead == dead
+        assert parsed.events.schema == EVENT_SCHEMA
 
 
 def conversation(**fields: object) -> dict:
@@ -67,20 +71,27 @@ def test_both_shapes_and_bad_lines_in_one_block() -> None:
         orjson.dumps(conversation(timestamp="2024-03-04T09:00:00.25+02:00")),
     ]
     check_same(lines, offset=100, first=7)
-    parsed = parse_block(block(lines), source="in.jsonl", offset=100, line=7)
+    parsed = parse_block(block(lines), source="in.jsonl", offset=100, line=7, columns_from=0)
     assert parsed.events["line"].to_list() == [7, 8, 12, 13]
     assert [d.reason for d in parsed.dead][1] == "field 'session_id': Input should be a valid string"
 
 
 def test_an_accepted_event_is_a_row_of_the_event_schema() -> None:
     parsed = parse_block(block([orjson.dumps(chat(room="r-9", timestamp="2024-03-04T09:00:01Z"))]),
-                         source="in.jsonl", offset=0, line=1)
+                         source="in.jsonl", offset=0, line=1, columns_from=0)
     expected = events_frame([Event(
         event_id="in.jsonl:1", session_id="r-9", sender="ana", kind="USER_MESSAGE", text="hi", time=T0 + 1,
         time_source="event", shape="chat", source="in.jsonl", line=1, offset=0, language="fr", username="ana",
         timestamp="2024-03-04T09:00:01+00:00",
     )])
     assert_frame_equal(parsed.events, expected)
+
+
+def test_a_block_as_long_as_columns_from_gives_what_its_lines_give_one_by_one() -> None:
+    lines = [orjson.dumps(conversation(message=f"m {i}")) if i % 97 else b"not json" for i in range(COLUMNS_FROM)]
+    check_same(lines)
+    parsed = parse_block(block(lines), source="in.jsonl", offset=0, line=1)
+    assert len(parsed.events) == COLUMNS_FROM - 11 and len(parsed.dead) == 11
 
 
 def test_no_lines_no_events() -> None:
