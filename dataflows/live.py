@@ -39,6 +39,7 @@ from dataflows.event_frame import STAMPED_SCHEMA, iso_expr
 from dataflows.events import DeadLetter, Event
 from dataflows.sequencing import RELEASED_SCHEMA, LiveMark, Progress, Stamped, later
 
+_EVENT_COLUMNS = RELEASED_SCHEMA.names()[:-1]
 IDLE_AFTER_S = 30.0
 """How long a partition that has neither read a message nor reached its end may hold the clock."""
 
@@ -148,7 +149,7 @@ class LiveMerger:
             if isinstance(item, LiveMark):
                 self._update(item)
             elif not item.is_empty():
-                parts.append(item.select(*RELEASED_SCHEMA.names()[:-1], pl.lit(self.current, pl.Float64).alias("clock")))
+                parts.append(_with_clock(item, self.current))
         if not parts:
             return pl.DataFrame(schema=RELEASED_SCHEMA)
         return parts[0] if len(parts) == 1 else pl.concat(parts)
@@ -174,3 +175,13 @@ class LiveMerger:
         if not active or any(c is None for c in active):
             return
         self.current = later(self.current, min(c for c in active if c is not None))
+
+
+def _with_clock(events: pl.DataFrame, clock: float | None) -> pl.DataFrame:
+    """`events` (`ROUTED_SCHEMA`) with the column `clock` (`RELEASED_SCHEMA`). Built as a Series and
+    stacked on: a live shard gets a few events per partition and batch, where a query costs ~150 µs."""
+    if events.columns != _EVENT_COLUMNS:
+        events = events.select(_EVENT_COLUMNS)
+    column = (pl.Series("clock", [None] * len(events), dtype=pl.Float64) if clock is None
+              else pl.Series("clock", np.full(len(events), clock, dtype=np.float64)))
+    return events.hstack([column])

@@ -1,7 +1,7 @@
 """Fuzzing the rules loader: whatever a rules line holds, `parse_rule` gives a `Rule` with the
 fields it gave, or a `DeadLetter` of step `rules` whose reason names the problem; nothing raises."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 import orjson
