@@ -13,6 +13,7 @@ import pytest
 from bytewax.testing import TestingSource
 
 from connectors.kafka.source import kafka_ref
+from dataflows.event_frame import STAMPED_SCHEMA
 from dataflows.events import DeadLetter, Event, LineRef, iso
 from dataflows.flow import FlowConfig, build_flow
 from dataflows.live import LiveMerger, LiveStamper
@@ -452,6 +453,7 @@ def test_stamp_frame_is_stamp_of_each_event_in_turn(batches: list[tuple[list[flo
                                                                                              "scope"), now, dead=dead)
         got = frame.select("time", "timestamp", "clock_before").rows()
         assert got == [(s.event.time, s.event.timestamp, s.clock_before) for s in expected]
+        assert frame.schema == STAMPED_SCHEMA and frame["block"].to_list() == [0] * len(expected)
         assert (many.base, many.caught_up_at) == (one.base, one.caught_up_at)
         if at_end:
             one.caught_up(now)
