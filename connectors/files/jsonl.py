@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -22,6 +21,7 @@ import polars as pl
 from bytewax.outputs import StatefulSinkPartition
 
 from connectors.by_kind import KindPartitionedSink
+from connectors.write_behind import WriteBehind
 
 from dataflows.errors import ConvoflowError
 from dataflows.flow import FlowOutput, as_given
@@ -144,35 +144,21 @@ class JsonlPartition(StatefulSinkPartition[Batch, int]):
         self.file: BinaryIO = path.open("ab")
         self.file.truncate(length)
         self.file.seek(length)
-        self.writer = (ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"convoflow-{path.stem}")
-                       if writer_thread else None)
-        self.writing: Future[None] | None = None
+        self.writer = WriteBehind(f"convoflow-{path.stem}" if writer_thread else None)
 
     def write_batch(self, values: list[Batch]) -> None:
-        self._written()
-        if self.writer is None:
-            self._write(values)
-        else:
-            self.writing = self.writer.submit(self._write, values)
+        self.writer.run(self._write, values)
 
     def snapshot(self) -> int:
-        self._written()
+        self.writer.wait()
         return self.file.tell()
 
     def close(self) -> None:
         try:
-            self._written()
+            self.writer.close()
         finally:
-            if self.writer is not None:
-                self.writer.shutdown()
             self.file.close()
 
     def _write(self, values: list[Batch]) -> None:
         self.file.writelines(batch if isinstance(batch, bytes) else json_lines(self.kind, batch) for batch in values)
         self.file.flush()
-
-    def _written(self) -> None:
-        """Wait for the batch being written (raising what its write raised)."""
-        if self.writing is not None:
-            writing, self.writing = self.writing, None
-            writing.result()

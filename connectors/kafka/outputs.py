@@ -14,7 +14,6 @@ librdkafka keeps retrying for `message.timeout.ms`. Only failed deliveries are r
 from __future__ import annotations
 
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from datetime import datetime
 from types import MappingProxyType
@@ -28,6 +27,7 @@ from confluent_kafka import Producer
 from dataflows.errors import ConvoflowError
 from dataflows.flow import FlowOutput, OutputKind, as_given
 from connectors.files.jsonl import json_expr
+from connectors.write_behind import WriteBehind
 from dataflows.records import Record, Records
 
 ONLY_ERRORS = "delivery.report.only.error"
@@ -191,23 +191,14 @@ class _TopicsPartition(StatelessSinkPartition[tuple[str, Records]]):
     def __init__(self, producer: Producer, topics: OutputTopics, *, in_background: bool = False) -> None:
         self.producer = producer
         self.topics = topics
-        self.sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="convoflow-kafka") if in_background else None
-        self.sending: Future[None] | None = None
+        self.sender = WriteBehind("convoflow-kafka" if in_background else None)
+        self.flush_each_batch = not in_background
 
     def write_batch(self, items: list[tuple[str, Records]]) -> None:
-        self._sent()
-        if self.sender is None:
-            self._send(items)
-            self.producer.flush()
-        else:
-            self.sending = self.sender.submit(self._send, items)
+        self.sender.run(self._send, items)
 
     def close(self) -> None:
-        try:
-            self._sent()
-        finally:
-            if self.sender is not None:
-                self.sender.shutdown()
+        self.sender.close()
         self.producer.flush()
 
     def _send(self, items: list[tuple[str, Records]]) -> None:
@@ -221,12 +212,8 @@ class _TopicsPartition(StatelessSinkPartition[tuple[str, Records]]):
                     self.producer.flush()
                     produce(topic, value, key)
             self.producer.poll(0)
-
-    def _sent(self) -> None:
-        """Wait for the batch being sent (raising what sending it raised)."""
-        if self.sending is not None:
-            sending, self.sending = self.sending, None
-            sending.result()
+        if self.flush_each_batch:
+            self.producer.flush()
 
 
 def kafka_output(brokers: str, topics: OutputTopics, config: Mapping[str, Any] | None = None, *,

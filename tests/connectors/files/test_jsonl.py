@@ -89,7 +89,7 @@ def test_without_a_writer_thread_the_worker_writes_each_batch_before_going_on(tm
     `write_batch` returns, what encoding raised comes out of `write_batch` itself, and lines the
     flow encoded upstream are written as they are."""
     part = JsonlSink(tmp_path, ["late"], writer_threads=False).build_part("out", "late", None)
-    assert part.writer is None
+    assert part.writer.thread is None
     part.write_batch([[{"n": 1}], pl.DataFrame({"n": [2]})])
     assert (tmp_path / "late.jsonl").read_bytes() == json_line({"n": 1}) + json_line({"n": 2})
     with pytest.raises(TypeError):
